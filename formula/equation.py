@@ -1,0 +1,180 @@
+"""The peak-VRAM equation (DERIVATION.md writes it out term by term).
+
+    peak_allocated = W + K + max over stages s of A_s(H, W, options)
+    peak_reserved  = R_W + K + segments the call adds (allocator replay of the peak live sets)
+    peak_device    = peak_reserved + C  (CUDA context and library handles, per GPU profile)
+
+W: the weights, each tensor rounded to 512 B; R_W: the segments they occupy; K: the cuBLAS
+workspace kept from the first matmul; A_s: the tensors alive at stage s's peak operation
+(activations.py), the largest of the stage's candidate peak points.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from math import prod
+
+from . import activations as act
+from . import architecture as arch
+from . import gpu_profiles, schedule
+from .allocator import Segments, pack, round_size
+from .options import InputError, Options
+from .result import Estimate, StagePeak
+from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
+
+GB = 1e9  # the notebook's f reports decimal gigabytes
+
+# Head dims of the attention calls that the backend choice depends on.
+HEAD_DIM = {"unet": 40, "vae": 512, "clip": 64}
+
+
+ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): sorted component names
+
+
+@lru_cache(maxsize=None)
+def _resident(safety_checker: bool, cublas: int, cublaslt: int, expandable: bool = False):
+    """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
+    order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
+    workspace, the allocator state)."""
+    seg = Segments(expandable)
+    out = {}
+    for name in ORDER:
+        if name == "safety_checker" and not safety_checker:
+            continue
+        out[f"weights_{name}"] = sum(seg.alloc(prod(shape) * item) for _, shape, item in arch.MODELS[name]())
+    out["cublas_workspace"] = seg.alloc(cublas) + (seg.alloc(cublaslt) if cublaslt else 0)
+    return out, seg.snapshot()  # resident blocks are never freed
+
+
+def weights(safety_checker: bool = True) -> dict[str, int]:
+    """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
+    resident, _ = _resident(safety_checker, 0, 0)
+    return {k.removeprefix("weights_"): v for k, v in resident.items() if k.startswith("weights_")}
+
+
+def _size(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InputError(f"{what} must be a whole number of pixels, got {value!r}")
+    if value < 8:
+        raise InputError(f"{what} must be at least 8 pixels, got {value}")
+    return value - value % 8  # diffusers: x - x % vae_scale_factor
+
+
+def prompt_tokens(prompt, prompt_length) -> int | None:
+    if prompt is not None and prompt_length is not None:
+        raise InputError("give a prompt or a prompt length, not both")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be text, got {type(prompt).__name__}")
+        return count_tokens(prompt)
+    if prompt_length is not None:
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
+            raise InputError(f"prompt length must be a whole number >= 0, got {prompt_length!r}")
+        return prompt_length
+    return None
+
+
+def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.Peak]]:
+    """Candidate peak live sets per stage, with what the pipeline carries into each stage."""
+    be = {k: profile.sdpa_backend(o.attention, d) for k, d in HEAD_DIM.items()}
+    prompt = act.prompt_state(s)
+    history = min(4, max(1, _unet_evaluations(o)))  # PNDM keeps the last 4 model outputs
+    latents = act.latent_state(s, history)
+    stages = {
+        "text_encoder": act.text_encoder(s, be["clip"]),
+        "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, profile.conv_workspace_rule)],
+        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing)],
+    }
+    if o.decodes:
+        stages["vae_decode"] = [act.merge(prompt, latents, p)
+                                for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling,
+                                                        profile.conv_workspace_rule)]
+        if o.safety_checker:
+            stages["safety_checker"] = [act.merge(prompt, latents, p) for p in act.safety_checker(s, be["clip"])]
+            stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
+        else:
+            stages["vae_decode"].append(act.merge(prompt, latents, act.postprocess(s)))
+    return stages
+
+
+def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, candidates) -> None:
+    """Allocate and free one stage's tensors in the allocator model, in order."""
+    for comp, _, size in candidates[0].terms:
+        if comp == "state":
+            seg.alloc(size)
+    if name == "vae_encode":
+        schedule.vae_encoder(seg, *act.vae_tile(s, o.vae_tiling, latent=False), profile.conv_workspace_rule)
+    elif name == "vae_decode":
+        b = 1 if o.vae_slicing else s.n
+        schedule.vae_decoder(seg, b, *act.vae_tile(s, o.vae_tiling, latent=False), profile.conv_workspace_rule)
+    seg.free_all()
+    for p in candidates:
+        for _, _, size in sorted(p.terms, key=lambda t: -t[2]):
+            seg.alloc(size)
+        seg.free_all()
+
+
+def _unet_evaluations(o: Options) -> int:
+    """img2img runs int(steps * strength) steps; PNDM (skip_prk_steps) evaluates the UNet one
+    extra time on its first step (the progress bar shows one fewer)."""
+    steps = min(int(o.num_inference_steps * o.strength), o.num_inference_steps)
+    return steps + 1 if steps > 1 else steps
+
+
+def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estimate:
+    """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident."""
+    H, W = _size(height, "height"), _size(width, "width")
+    tokens = prompt_tokens(prompt, prompt_length)
+    try:
+        o = Options(**options)
+    except TypeError as e:  # unknown keyword
+        raise InputError(str(e).replace("__init__()", "estimate()")) from None
+    if int(o.num_inference_steps * o.strength) < 1:
+        raise InputError(f"strength {o.strength} x {o.num_inference_steps} steps leaves no denoising step "
+                         "(diffusers raises ValueError)")
+    profile = gpu_profiles.get(o.gpu)
+    s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
+    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,
+                                               profile.cublaslt_workspace, o.expandable_segments)
+    resident = sum(resident_parts.values())
+
+    # Reserved memory only grows during a call: replay, stage by stage, what each stage
+    # allocates and frees (the VAE in its code order, schedule.py; the other stages' small
+    # working sets as their candidate live sets) through the allocator's pools.
+    seg = Segments.from_snapshot(resident_state)
+    stages: dict[str, StagePeak] = {}
+    for name, candidates in _stage_candidates(s, o, profile).items():
+        peak = max(candidates, key=lambda p: p.total)
+        _replay_stage(seg, name, s, o, profile, candidates)
+        allocated = resident + peak.total
+        components = dict(resident_parts)
+        for k, v in peak.components().items():
+            components[k] = components.get(k, 0) + v
+        stages[name] = StagePeak(allocated=allocated, reserved=max(seg.reserved, allocated),
+                                 components=components, operation=peak.operation)
+
+    peak_stage = max(stages, key=lambda k: stages[k].allocated)
+    peak = stages[peak_stage]
+    peak_reserved = max(st.reserved for st in stages.values())
+    breakdown = dict(peak.components)
+    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
+    breakdown["cuda_context"] = profile.cuda_context
+    return Estimate(
+        height=H, width=W, prompt_tokens=tokens,
+        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
+        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
+        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
+        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
+    )
+
+
+def f(h, w, prompt_length=77, **kwargs) -> dict:
+    """The seed notebook's signature: f(h, w, prompt_length) -> {"bytes", "GB", "breakdown"}.
+
+    Takes height and width in pixels like the notebook; the prompt length changes nothing
+    (the pipeline pads every prompt to 77 tokens) and is accepted for compatibility."""
+    est = estimate(h, w, prompt_length=prompt_length, **kwargs)
+    return {"bytes": est.peak_allocated, "GB": est.peak_allocated / GB, "breakdown": dict(est.breakdown)}

@@ -1,0 +1,207 @@
+"""The case catalogue (cases/catalogue.toml): loading, validation, selection and input images."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sd_vram.formula.options import InputError, Options
+
+try:
+    import tomllib                      # Python 3.11+
+except ModuleNotFoundError:             # 3.10: tomli, or the copy pip vendors
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        from pip._vendor import tomli as tomllib
+
+CATALOGUE_SCHEMA = "sd-vram/cases/1"
+OPTION_FIELDS = tuple(Options.__dataclass_fields__)
+# Options that are arguments of pipe(...); the others configure the pipeline around the call.
+CALL_FIELDS = ("guidance_scale", "num_images_per_prompt", "strength", "num_inference_steps", "output_type")
+FULL_CALL = {"num_inference_steps": 50, "strength": 0.8}   # diffusers' defaults
+FULL_CALL_SUFFIX = "/full-call"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    width: int
+    height: int
+    prompt: str
+    options: dict = field(default_factory=dict)   # complete: every Options field but gpu
+    tags: tuple = ()
+    image: str | None = None                      # file name under cases/images/
+    variant: str = "short"                        # "short" or "full" (the full default call)
+
+    @property
+    def id(self) -> str:
+        return self.name + (FULL_CALL_SUFFIX if self.variant == "full" else "")
+
+    @property
+    def opts(self) -> Options:
+        return Options(**self.options)
+
+    def call_kwargs(self) -> dict:
+        return {k: self.options[k] for k in CALL_FIELDS}
+
+    @property
+    def unet_evals(self) -> int:
+        """UNet evaluations of PNDM (skip_prk_steps) img2img: int(steps * strength) + 1."""
+        n = self.options["num_inference_steps"]
+        return min(int(n * self.options["strength"]), n) + 1
+
+    @property
+    def cost(self) -> float:
+        """Rough relative run time, to run cheap cases first (pixels x UNet work)."""
+        o = self.opts
+        return self.width * self.height * (o.unet_batch * self.unet_evals + 2)
+
+    def full_call(self) -> "Case":
+        return replace(self, options={**self.options, **FULL_CALL}, variant="full")
+
+    # --- the input image -------------------------------------------------------------------
+    def image_path(self, images_dir: Path | None) -> Path | None:
+        if self.image and images_dir is not None:
+            p = Path(images_dir) / self.image
+            if p.is_file():
+                return p
+        return None
+
+    def size(self, images_dir: Path | None) -> tuple[int, int]:
+        """(height, width) of the image the case runs: the real file's (after EXIF rotation) if present."""
+        p = self.image_path(images_dir)
+        if p is None:
+            return self.height, self.width
+        from PIL import Image
+
+        with Image.open(p) as im:
+            w, h = im.size
+            # EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+        return h, w
+
+    def load_image(self, images_dir: Path | None):
+        """(PIL RGB image, description): the real file as diffusers.utils.load_image reads it, or a drawn one."""
+        p = self.image_path(images_dir)
+        if p is not None:
+            from PIL import Image, ImageOps
+
+            im = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+            return im, {"source": "file", "file": p.name}
+        return synthetic_image(self.width, self.height, self.name), {"source": "generated", "file": None}
+
+
+def synthetic_image(width: int, height: int, seed_text: str):
+    """Deterministic RGB image (gradient plus seeded noise); content does not change memory."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    base = np.stack([np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)),
+                     np.broadcast_to((x + y) / 2, (height, width))], axis=-1)
+    noise = rng.integers(0, 64, size=(height, width, 3), dtype=np.uint8)
+    arr = (base * 0.75).astype(np.uint8) + noise
+    return Image.fromarray(arr, "RGB")
+
+
+class CatalogueError(InputError):
+    pass
+
+
+@dataclass
+class Catalogue:
+    path: Path
+    cases: list[Case]
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path.parent / "images"
+
+    def tags(self) -> list[str]:
+        return sorted({t for c in self.cases for t in c.tags})
+
+    def get(self, name: str) -> Case:
+        for c in self.cases:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def select(self, names: str | None = None, tags: str | None = None) -> list[Case]:
+        return [c for c in self.cases if matches(c, names, tags)]
+
+
+def split_list(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def matches(case: Case, names: str | None, tags: str | None) -> bool:
+    """--cases: comma-separated name globs (any); --tags: comma-separated tags (any)."""
+    globs, want = split_list(names), split_list(tags)
+    if globs and not any(fnmatch.fnmatchcase(case.name, g) for g in globs):
+        return False
+    if want and not set(want) & set(case.tags):
+        return False
+    return True
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CASE_KEYS = {"name", "width", "height", "prompt", "options", "tags", "image"}
+
+
+def load_catalogue(path: str | Path) -> Catalogue:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CatalogueError(f"case catalogue not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CatalogueError(f"{path}: not valid TOML: {e}") from None
+    if data.get("schema") != CATALOGUE_SCHEMA:
+        raise CatalogueError(f"{path}: schema must be {CATALOGUE_SCHEMA!r}, got {data.get('schema')!r}")
+    defaults = data.get("defaults", {})
+    base_opts = {k: v for k, v in Options().to_dict().items() if k != "gpu"}
+    base_opts.update(defaults.get("options", {}))
+    cases, seen = [], set()
+    for i, raw in enumerate(data.get("case", [])):
+        where = f"{path}: case #{i + 1} ({raw.get('name', '?')})"
+        extra = set(raw) - _CASE_KEYS
+        if extra:
+            raise CatalogueError(f"{where}: unknown keys {sorted(extra)}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise CatalogueError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+        if name in seen:
+            raise CatalogueError(f"{where}: duplicate name")
+        seen.add(name)
+        w, h = raw.get("width"), raw.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w >= 8 and h >= 8):
+            raise CatalogueError(f"{where}: width and height must be integers >= 8")
+        opts = dict(base_opts)
+        unknown = set(raw.get("options", {})) - set(OPTION_FIELDS)
+        if unknown:
+            raise CatalogueError(f"{where}: unknown options {sorted(unknown)} (fields of Options: {', '.join(OPTION_FIELDS)})")
+        opts.update(raw.get("options", {}))
+        opts.pop("gpu", None)
+        try:
+            Options(**opts)
+        except InputError as e:
+            raise CatalogueError(f"{where}: {e}") from None
+        prompt = raw.get("prompt", defaults.get("prompt", ""))
+        if not isinstance(prompt, str):
+            raise CatalogueError(f"{where}: prompt must be a string")
+        tags = raw.get("tags", [])
+        if not all(isinstance(t, str) and _NAME.match(t) for t in tags):
+            raise CatalogueError(f"{where}: tags must be simple words")
+        case = Case(name=name, width=w, height=h, prompt=prompt, options=opts,
+                    tags=tuple(tags), image=raw.get("image"))
+        if case.options["strength"] * case.options["num_inference_steps"] < 1:
+            raise CatalogueError(f"{where}: strength x num_inference_steps must be >= 1 (diffusers runs no step otherwise)")
+        cases.append(case)
+    return Catalogue(path=path, cases=cases)

@@ -1,0 +1,476 @@
+"""Real-GPU measurement (imported only with `pytest --gpu`, or by the device tasks).
+
+Per process: NVML baseline of every device before the first CUDA call (NvmlMonitor), then
+CUDA init and the hardware constants (context, cuBLAS workspace, cuDNN handles), the
+pipeline built once with random fp16 weights drawn on the GPU (or the user's model), and a
+warm-up under each attention backend so lazily loaded kernels are resident before the
+first measured call. Each case then runs the real fp16 call with per-stage peaks from the
+caching allocator and NVML sampled by a background thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+import time
+
+from .archive import gpu_slug
+from .backends import env_vars, versions
+from .cases import Case
+
+BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+            "math": "MATH"}
+
+
+def _round512(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _short(e: BaseException, limit: int = 1500) -> str:
+    s = str(e).strip()
+    return s if len(s) <= limit else s[:limit] + " ..."
+
+
+def _norm_uuid(u) -> str:
+    u = _text(u).strip().lower()
+    return u[4:] if u.startswith("gpu-") else u
+
+
+class NvmlMonitor:
+    """NVML readings of this process's GPU; the baseline is taken at construction, before CUDA."""
+
+    def __init__(self):
+        import pynvml
+
+        self.nv = pynvml
+        pynvml.nvmlInit()
+        self.handles = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            self.handles[_norm_uuid(pynvml.nvmlDeviceGetUUID(h))] = h
+        self.v2_supported = True
+        self.baselines = {u: self._read(h) for u, h in self.handles.items()}
+        self.handle = None
+        self.uuid = None
+        self.base = {"v1": None, "v2": None}
+
+    def _read(self, h) -> dict:
+        nv = self.nv
+        v1 = nv.nvmlDeviceGetMemoryInfo(h)
+        v2 = None
+        if self.v2_supported and hasattr(nv, "nvmlMemory_v2"):
+            try:
+                v2 = nv.nvmlDeviceGetMemoryInfo(h, version=nv.nvmlMemory_v2).used
+            except Exception:        # old driver: v2 unsupported; stop asking
+                self.v2_supported = False
+        return {"v1": v1.used, "v2": v2, "total": v1.total}
+
+    def bind(self, torch_uuid) -> bool:
+        """Select the device torch uses, by UUID (indices differ under CUDA_VISIBLE_DEVICES)."""
+        u = _norm_uuid(torch_uuid)
+        if u in self.handles:
+            self.uuid, self.handle, self.base = u, self.handles[u], self.baselines[u]
+            return True
+        return False
+
+    def used(self) -> tuple[int | None, int | None]:
+        if self.handle is None:
+            return None, None
+        r = self._read(self.handle)
+        return r["v1"], r["v2"]
+
+    def process_used(self) -> int | None:
+        """This process's usedGpuMemory (None inside containers where PIDs do not match)."""
+        if self.handle is None:
+            return None
+        try:
+            procs = self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except Exception:
+            return None
+        pid = os.getpid()
+        for p in procs:
+            if p.pid == pid:
+                return p.usedGpuMemory
+        return None
+
+    def driver(self) -> dict:
+        out = {}
+        for key, fn in (("driver", "nvmlSystemGetDriverVersion"), ("cuda_driver", "nvmlSystemGetCudaDriverVersion_v2"),
+                        ("nvml", "nvmlSystemGetNVMLVersion")):
+            try:
+                out[key] = _text(getattr(self.nv, fn)())
+            except Exception:
+                out[key] = None
+        return out
+
+
+class Sampler:
+    """Background thread reading NVML every `interval` seconds; keeps the maxima."""
+
+    def __init__(self, monitor: NvmlMonitor, interval: float = 0.002):
+        self.monitor, self.interval = monitor, interval
+        self.max_v1 = self.max_v2 = self.max_proc = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sd-vram-nvml", daemon=True)
+
+    def _take(self, proc: bool):
+        v1, v2 = self.monitor.used()
+        if v1 is not None:
+            self.max_v1 = v1 if self.max_v1 is None else max(self.max_v1, v1)
+        if v2 is not None:
+            self.max_v2 = v2 if self.max_v2 is None else max(self.max_v2, v2)
+        if proc:
+            p = self.monitor.process_used()
+            if p is not None:
+                self.max_proc = p if self.max_proc is None else max(self.max_proc, p)
+        self.samples += 1
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._take(proc=self.samples % 25 == 0)    # the process list is slower to read
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._take(proc=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._take(proc=True)        # the caching allocator never shrinks during a call: the end is a maximum
+        return False
+
+
+@contextlib.contextmanager
+def sdpa_recorder(stage: dict):
+    """Wrap F.scaled_dot_product_attention: ask PyTorch which backend it picks for each new shape."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    orig = F.scaled_dot_product_attention
+    seen: dict = {}
+
+    def wrapper(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
+        k = (stage.get("name"), tuple(query.shape), tuple(key.shape), str(query.dtype),
+             None if attn_mask is None else tuple(attn_mask.shape), bool(is_causal))
+        entry = seen.get(k)
+        if entry is None:
+            try:
+                choice = torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal,
+                                                 scale=scale, enable_gqa=enable_gqa)
+                backend = SDPBackend(int(choice)).name
+            except Exception as e:
+                backend = f"unknown ({type(e).__name__})"
+            entry = seen[k] = {"stage": k[0], "query": list(k[1]), "key": list(k[2]), "dtype": k[3],
+                               "mask": None if k[4] is None else list(k[4]), "is_causal": k[5],
+                               "backend": backend, "calls": 0}
+        entry["calls"] += 1
+        if enable_gqa:
+            kw["enable_gqa"] = enable_gqa
+        return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale, **kw)
+
+    F.scaled_dot_product_attention = wrapper
+    try:
+        yield seen
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
+def attention_context(name: str):
+    """Force the SDPA backend a case asks for; "auto" leaves PyTorch's choice untouched."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, BACKENDS[name])])
+
+
+def preflight():
+    """NVML baseline before any CUDA call, then check CUDA; raises RuntimeError with the reason."""
+    try:
+        monitor = NvmlMonitor()
+    except Exception as e:
+        raise RuntimeError(f"NVML could not start ({type(e).__name__}: {e}), so no NVIDIA driver is usable here") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA device")
+    return monitor
+
+
+class CudaBackend:
+    name = "cuda"
+    wants_image = True
+
+    def __init__(self, monitor: NvmlMonitor | None = None, model: str | None = None, device: str = "cuda",
+                 warmup: bool = True, dtype=None):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.monitor = monitor or NvmlMonitor()
+        self.model = model
+        self.dtype = dtype or torch.float16     # fp16 is what the equation predicts; tests on CPU use fp32
+        self.hardware: dict = {}
+        t0 = time.perf_counter()
+        self._init_cuda()
+        self._build(model)
+        if warmup:
+            self._warmup()
+        # Everything alive now (modules, the pipeline) stays: freezing it makes the gc.collect()
+        # before and after each case cheap (a full collection walks every object otherwise).
+        gc.collect()
+        gc.freeze()
+        self.hardware["setup_s"] = round(time.perf_counter() - t0, 2)
+
+    # --- per process --------------------------------------------------------------------------
+    def _init_cuda(self):
+        torch, hw, mon = self.torch, self.hardware, self.monitor
+        cuda = torch.cuda
+        cuda.init()
+        x = torch.zeros(1, device=self.device)
+        cuda.synchronize()
+        props = cuda.get_device_properties(torch.device(self.device))
+        uuid = str(getattr(props, "uuid", ""))
+        bound = mon.bind(uuid)
+        self.gpu = {"name": props.name, "slug": gpu_slug(props.name), "uuid": "GPU-" + _norm_uuid(uuid),
+                    "nvml_matched": bound, "total_memory_bytes": props.total_memory,
+                    "compute_capability": f"{props.major}.{props.minor}",
+                    "multi_processor_count": props.multi_processor_count}
+        hw["nvml_baseline_used_v1_bytes"] = mon.base["v1"]
+        hw["nvml_baseline_used_v2_bytes"] = mon.base["v2"]
+        hw["cuda_context_bytes"] = self._nvml_over_reserved()
+        # cuBLAS: its workspace comes from the caching allocator at the first matmul and stays.
+        a = torch.randn(256, 256, dtype=torch.float16, device=self.device)
+        cuda.synchronize()
+        al0, re0 = cuda.memory_allocated(), cuda.memory_reserved()
+        b = a @ a
+        cuda.synchronize()
+        hw["cublas_workspace_allocated_bytes"] = cuda.memory_allocated() - al0 - _round512(b.nbytes)
+        hw["cublas_workspace_reserved_bytes"] = cuda.memory_reserved() - re0
+        # cuBLASLt (linear with bias) may keep its own workspace.
+        w = torch.randn(256, 256, dtype=torch.float16, device=self.device)
+        bias = torch.randn(256, dtype=torch.float16, device=self.device)
+        cuda.synchronize()
+        al1 = cuda.memory_allocated()
+        y = torch.nn.functional.linear(a, w, bias)
+        cuda.synchronize()
+        hw["cublaslt_extra_allocated_bytes"] = cuda.memory_allocated() - al1 - _round512(y.nbytes)
+        # cuDNN: handle creation and module loading show up in NVML, not in the allocator.
+        xi = torch.randn(1, 8, 32, 32, dtype=torch.float16, device=self.device)
+        kw = torch.randn(8, 8, 3, 3, dtype=torch.float16, device=self.device)
+        cuda.synchronize()
+        al2 = cuda.memory_allocated()
+        z = torch.nn.functional.conv2d(xi, kw, padding=1)
+        cuda.synchronize()
+        hw["cudnn_conv_kept_allocated_bytes"] = cuda.memory_allocated() - al2 - _round512(z.nbytes)
+        hw["context_and_handles_bytes"] = self._nvml_over_reserved()
+        del x, a, b, w, bias, y, xi, kw, z
+        gc.collect()
+        cuda.empty_cache()
+        hw["allocated_after_probes_bytes"] = cuda.memory_allocated()
+        hw["reserved_after_probes_bytes"] = cuda.memory_reserved()
+        self.environment = {
+            "backend": "cuda", **versions(), **mon.driver(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "allocator_backend": _try(cuda.get_allocator_backend),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "sdp": {name: _try(lambda n=name: getattr(torch.backends.cuda, n)()) for name in (
+                "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
+                "fp16_bf16_reduction_math_sdp_allowed")},
+            "nvml_memory_v2": mon.base["v2"] is not None,
+            "env": env_vars(), "gpu": dict(self.gpu), "model": self.model or "bundled SD1.5 config, random fp16 weights",
+        }
+
+    def _nvml_over_reserved(self) -> int | None:
+        """NVML used minus the pre-CUDA baseline minus torch's reserved memory: context and handles."""
+        self.torch.cuda.synchronize()
+        v1, _ = self.monitor.used()
+        if v1 is None or self.monitor.base["v1"] is None:
+            return None
+        return v1 - self.monitor.base["v1"] - self.torch.cuda.memory_reserved()
+
+    def _build(self, model):
+        from sd_vram.models import build_pipeline, load_pipeline
+
+        cuda = self.torch.cuda
+        if model:
+            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+        else:
+            self.pipe = build_pipeline(self.device, dtype=self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._checker = self.pipe.safety_checker
+        self._unet_procs = dict(self.pipe.unet.attn_processors)
+        self._vae_procs = dict(self.pipe.vae.attn_processors) if hasattr(self.pipe.vae, "attn_processors") else None
+        gc.collect()
+        cuda.synchronize()
+        cuda.empty_cache()
+        self.hardware["weights_allocated_bytes"] = cuda.memory_allocated() - self.hardware["allocated_after_probes_bytes"]
+        self.hardware["resident_allocated_bytes"] = cuda.memory_allocated()
+
+    def _warmup(self):
+        """Tiny calls under each backend: kernels load lazily (CUDA_MODULE_LOADING=LAZY) on first use."""
+        base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
+                "attention_slicing": None, "vae_slicing": False, "vae_tiling": False, "safety_checker": True,
+                "output_type": "pil"}
+        self.warmup = []
+        for attention in ("auto", "efficient", "math"):
+            case = Case(name=f"warmup-{attention}-64x64", width=64, height=64, prompt="warm-up",
+                        options={**base, "attention": attention})
+            from .cases import synthetic_image
+
+            m = self.measure(case, synthetic_image(64, 64, case.name))
+            self.warmup.append({"case": case.name, "status": m["status"], "error": m["error"],
+                                "wall_s": m["wall_s"]})
+        self.hardware["context_after_warmup_bytes"] = self._nvml_over_reserved()
+
+    # --- per case -----------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """Bytes the caching allocator could hold now: free device memory plus what it already reserves."""
+        cuda = self.torch.cuda
+        cuda.empty_cache()
+        free, _total = cuda.mem_get_info()
+        return free + cuda.memory_reserved()
+
+    def _configure(self, opts):
+        pipe = self.pipe
+        if opts.safety_checker:
+            if pipe.safety_checker is None:
+                if self._checker is None:
+                    raise RuntimeError("this model has no safety checker")
+                self._checker.to(self.device)
+                pipe.safety_checker = self._checker
+        elif pipe.safety_checker is not None:
+            pipe.safety_checker = None
+            self._checker.to("cpu")            # off the GPU, as if built without one
+        pipe.vae.enable_tiling() if opts.vae_tiling else pipe.vae.disable_tiling()
+        pipe.vae.enable_slicing() if opts.vae_slicing else pipe.vae.disable_slicing()
+        pipe.unet.set_attn_processor(dict(self._unet_procs))
+        if self._vae_procs:
+            pipe.vae.set_attn_processor(dict(self._vae_procs))
+        if opts.attention_slicing is not None:
+            pipe.enable_attention_slicing(opts.attention_slicing)
+
+    def _reset_scheduler(self):
+        # PNDM keeps its last noise predictions after a call; a fresh call starts without them.
+        s = self.pipe.scheduler
+        if hasattr(s, "ets"):
+            s.ets = []
+        if hasattr(s, "cur_sample"):
+            s.cur_sample = None
+        if hasattr(s, "counter"):
+            s.counter = 0
+
+    def measure(self, case: Case, image, around_call=None, size=None) -> dict:
+        torch = self.torch
+        cuda = torch.cuda
+        from sd_vram.stages import stage_hooks
+
+        m: dict = {"status": "ok", "error": None}
+        try:
+            self._configure(case.opts)
+        except Exception as e:
+            m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
+            return m
+        self._reset_scheduler()
+        gc.collect()
+        cuda.synchronize()
+        cuda.empty_cache()
+        cuda.reset_peak_memory_stats()
+        stats0 = cuda.memory_stats()
+        m["resident_allocated_bytes"] = cuda.memory_allocated()
+        m["resident_reserved_bytes"] = cuda.memory_reserved()
+        free, _ = cuda.mem_get_info()
+        m["capacity_bytes"] = free + m["resident_reserved_bytes"]
+        m["context_bytes_before"] = self._nvml_over_reserved()
+
+        stages: dict = {}
+        order: list = []
+        current = {"name": None}
+
+        def close_stage():
+            name = current["name"]
+            if name is not None:
+                s = stages.setdefault(name, {"allocated_bytes": 0, "reserved_bytes": 0})
+                s["allocated_bytes"] = max(s["allocated_bytes"], cuda.max_memory_allocated())
+                s["reserved_bytes"] = max(s["reserved_bytes"], cuda.max_memory_reserved())
+
+        def on_stage(name):
+            close_stage()
+            current["name"] = name
+            if name not in order:
+                order.append(name)
+            cuda.reset_peak_memory_stats()
+
+        evals = [0]
+        counter = self.pipe.unet.register_forward_hook(lambda *_a: evals.__setitem__(0, evals[0] + 1))
+        out = None
+        t0 = time.perf_counter()
+        try:
+            with Sampler(self.monitor) as sampler, sdpa_recorder(current) as sdpa, \
+                    attention_context(case.opts.attention), stage_hooks(self.pipe, on_stage):
+                with around_call() if around_call else contextlib.nullcontext():
+                    try:
+                        out = self.pipe(case.prompt, image=image, **case.call_kwargs())
+                        cuda.synchronize()
+                    except torch.OutOfMemoryError as e:
+                        m.update(status="oom", error=_short(e))
+                    except Exception as e:
+                        m.update(status="error", error=f"{type(e).__name__}: {_short(e)}")
+                    finally:
+                        close_stage()
+        finally:
+            counter.remove()
+        m["wall_s"] = round(time.perf_counter() - t0, 3)
+        del out
+        self._reset_scheduler()
+        gc.collect()
+        cuda.synchronize()
+        cuda.empty_cache()
+        stats1 = cuda.memory_stats()
+
+        m["stages"] = stages
+        m["stage_order"] = order
+        if stages:
+            peak = max(order, key=lambda s: stages[s]["allocated_bytes"])   # first stage wins a tie
+            m["peak_stage"] = peak
+            m["peak_allocated_bytes"] = stages[peak]["allocated_bytes"]
+            m["peak_reserved_bytes"] = max(s["reserved_bytes"] for s in stages.values())
+        else:
+            m.update(peak_stage=None, peak_allocated_bytes=None, peak_reserved_bytes=None)
+        b1, b2 = self.monitor.base["v1"], self.monitor.base["v2"]
+        m["peak_device_v1_bytes"] = None if sampler.max_v1 is None or b1 is None else sampler.max_v1 - b1
+        m["peak_device_v2_bytes"] = None if sampler.max_v2 is None or b2 is None else sampler.max_v2 - b2
+        m["peak_device_bytes"] = m["peak_device_v2_bytes"] if m["peak_device_v2_bytes"] is not None else m["peak_device_v1_bytes"]
+        m["peak_process_bytes"] = sampler.max_proc
+        m["nvml_samples"] = sampler.samples
+        m["sdpa"] = list(sdpa.values())
+        m["unet_evals"] = evals[0]
+        for key in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free"):
+            if key in stats1:
+                m[key] = stats1[key] - stats0.get(key, 0)
+        m["allocated_after_bytes"] = cuda.memory_allocated()
+        return m
+
+    def close(self):
+        self.pipe = None
+        gc.unfreeze()
+        gc.collect()
+        self.torch.cuda.empty_cache()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:
+        return None

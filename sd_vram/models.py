@@ -1,0 +1,133 @@
+"""Build the SD1.5 img2img pipeline from the bundled config, with random weights.
+
+Memory does not depend on weight values, so a pipeline built here on the meta device (no
+host memory), on fake CUDA, or on a real GPU with random fp16 weights allocates exactly the
+tensors the published checkpoint does. Real weights are loaded only where the user points
+at them (`load_pipeline(path_or_id)`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def sd15_config() -> dict:
+    """The bundled SD1.5 architecture (formula/data/sd15.json)."""
+    text = resources.files("sd_vram.formula").joinpath("data/sd15.json").read_text()
+    return json.loads(text)
+
+
+def _strip(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**_strip(sd15_config()["unet"]))
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**_strip(sd15_config()["vae"]))
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**sd15_config()["text_encoder"]))
+
+
+def build_safety_checker():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    cfg = sd15_config()["safety_checker"]
+    return StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
+                   projection_dim=cfg["projection_dim"])
+    )
+
+
+def build_scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler.from_config(sd15_config()["scheduler"])
+
+
+def build_feature_extractor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(**sd15_config()["feature_extractor"])
+
+
+def build_tokenizer():
+    """The exact SD1.5 CLIP tokenizer, rebuilt offline from the bundled BPE merges."""
+    from transformers import CLIPTokenizer
+
+    from sd_vram.formula.tokenizer import write_vocab_files
+
+    vocab_file, merges_file = write_vocab_files()
+    return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+
+
+def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0):
+    """StableDiffusionImg2ImgPipeline from the bundled config with random weights.
+
+    device="meta" builds without memory (for the simulation, which moves it to fake CUDA);
+    a CUDA device gets random fp16 weights drawn on the GPU itself (fast, no host copy).
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    with torch.device("meta"):
+        unet, vae, text_encoder = build_unet(), build_vae(), build_text_encoder()
+        checker = build_safety_checker() if safety_checker else None
+    # The order pipe.to("cuda") moves a loaded pipeline's models in (sorted component names:
+    # safety_checker, text_encoder, unet, vae), so the weights pack into allocator segments
+    # as they do with real weights.
+    modules = [m for m in (checker, text_encoder, unet, vae) if m is not None]
+    for m in modules:
+        m.to(dtype)  # on meta: no memory; the GPU then gets fp16 tensors only, as from_pretrained
+    if str(device) != "meta":
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for m in modules:
+            m.to_empty(device=device)
+            _randomize(m, gen)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
+        scheduler=build_scheduler(), safety_checker=checker,
+        feature_extractor=build_feature_extractor(), requires_safety_checker=safety_checker,
+    )
+
+
+@torch.no_grad()
+def _randomize(module, gen):
+    """Small random floats (and the int64 position ids a real checkpoint holds)."""
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point():
+            t.normal_(0.0, 0.02, generator=gen)
+        elif name.endswith("position_ids"):
+            t.copy_(torch.arange(t.shape[-1], device=t.device).expand_as(t))
+    # The safety checker flags an image when a cosine similarity exceeds a concept's threshold.
+    # Random thresholds would flag almost every image and add a zeros_like(image) that a real
+    # checkpoint on a benign image never allocates; thresholds above 1 (cosines are <= 1)
+    # keep the random checker on the real checkpoint's usual path.
+    for name in ("concept_embeds_weights", "special_care_embeds_weights"):
+        if hasattr(module, name):
+            getattr(module, name).fill_(2.0)
+
+
+def load_pipeline(model: str, device="cuda", dtype=torch.float16, safety_checker: bool = True):
+    """The user's own weights: a local diffusers folder or a hub id (as the issue's snippet)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    return AutoPipelineForImage2Image.from_pretrained(model, torch_dtype=dtype, **kwargs).to(device)

@@ -1,0 +1,50 @@
+"""GPU-free simulation of peak GPU memory of SD1.5 img2img (diffusers, FP16).
+
+``simulate(height, width, ...)`` runs the real StableDiffusionImg2ImgPipeline.__call__ on
+fake CUDA tensors (core.py), records every storage allocation and free (recorder.py), picks
+the SDPA kernels the GPU would pick (sdpa.py) and replays the stream through a model of
+PyTorch's CUDA caching allocator (allocator.py).
+"""
+
+from __future__ import annotations
+
+from .allocator import CachingAllocator, get_allocation_size, replay, round_size
+from .profile import DEFAULT_PROFILE, GPUProfile, get_profile
+from .result import LiveTensor, SimResult, StageSim
+
+__all__ = ["simulate", "SimResult", "StageSim", "LiveTensor", "GPUProfile", "DEFAULT_PROFILE",
+           "get_profile", "CachingAllocator", "replay", "round_size", "get_allocation_size"]
+
+
+def simulate(height: int, width: int, prompt: str | None = None, prompt_length: int | None = None,
+             *, profile: GPUProfile | None = None, steps="auto", expandable_segments: bool = False,
+             weights_load: str = "fp16", **options) -> SimResult:
+    """Simulate one img2img call on an image of height x width pixels.
+
+    options: fields of sd_vram.formula.options.Options (guidance_scale, strength,
+    num_inference_steps, attention, attention_slicing, vae_slicing, vae_tiling,
+    safety_checker, output_type, gpu, num_images_per_prompt).
+    profile: a GPUProfile (overrides options["gpu"]).
+    steps: "auto" (the fewest UNet evaluations that reach the same peak), "full", or an int.
+    expandable_segments: replay as PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
+    weights_load: "fp16" (from_pretrained(torch_dtype=fp16).to("cuda")) or
+    "fp32_then_fp16" (sd_vram.models.build_pipeline("cuda")).
+    """
+    from sd_vram.formula.options import InputError, Options
+
+    opts = Options(**options)
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+            raise InputError(f"{name} must be an integer >= 8, got {v!r}")
+    if steps not in ("auto", "full") and not (isinstance(steps, int) and steps >= 1):
+        raise InputError(f"steps must be 'auto', 'full' or a positive integer, got {steps!r}")
+    h, w = height - height % 8, width - width % 8
+    prof = profile or get_profile(opts.gpu)
+
+    from .core import simulate_events
+    from .result import build_result
+
+    recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,
+                                                 profile=prof, steps=steps, weights_load=weights_load)
+    return build_result(recorder, start, end, info, height=h, width=w, options=opts, profile=prof,
+                        expandable_segments=expandable_segments)

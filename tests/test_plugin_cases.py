@@ -1,0 +1,190 @@
+"""The case catalogue, input images, memory-history reduction and archive helpers of the plugin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sd_vram.formula.options import Options
+from sd_vram.formula.tokenizer import count_tokens
+from sd_vram.plugin import archive, checks, memhistory
+from sd_vram.plugin.cases import Case, CatalogueError, load_catalogue, synthetic_image
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = load_catalogue(ROOT / "cases" / "catalogue.toml")
+
+SEEDS = {  # the issue's images, stand-in sizes (width x height) and prompts, verbatim
+    "balloon": ("balloon--low-res.jpeg", 640, 427,
+                "aerial view, colorful hot air balloon, lush green forest canopy, springtime, warm climate, vibrant "
+                "foliage, soft sunlight, gentle shadow, white birds flying alongside, harmony, freedom, bright natural "
+                "colors, serene atmosphere, highly detailed, realistic, photorealistic, cinematic lighting"),
+    "bench": ("bench--high-res.jpg", 3840, 2560,
+              "photorealistic, high resolution, realistic lighting, natural shadows, detailed textures, lush green "
+              "grass, wooden bench with grain detail, expansive valley, agricultural fields, blue-toned mountains, "
+              "fluffy cumulus clouds, wispy cirrus clouds, bright blue sky, clear sunny day, soft sunlight, tranquil "
+              "atmosphere, cinematic realism"),
+    "groceries": ("groceries--low-res.jpg", 800, 533,
+                  "cartoon style, bold outlines, simplified shapes, vibrant colors, playful atmosphere, exaggerated "
+                  "proportions, stylized SUV trunk, whimsical paper grocery bags, fresh produce with bright highlights, "
+                  "baguette with cartoon detail, cheerful parking area, greenery with simplified textures, sunny day, "
+                  "lighthearted mood, 2D illustration, animated landscape aesthetic"),
+    "truck": ("truck--high-res.jpg", 4032, 3024,
+              "Michelangelo style, Renaissance painting, classical composition, rich earthy tones, detailed brushwork, "
+              "divine atmosphere, expressive lighting, monumental presence, artistic grandeur, fresco-inspired "
+              "texture, high contrast shadows, timeless aesthetic"),
+}
+
+
+def test_seed_cases_verbatim():
+    seeds = [c for c in CAT.cases if "seed" in c.tags]
+    assert len(seeds) == 4
+    for c in seeds:
+        image, w, h, prompt = SEEDS[c.name.split("-")[0]]
+        assert (c.image, c.width, c.height, c.prompt) == (image, w, h, prompt)
+        assert c.name == f"{c.name.split('-')[0]}-{w}x{h}"
+        # The issue's call: guidance_scale 5.0, no negative prompt, output as PIL through the safety checker.
+        assert c.options["guidance_scale"] == 5.0 and c.options["output_type"] == "pil" and c.options["safety_checker"]
+
+
+def test_every_case_is_valid_and_named_by_its_size():
+    names = [c.name for c in CAT.cases]
+    assert len(names) == len(set(names))
+    for c in CAT.cases:
+        assert c.name.endswith(f"-{c.width}x{c.height}"), c.name
+        Options(**c.options)
+        assert set(c.options) == set(Options.__dataclass_fields__) - {"gpu"}
+
+
+def _with(**want):
+    return [c for c in CAT.cases if all(c.options[k] == v for k, v in want.items())]
+
+
+def test_catalogue_covers_the_issue():
+    squares = {c.width for c in CAT.cases if "square" in c.tags and c.width == c.height}
+    assert squares == {64, 128, 256, 512, 768, 1024, 1536, 2048}
+    assert any(c.width % 8 and c.height % 8 for c in CAT.cases)
+    assert any(c.width > c.height and "aspect" in c.tags for c in CAT.cases)
+    assert any(c.width < c.height and "aspect" in c.tags for c in CAT.cases)
+    lengths = [count_tokens(c.prompt) for c in CAT.cases]
+    assert 0 in lengths and any(0 < n < 10 for n in lengths) and any(n > 77 for n in lengths)
+    assert _with(guidance_scale=1.0) and _with(num_images_per_prompt=2)
+    assert _with(attention="efficient") and _with(vae_tiling=True) and _with(vae_slicing=True)
+    assert _with(safety_checker=False) and _with(output_type="latent") and _with(attention_slicing="auto")
+    maths = _with(attention="math")
+    assert any(c.width <= 256 and c.height <= 256 for c in maths)
+    # math materializes N x N scores: only small sizes, except the case meant to run out of memory
+    assert all(c.width <= 256 and c.height <= 256 for c in maths if "oom" not in c.tags)
+    assert any("oom" in c.tags for c in maths)
+
+
+def test_short_runs_reach_pndm_steady_state():
+    # PNDM holds 4 past noise predictions from the 5th UNet evaluation on; the suite runs 5.
+    assert {c.unet_evals for c in CAT.cases} == {5}
+    full = CAT.get("balloon-640x427").full_call()
+    assert full.unet_evals == 41 and full.id == "balloon-640x427/full-call"   # diffusers: 40 steps + 1
+    assert (full.options["num_inference_steps"], full.options["strength"]) == (50, 0.8)
+
+
+def test_selection():
+    assert [c.name for c in CAT.select("balloon-*")] == ["balloon-640x427"]
+    assert {c.name for c in CAT.select(None, "seed")} == {c.name for c in CAT.cases if "seed" in c.tags}
+    assert [c.name for c in CAT.select("square-6*,odd-5*")] == ["square-64x64", "odd-517x389"]
+    assert CAT.select("nothing-*") == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { colour = 1 }', "unknown options ['colour']"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\n[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8', "duplicate name"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { attention = "fast" }', "attention must be one of"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 4\nheight = 8', "width and height must be integers >= 8"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { strength = 0.1, num_inference_steps = 5 }',
+     "strength x num_inference_steps must be >= 1"),
+])
+def test_bad_catalogue(tmp_path, body, message):
+    p = tmp_path / "c.toml"
+    p.write_text('schema = "sd-vram/cases/1"\n' + body)
+    with pytest.raises(CatalogueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_catalogue(p)
+
+
+def test_generated_image_is_deterministic_and_sized():
+    a, b = synthetic_image(517, 389, "odd"), synthetic_image(517, 389, "odd")
+    assert a.size == (517, 389) and a.mode == "RGB" and a.tobytes() == b.tobytes()
+    assert synthetic_image(517, 389, "other").tobytes() != a.tobytes()
+
+
+def test_real_image_wins_and_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    case = Case(name="photo-40x30", width=40, height=30, prompt="", image="photo.jpg")
+    assert case.size(tmp_path) == (30, 40)                      # no file: the stand-in size
+    img, info = case.load_image(tmp_path)
+    assert img.size == (40, 30) and info["source"] == "generated"
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # rotate 90 degrees on display
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "photo.jpg", exif=exif)
+    assert case.size(tmp_path) == (64, 48)                      # (height, width) after rotation
+    img, info = case.load_image(tmp_path)
+    assert img.size == (48, 64) and img.mode == "RGB" and info == {"source": "file", "file": "photo.jpg"}
+    from diffusers.utils import load_image
+
+    assert load_image(str(tmp_path / "photo.jpg")).size == img.size
+
+
+def test_memhistory_reduction_of_a_handmade_trace():
+    MiB = 1 << 20
+    s = memhistory.reduce_snapshot(memhistory.fake_snapshot(), resident_bytes=100 * MiB, measured_peak=124 * MiB)
+    assert s["events"] == 8 and s["traced_peak_bytes"] == 24 * MiB and s["peak_allocated_bytes"] == 124 * MiB
+    assert s["segments_peak_bytes"] == 64 * MiB
+    at_peak = {(r["kind"], r["bytes"]) for r in s["at_peak"]}
+    assert at_peak == {("raw", 16 * MiB), ("tensor", 8 * MiB)}  # the workspace and the conv output
+    assert s["allocations_by_kind"] == {"tensor": {"count": 2, "bytes": 12 * MiB}, "raw": {"count": 1, "bytes": 16 * MiB}}
+    assert [r["op"] for r in s["raw_allocations"]] == ["at::native::cudnn_convolution_forward workspace"]
+    assert s["largest_at_peak"][0]["python_frame"] == "torch/nn/modules/conv.py:543:_conv_forward"
+    json.dumps(s)
+
+
+def test_memhistory_free_completed_after_free_requested_counts_once():
+    t = [{"action": "alloc", "addr": 1, "size": 10, "frames": []},
+         {"action": "free_requested", "addr": 1, "size": 10},
+         {"action": "alloc", "addr": 2, "size": 5, "frames": []},
+         {"action": "free_completed", "addr": 1, "size": 10},
+         {"action": "alloc", "addr": 3, "size": 7, "frames": []}]
+    s = memhistory.reduce_snapshot({"device_traces": [t]})
+    assert s["traced_peak_bytes"] == 12 and s["peak_event"] == 4
+
+
+def test_memhistory_frames_in_either_order():
+    inner = [{"filename": "/x/torch/nn/modules/conv.py", "line": 1, "name": "_conv_forward"},
+             {"filename": "/x/run.py", "line": 9, "name": "<module>"}]
+    assert memhistory.frame_keys(inner)[0] == "conv.py:1:_conv_forward"
+    assert memhistory.frame_keys(inner[::-1])[0] == "conv.py:1:_conv_forward"
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100-80GB-HBM3"),
+                                        ("NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"), ("", "unknown")])
+def test_gpu_slug(name, slug):
+    assert archive.gpu_slug(name) == slug
+
+
+def test_atomic_write_and_archive_discovery(tmp_path):
+    p = tmp_path / "H200" / "20250101T000000Z_abc1234.json"
+    archive.write_json_atomic(p, {"schema": archive.SCHEMA, "cases": []})
+    archive.write_json_atomic(tmp_path / "H200" / "other.json", {"schema": "something else"})
+    assert [q.name for q in p.parent.iterdir() if q.name.endswith(".tmp")] == []
+    assert [q for q, _ in archive.load_all(tmp_path)] == [p]
+
+
+@pytest.mark.parametrize("need, expect", [(90, "fit"), (96, "either"), (104, "either"), (106, "oom")])
+def test_oom_expectation_uses_the_reserved_band(need, expect):
+    assert checks.expectation({"peak_reserved_bytes": need}, 100, 0.05) == expect
+
+
+@pytest.mark.parametrize("env, variant", [({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "expandable_segments"),
+                                          ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64,expandable_segments:true"},
+                                           "expandable_segments"),
+                                          ({"PYTORCH_CUDA_ALLOC_CONF": None}, "default"), ({}, "default")])
+def test_allocator_variant(env, variant):
+    assert checks.allocator_variant(env) == variant

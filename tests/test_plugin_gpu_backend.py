@@ -1,0 +1,167 @@
+"""The real-GPU backend's code path (plugin/gpu.py) run on the CPU.
+
+CUDA's memory counters and NVML are replaced by scripted stand-ins and the pipeline is a
+tiny SD-shaped one on the CPU, so every line of the measurement (stage hooks, peaks per
+stage, NVML sampling, SDPA backend recording, forced backends, OOM recovery, safety-checker
+and VAE toggles) runs here. Nothing about real memory is asserted: that is `pytest --gpu`'s job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from sd_vram.plugin.cases import Case, synthetic_image  # noqa: E402
+
+TINY = {
+    "unet": {"act_fn": "silu", "attention_head_dim": 2, "block_out_channels": [32, 64], "cross_attention_dim": 32,
+             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "in_channels": 4, "layers_per_block": 1,
+             "norm_num_groups": 32, "out_channels": 4, "sample_size": 8,
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+    "vae": {"act_fn": "silu", "block_out_channels": [32, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 32, "out_channels": 3,
+            "sample_size": 64, "up_block_types": ["UpDecoderBlock2D"] * 2, "scaling_factor": 0.18215},
+    "text_encoder": {"hidden_act": "quick_gelu", "hidden_size": 32, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+                     "max_position_embeddings": 77, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "projection_dim": 32, "vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+    "safety_checker": {"projection_dim": 32,
+                       "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                                       "num_hidden_layers": 1},
+                       "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                                         "num_hidden_layers": 1, "patch_size": 14, "image_size": 224,
+                                         "num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}},
+}
+
+MiB = 1 << 20
+
+
+class FakeCuda:
+    """Scripted allocator counters: each reading of max_memory_allocated grows, so stages differ."""
+
+    def __init__(self):
+        self.allocated = 100 * MiB
+        self.peak = self.allocated
+        self.reads = 0
+
+    def max_allocated(self, *a):
+        self.reads += 1
+        self.peak += MiB * self.reads
+        return self.peak
+
+    def reset(self, *a):
+        self.peak = self.allocated
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import sd_vram.models as models
+
+    full = models.sd15_config()
+    monkeypatch.setattr(models, "sd15_config", lambda: {**full, **TINY})
+    fc = FakeCuda()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny ops: threads only contend
+    c = torch.cuda
+    monkeypatch.setattr(c, "init", lambda: None)
+    monkeypatch.setattr(c, "synchronize", lambda *a: None)
+    monkeypatch.setattr(c, "empty_cache", lambda: None)
+    monkeypatch.setattr(c, "reset_peak_memory_stats", fc.reset)
+    monkeypatch.setattr(c, "max_memory_allocated", fc.max_allocated)
+    monkeypatch.setattr(c, "max_memory_reserved", lambda *a: fc.peak + 20 * MiB)
+    monkeypatch.setattr(c, "memory_allocated", lambda *a: fc.allocated)
+    monkeypatch.setattr(c, "memory_reserved", lambda *a: fc.allocated + 20 * MiB)
+    monkeypatch.setattr(c, "memory_stats", lambda *a: {"num_alloc_retries": 0, "num_ooms": 0})
+    monkeypatch.setattr(c, "mem_get_info", lambda *a: (70_000 * MiB, 80_000 * MiB))
+    monkeypatch.setattr(c, "get_allocator_backend", lambda: "native")
+    props = types.SimpleNamespace(name="NVIDIA Fake H100", uuid="1234abcd-0000-0000-0000-000000000000",
+                                  total_memory=80_000 * MiB, major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(c, "get_device_properties", lambda *a: props)
+
+    used = {"v": 500 * MiB}
+
+    def mem(handle, version=None):
+        used["v"] += MiB              # NVML readings grow, as a loading context does
+        return types.SimpleNamespace(used=used["v"], total=80_000 * MiB)
+
+    nv = types.ModuleType("pynvml")
+    nv.nvmlMemory_v2 = 2
+    nv.nvmlInit = lambda: None
+    nv.nvmlDeviceGetCount = lambda: 2
+    nv.nvmlDeviceGetHandleByIndex = lambda i: f"h{i}"
+    nv.nvmlDeviceGetUUID = lambda h: {"h0": "GPU-ffff0000-0000-0000-0000-000000000000",
+                                      "h1": "GPU-1234abcd-0000-0000-0000-000000000000"}[h]
+    nv.nvmlDeviceGetMemoryInfo = mem
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=7 * MiB)]
+    nv.nvmlSystemGetDriverVersion = lambda: "999.1"
+    nv.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
+    nv.nvmlSystemGetNVMLVersion = lambda: "13.999"
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    yield fc
+    torch.set_num_threads(threads)
+
+
+def _case(name, **opts):
+    base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
+            "attention": "auto", "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
+            "safety_checker": True, "output_type": "pil"}
+    return Case(name=name, width=64, height=48, prompt="a cat", options={**base, **opts})
+
+
+def test_cuda_backend_code_path_on_cpu(fake_gpu):
+    from sd_vram.plugin import gpu
+
+    # fp32: fp16 convolutions are very slow on CPUs.
+    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=True, dtype=torch.float32)
+    # Matched by UUID, not index: torch's device is NVML's second one.
+    assert b.gpu["uuid"] == "GPU-1234abcd-0000-0000-0000-000000000000" and b.gpu["nvml_matched"]
+    assert b.gpu["slug"] == "Fake-H100"
+    assert [w["status"] for w in b.warmup] == ["ok", "error", "ok"]   # no efficient kernel on the CPU
+    for key in ("cuda_context_bytes", "context_and_handles_bytes", "cublas_workspace_allocated_bytes",
+                "weights_allocated_bytes", "context_after_warmup_bytes"):
+        assert key in b.hardware
+    assert b.environment["driver"] == "999.1" and b.environment["env"] is not None
+    assert b.environment["sdp"]["fp16_bf16_reduction_math_sdp_allowed"] in (True, False)
+
+    case = _case("c")
+    m = b.measure(case, synthetic_image(64, 48, "c"))
+    assert m["status"] == "ok", m["error"]
+    assert m["stage_order"] == ["setup", "text_encoder", "vae_encode", "unet", "vae_decode", "safety_checker"]
+    assert m["unet_evals"] == case.unet_evals == 3
+    assert m["peak_stage"] == max(m["stages"], key=lambda s: m["stages"][s]["allocated_bytes"])
+    assert m["peak_allocated_bytes"] == max(s["allocated_bytes"] for s in m["stages"].values())
+    assert m["peak_device_bytes"] > 0 and m["peak_device_v1_bytes"] > 0 and m["nvml_samples"] >= 2
+    assert m["peak_process_bytes"] == 7 * MiB
+    stages_with_sdpa = {e["stage"] for e in m["sdpa"]}
+    assert {"text_encoder", "unet", "vae_encode", "vae_decode", "safety_checker"} <= stages_with_sdpa
+    assert all(e["calls"] >= 1 and e["backend"] for e in m["sdpa"])
+
+    # Forced math backend, no safety checker (moved off the device), latent output, VAE savers.
+    m = b.measure(_case("d", attention="math", safety_checker=False, vae_tiling=True, vae_slicing=True,
+                        num_images_per_prompt=2, attention_slicing="auto"), synthetic_image(64, 48, "d"))
+    assert m["status"] == "ok", m["error"]
+    assert "safety_checker" not in m["stages"] and b.pipe.safety_checker is None
+    assert {e["backend"] for e in m["sdpa"]} == {"MATH"}
+    m = b.measure(_case("e", output_type="latent"), synthetic_image(64, 48, "e"))
+    assert m["stage_order"] == ["setup", "text_encoder", "vae_encode", "unet"]
+    assert b.pipe.safety_checker is not None          # back for a case that wants it
+
+    # Out of memory in the UNet: recorded, scheduler state dropped, the next case runs.
+    orig = b.pipe.unet.forward
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 GiB")
+
+    b.pipe.unet.forward = oom
+    m = b.measure(_case("f"), synthetic_image(64, 48, "f"))
+    assert m["status"] == "oom" and "128.00 GiB" in m["error"]
+    b.pipe.unet.forward = orig
+    assert b.pipe.scheduler.ets == []
+    assert b.measure(_case("g"), synthetic_image(64, 48, "g"))["status"] == "ok"
+    assert b.capacity() == 70_000 * MiB + fake_gpu.allocated + 20 * MiB
+    b.close()

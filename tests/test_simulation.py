@@ -1,0 +1,318 @@
+"""Tests of the GPU-free simulation: allocator model, SDPA choice, pipeline behaviour."""
+
+from __future__ import annotations
+
+import pytest
+
+from sd_vram.simulation.allocator import (CachingAllocator, get_allocation_size, kLargeBuffer,
+                                          kSmallBuffer, replay, round_size)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+# --------------------------------------------------------------------------------------
+# allocator model: hand-worked cases from CUDACachingAllocator.cpp's rules
+# --------------------------------------------------------------------------------------
+
+def test_round_size_and_segment_sizes():
+    assert round_size(1) == 512 and round_size(512) == 512 and round_size(513) == 1024
+    assert get_allocation_size(512) == 2 * MiB            # small pool: 2 MiB segment
+    assert get_allocation_size(1 * MiB) == 2 * MiB         # 1 MiB is still "small"
+    assert get_allocation_size(1 * MiB + 512) == 20 * MiB  # 1-10 MiB: kLargeBuffer
+    assert get_allocation_size(10 * MiB) == 10 * MiB       # >= 10 MiB: own segment
+    assert get_allocation_size(11 * MiB + 1) == 12 * MiB   # rounded up to 2 MiB
+
+
+def test_small_requests_share_a_2mib_segment():
+    a = CachingAllocator()
+    x = a.malloc(100)
+    y = a.malloc(700)
+    assert (a.allocated, a.reserved) == (512 + 1024, 2 * MiB)
+    assert y.ptr == x.ptr + 512                            # split front-to-back
+    a.free(x)
+    z = a.malloc(200)                                      # best fit: x's 512 B block
+    assert z.ptr == x.ptr and a.reserved == 2 * MiB
+
+
+def test_medium_request_splits_a_20mib_segment():
+    a = CachingAllocator()
+    a.malloc(int(1.5 * MiB))
+    a.malloc(int(1.5 * MiB))
+    assert a.reserved == 20 * MiB
+    assert a.allocated == 3 * MiB
+
+
+def test_large_unsplit_remainder_counts_as_allocated():
+    a = CachingAllocator()
+    a.malloc(int(19.5 * MiB))            # segment 20 MiB; remainder 0.5 MiB <= 1 MiB: no split
+    assert a.reserved == 20 * MiB
+    assert a.allocated == 20 * MiB
+
+
+def test_large_split_when_remainder_above_1mib_and_best_fit():
+    a = CachingAllocator()
+    b = a.malloc(int(18.5 * MiB))        # 20 MiB segment, remainder 1.5 MiB > 1 MiB: split
+    assert a.allocated == int(18.5 * MiB)
+    c = a.malloc(int(1.2 * MiB))         # fits the 1.5 MiB remainder; 0.3 MiB left: no split
+    assert c.ptr == b.ptr + int(18.5 * MiB)
+    assert a.allocated == 20 * MiB and a.reserved == 20 * MiB
+
+
+def test_best_fit_prefers_smallest_cached_block():
+    a = CachingAllocator()
+    x = a.malloc(12 * MiB)
+    y = a.malloc(14 * MiB)
+    a.free(x)
+    a.free(y)
+    z = a.malloc(11 * MiB)               # 12 MiB block fits best; 1 MiB left is not > 1 MiB
+    assert z.ptr == x.ptr and z.size == 12 * MiB
+    assert a.reserved == 26 * MiB
+
+
+def test_free_blocks_coalesce():
+    a = CachingAllocator()
+    blocks = [a.malloc(2 * MiB) for _ in range(3)]   # one 20 MiB segment
+    a.free(blocks[0])
+    a.free(blocks[1])                                # merges with blocks[0]
+    big = a.malloc(4 * MiB)
+    assert big.ptr == blocks[0].ptr
+    assert a.reserved == 20 * MiB and a.allocated == 6 * MiB
+
+
+def test_freed_memory_is_cached_not_returned():
+    a = CachingAllocator()
+    x = a.malloc(100 * MiB)
+    a.free(x)
+    assert a.allocated == 0 and a.reserved == 100 * MiB
+    a.malloc(50 * MiB)                               # reuses the cached segment (split)
+    assert a.reserved == 100 * MiB
+
+
+def test_expandable_segments_map_pages_on_demand():
+    a = CachingAllocator(expandable_segments=True, total_memory=80 << 30)
+    a.malloc(100)
+    assert a.reserved == kSmallBuffer                # one 2 MiB page of the small segment
+    a.malloc(int(1.5 * MiB))
+    assert a.reserved == kSmallBuffer + kLargeBuffer  # one 20 MiB page of the large segment
+    a.malloc(25 * MiB)                               # 18.5 MiB free in the page + 1 new page
+    assert a.reserved == kSmallBuffer + 2 * kLargeBuffer
+    assert a.allocated == 512 + int(1.5 * MiB) + 25 * MiB
+    # without expandable segments the 25 MiB request gets its own 26 MiB segment
+    b = CachingAllocator()
+    b.malloc(100), b.malloc(int(1.5 * MiB)), b.malloc(25 * MiB)
+    assert b.reserved == kSmallBuffer + kLargeBuffer + 26 * MiB
+
+
+def test_replay_counts_peak_from_start():
+    events = [("alloc", 1, 100 * MiB), ("free", 1, 100 * MiB), ("alloc", 2, 10 * MiB),
+              ("alloc", 3, 20 * MiB), ("free", 3, 20 * MiB)]
+    r = replay(events, start=2)
+    assert r.peak_allocated == 30 * MiB and r.peak_index == 3
+    assert r.peak_reserved == 100 * MiB              # the 100 MiB segment was reused
+
+
+# --------------------------------------------------------------------------------------
+# SDPA backend choice
+# --------------------------------------------------------------------------------------
+
+def _qkv(b, h, n, d, nk=None, dtype=None):
+    import torch
+
+    dtype = dtype or torch.float16
+    # diffusers' layout: (b, n, h, d) viewed as (b, h, n, d)
+    q = torch.empty(b, n, h, d, dtype=dtype, device="meta").transpose(1, 2)
+    k = torch.empty(b, nk or n, h, d, dtype=dtype, device="meta").transpose(1, 2)
+    return q, k, k
+
+
+@pytest.mark.parametrize("profile_kw, head_dim, expected", [
+    (dict(compute_capability=(9, 0), cudnn_version=91900), 40, "cudnn"),
+    (dict(compute_capability=(9, 0), cudnn_version=91900), 160, "flash"),    # cuDNN <= 128 before 9.22
+    (dict(compute_capability=(9, 0), cudnn_version=92300), 160, "cudnn"),    # 256 limit
+    (dict(compute_capability=(9, 0), cudnn_version=91900), 512, "efficient"),
+    (dict(compute_capability=(9, 0), cudnn_version=91002), 40, "flash"),     # cuDNN not preferred
+    (dict(compute_capability=(8, 0), cudnn_version=91900), 160, "flash"),    # sm80: default order
+    (dict(compute_capability=(8, 6), cudnn_version=91900), 512, "efficient"),
+    (dict(compute_capability=(7, 5), cudnn_version=91900), 40, "efficient"),  # no flash before sm80
+    (dict(compute_capability=(9, 0), cudnn_version=91900, cudnn_sdpa_deprioritized=True), 40, "flash"),
+])
+def test_sdpa_auto_choice(profile_kw, head_dim, expected):
+    from sd_vram.simulation.profile import GPUProfile
+    from sd_vram.simulation.sdpa import choose_backend
+
+    q, k, v = _qkv(2, 8, 4096, head_dim)
+    assert choose_backend(GPUProfile(**profile_kw), "auto", q, k, v) == expected
+
+
+def test_sdpa_requests_and_constraints():
+    import torch
+
+    from sd_vram.simulation.profile import GPUProfile
+    from sd_vram.simulation.sdpa import choose_backend, needs_output_accumulator
+
+    p = GPUProfile(compute_capability=(9, 0), cudnn_version=91900)
+    q, k, v = _qkv(1, 1, 4096, 512)
+    assert choose_backend(p, "flash", q, k, v) == "efficient"   # flash can't: next in order
+    assert choose_backend(p, "math", q, k, v) == "math"
+    q, k, v = _qkv(1, 12, 77, 64)
+    mask = torch.empty(1, 1, 77, 77, dtype=torch.float16, device="meta")
+    a100 = GPUProfile(compute_capability=(8, 0))
+    assert choose_backend(a100, "auto", q, k, v, attn_mask=mask) == "efficient"  # flash: no masks
+    assert choose_backend(a100, "auto", q, k, v) == "flash"
+    q, k, v = _qkv(1, 1, 64, 36)                                # 36 % 8 != 0
+    assert choose_backend(GPUProfile(compute_capability=(7, 5)), "auto", q, k, v) == "math"
+    assert needs_output_accumulator(*_qkv(1, 1, 64, 512)[:2])
+    assert not needs_output_accumulator(*_qkv(1, 1, 64, 128)[:2])
+    assert not needs_output_accumulator(*_qkv(1, 1, 64, 512, dtype=torch.float32)[:2])
+
+
+def test_cublas_workspace_size(monkeypatch):
+    from sd_vram.simulation.profile import GPUProfile
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 32 * MiB
+    assert GPUProfile(compute_capability=(8, 0)).cublas_workspace_bytes == 4096 * KiB * 2 + 16 * KiB * 8
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 32 * MiB
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 128 * KiB
+
+
+# --------------------------------------------------------------------------------------
+# the pipeline on fake CUDA (small sizes; the meta pipeline is built once per process)
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sim_small():
+    from sd_vram.simulation import simulate
+
+    return simulate(64, 96)
+
+
+def test_simulate_reports_peaks_and_stages(sim_small, tmp_path):
+    from sd_vram.stages import STAGES
+
+    r = sim_small
+    assert (r.height, r.width) == (64, 96)
+    assert set(r.stages) == set(STAGES)
+    assert r.peak_allocated == max(s.allocated for s in r.stages.values())
+    assert r.peak_reserved >= r.peak_allocated > r.weights_bytes > 2 * (1 << 30)
+    assert r.peak_stage in STAGES and r.peak_operator and r.peak_module
+    assert sum(t.bytes for t in r.live_at_peak) == r.peak_allocated
+    # the VAE's single 512-dim head never fits flash/cuDNN: memory-efficient on sm90
+    assert any(k.startswith("vae") and v == "efficient" for k, v in r.sdpa_backends.items())
+    d = r.to_dict()
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_stage", "stages",
+                "peak_operator", "peak_module"):
+        assert key in d
+    assert set(d["stages"]["unet"]) >= {"allocated_bytes", "reserved_bytes", "operation"}
+    png = r.plot_timeline(tmp_path / "t.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounding_and_bad_input():
+    from sd_vram.formula.options import InputError
+    from sd_vram.simulation import simulate
+
+    with pytest.raises(InputError):
+        simulate(7, 64)
+    with pytest.raises(InputError):
+        simulate(64, 64, attention="xformers")
+
+
+def test_full_step_count_reaches_the_same_peak():
+    """50 steps x strength 0.8 = 41 UNet evaluations; 'auto' runs 6 and gets the same peaks."""
+    from sd_vram.simulation import simulate
+
+    auto = simulate(64, 64, steps="auto")
+    full = simulate(64, 64, steps="full")
+    assert (auto.unet_evals, full.unet_evals) == (6, 41)
+    assert auto.peak_allocated == full.peak_allocated
+    assert auto.peak_reserved == full.peak_reserved
+    for name in auto.stages:
+        assert auto.stages[name].allocated == full.stages[name].allocated, name
+        assert auto.stages[name].reserved == full.stages[name].reserved, name
+
+
+def test_unet_memo_replays_the_identical_stream():
+    from sd_vram.formula.options import Options
+    from sd_vram.simulation.core import record_call
+
+    opts = Options(num_inference_steps=10, strength=0.5)       # 5 evaluations
+    streams = []
+    for memo in (True, False):
+        rec, s, e, info = record_call(64, 64, options=opts, max_unet_evals=None, memo_unet=memo)
+        streams.append([(ev.kind, ev.nbytes, ev.op, ev.stage) for ev in rec.events[s:e]])
+        if memo:
+            assert info["unet_replays"] >= 3
+    assert streams[0] == streams[1]
+
+
+def test_cfg_doubles_the_unet_stage_only():
+    from sd_vram.simulation import simulate
+
+    cfg = simulate(64, 64, guidance_scale=7.5, steps=2)
+    no = simulate(64, 64, guidance_scale=1.0, steps=2)
+
+    def allocs(r, stage):
+        return [(e.nbytes, e.shape) for e in r.events[r.call_start:] if e.kind == "alloc" and e.stage == stage]
+
+    assert allocs(cfg, "vae_decode") == allocs(no, "vae_decode")
+    # the first step's torch.cat([latents] * 2) runs before the UNet's first forward, so by
+    # the stage rules it belongs to vae_encode: that is the only difference there
+    enc_cfg = allocs(cfg, "vae_encode")
+    enc_cfg.remove((2 * 4 * 8 * 8 * 2, (2, 4, 8, 8)))
+    assert enc_cfg == allocs(no, "vae_encode")
+    unet_cfg = [s for n, s in allocs(cfg, "unet") if len(s) == 4 and s[1] == 320]
+    unet_no = [s for n, s in allocs(no, "unet") if len(s) == 4 and s[1] == 320]
+    assert unet_cfg and {s[0] for s in unet_cfg} == {2} and {s[0] for s in unet_no} == {1}
+    assert max(n for n, _ in allocs(cfg, "unet")) == 2 * max(n for n, _ in allocs(no, "unet"))
+
+
+def test_latent_output_has_no_decode_stage():
+    from sd_vram.simulation import simulate
+
+    r = simulate(64, 64, output_type="latent", steps=2)
+    assert "vae_decode" not in r.stages and "safety_checker" not in r.stages
+    assert r.to_dict()["stages"].keys() == {"setup", "text_encoder", "vae_encode", "unet"}
+
+
+def test_no_safety_checker_option():
+    from sd_vram.simulation import simulate
+
+    r = simulate(64, 64, safety_checker=False, steps=2)
+    assert "safety_checker" not in r.stages
+    assert not any("safety_checker" in e.op for e in r.events[: r.call_start])
+
+
+# --------------------------------------------------------------------------------------
+# substitutions keep what reaches the device
+# --------------------------------------------------------------------------------------
+
+def test_preprocess_substitute_matches_the_pil_path():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sd_vram.simulation.core import _make_preprocess, meta_pipeline
+
+    pipe = meta_pipeline(True)
+    img = Image.fromarray(np.zeros((45, 67, 3), dtype=np.uint8))   # 67 wide, 45 high
+    real = pipe.image_processor.preprocess(img)
+    sub = _make_preprocess(40, 64)(img)
+    assert real.shape == sub.shape == torch.Size([1, 3, 40, 64])
+    assert real.stride() == sub.stride() and real.dtype == sub.dtype == torch.float32
+    assert real.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_feature_extractor_substitute_matches_clip_processor():
+    import numpy as np
+    from PIL import Image
+
+    from sd_vram.simulation.core import _FeatureExtractorStub, meta_pipeline
+
+    fe = meta_pipeline(True).feature_extractor
+    img = [Image.fromarray(np.zeros((40, 64, 3), dtype=np.uint8))]
+    real = fe(img, return_tensors="pt").pixel_values
+    sub = _FeatureExtractorStub(fe)(img, return_tensors="pt").pixel_values
+    assert real.shape == sub.shape and real.dtype == sub.dtype
