@@ -17,7 +17,7 @@ from math import prod
 from . import activations as act
 from . import architecture as arch
 from . import gpu_profiles, schedule
-from .allocator import Segments, pack, round_size
+from .allocator import SMALL_SIZE, Segments, round_size
 from .options import InputError, Options
 from .result import Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
@@ -101,18 +101,26 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
 
 
 def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, candidates) -> None:
-    """Allocate and free one stage's tensors in the allocator model, in order."""
+    """Allocate and free one stage's tensors in the allocator model, in order: the VAE's
+    maps in code order (schedule.py, which passes through every VAE candidate live set),
+    the other stages' candidate live sets largest first. Tensors of 1 MiB or less live in
+    2 MiB small-pool segments and are left out."""
     for comp, _, size in candidates[0].terms:
-        if comp == "state":
+        if comp == "state" and size > SMALL_SIZE:
             seg.alloc(size)
-    if name == "vae_encode":
-        schedule.vae_encoder(seg, *act.vae_tile(s, o.vae_tiling, latent=False), profile.conv_workspace_rule)
-    elif name == "vae_decode":
-        b = 1 if o.vae_slicing else s.n
-        schedule.vae_decoder(seg, b, *act.vae_tile(s, o.vae_tiling, latent=False), profile.conv_workspace_rule)
+    if name in ("vae_encode", "vae_decode"):
+        H, W = act.vae_tile(s, o.vae_tiling, latent=False)
+        if name == "vae_encode":
+            schedule.vae_encoder(seg, H, W, profile.conv_workspace_rule)
+        else:
+            schedule.vae_decoder(seg, 1 if o.vae_slicing else s.n, H, W, profile.conv_workspace_rule)
+        seg.free_all()
+        return
     seg.free_all()
     for p in candidates:
         for _, _, size in sorted(p.terms, key=lambda t: -t[2]):
+            if size <= SMALL_SIZE:
+                break
             seg.alloc(size)
         seg.free_all()
 

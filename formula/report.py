@@ -4,6 +4,7 @@
     python -m sd_vram.formula.report sweep            # squares 64 .. 4096
     python -m sd_vram.formula.report terms 512x512    # every term of every stage at one size
     python -m sd_vram.formula.report weights          # weights per model
+    python -m sd_vram.formula.report validation results/H200   # archived GPU runs against the equation
     python -m sd_vram.formula.report --update FILE    # rewrite the <!-- report: ... --> blocks
 
 A document embeds a table between `<!-- report: ARGS -->` and `<!-- /report -->`;
@@ -55,11 +56,22 @@ def sweep(**options) -> str:
 
 
 def weights_table() -> str:
-    w = weights(True)
-    lines = ["| model | allocated bytes (each tensor rounded to 512 B) |", "|---|---:|"]
-    lines += [f"| {k} | {v:,} |" for k, v in w.items() if k != "reserved"]
-    lines.append(f"| total | {sum(v for k, v in w.items() if k != 'reserved'):,} |")
-    lines.append(f"| reserved (segments after pipe.to('cuda')) | {w['reserved']:,} |")
+    from math import prod
+
+    from . import architecture as arch
+    from .allocator import pack, round_size
+
+    lines = ["| model | parameters | tensors | bytes (fp16, each rounded to 512 B) | allocator blocks |",
+             "|---|---:|---:|---:|---:|"]
+    sizes = []
+    for name in ("safety_checker", "text_encoder", "unet", "vae"):
+        tensors = arch.MODELS[name]()
+        sizes += [prod(shape) * item for _, shape, item in tensors]
+        lines.append(f"| {name} | {arch.numel(tensors):,} | {len(tensors)} | "
+                     f"{sum(round_size(prod(sh) * it) for _, sh, it in tensors):,} | {weights(True)[name]:,} |")
+    native, expandable = pack(sizes), pack(sizes, expandable=True)
+    lines.append(f"| all, in pipe.to('cuda') order | | | {expandable[0]:,} (expandable segments) | {native[0]:,} |")
+    lines.append(f"| reserved after loading | | | {expandable[1]:,} (expandable segments) | {native[1]:,} |")
     return "\n".join(lines)
 
 
@@ -73,12 +85,79 @@ def terms(size: str, **options) -> str:
         out.append(f"**{stage}** at `{peak.operation}`: {peak.total:,} B ({mib(peak.total)} MiB) "
                    f"above the resident weights and workspace\n")
         out.append("| component | tensor | bytes |\n|---|---|---:|")
-        out += [f"| {c} | {n} | {b:,} |" for c, n, b in peak.terms]
+        out += [f"| {c} | {n} | {b:,} |" for c, n, b in _grouped(peak.terms)]
         out.append("")
     return "\n".join(out).rstrip()
 
 
-COMMANDS = {"seeds": seeds, "sweep": sweep, "terms": terms, "weights": lambda: weights_table()}
+def _grouped(terms):
+    """Collapse `name[0]`, `name[1]`, ... into `name (x k)` with the summed bytes."""
+    out = []
+    for comp, name, size in terms:
+        base, _, idx = name.partition("[")
+        if idx and out and out[-1][0] == comp and out[-1][3] == base:
+            c, n, b, _, k = out[-1]
+            out[-1] = (c, f"{base} (x {k + 1})", b + size, base, k + 1)
+        else:
+            out.append((comp, name if not idx else f"{base} (x 1)", size, base, 1))
+    return [(c, n.replace(" (x 1)", ""), b) for c, n, b, _, _ in out]
+
+
+def validation(*paths: str) -> str:
+    """Every archived GPU measurement under `paths` against the current equation."""
+    import glob
+    import json
+    import os
+
+    files = []
+    for path in paths:
+        files += sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+    lines = ["| GPU | allocator | case | allocated MiB (error) | reserved MiB (error) | nvidia-smi MiB (error) | peak stage (predicted) |",
+             "|---|---|---|---:|---:|---:|---|"]
+    worst = {"allocated": 0.0, "reserved": 0.0, "device": 0.0}
+    for f in files:
+        data = json.load(open(f, encoding="utf-8"))
+        if not str(data.get("schema", "")).startswith("sd-vram/results/"):
+            continue
+        env = data["environment"]
+        expandable = "expandable_segments:True" in str(env["env"].get("PYTORCH_CUDA_ALLOC_CONF"))
+        gpu = env["gpu"]["name"]
+        profile = gpu_profiles.for_device(gpu)
+        for case in data["cases"]:
+            m = case["measurement"]
+            if m.get("status") != "ok":
+                continue
+            inp = case["inputs"]
+            e = estimate(inp["height"], inp["width"], prompt=inp.get("prompt"),
+                         **{**inp["options"], "gpu": profile, "expandable_segments": expandable})
+            cells = []
+            for q, pred in (("allocated", e.peak_allocated), ("reserved", e.peak_reserved), ("device", e.peak_device)):
+                meas = m[f"peak_{q}_bytes"]
+                err = (pred - meas) / meas * 100
+                worst[q] = max(worst[q], abs(err))
+                cells.append(f"{mib(meas)} ({err:+.2f}%)")
+            stage = m["peak_stage"] + ("" if e.peak_stage == m["peak_stage"] else f" ({e.peak_stage})")
+            lines.append(f"| {gpu} | {'expandable' if expandable else 'native'} | {case['id']} | "
+                         + " | ".join(cells) + f" | {stage} |")
+    lines.append("")
+    lines.append("largest |error|: " + ", ".join(f"{q} {v:.2f}%" for q, v in worst.items()))
+    return "\n".join(lines)
+
+
+def validation_summary(*paths: str) -> str:
+    import glob
+    import os
+
+    files = []
+    for path in paths:
+        files += sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    table = validation(*files)
+    rows = [line for line in table.splitlines() if line.startswith("| NVIDIA") or line.startswith("| ")][2:]
+    gpus = sorted({line.split("|")[1].strip() for line in rows})
+    return f"{len(rows)} measured cases on {', '.join(gpus)}; " + table.splitlines()[-1]
+
+
+COMMANDS = {"validation-summary": validation_summary, "validation": validation, "seeds": seeds, "sweep": sweep, "terms": terms, "weights": lambda: weights_table()}
 
 
 def run(args: list[str]) -> str:

@@ -13,8 +13,9 @@ VAE encoder's and decoder's maps in the order diffusers' code makes and drops th
     convolution:    output, then cuDNN's workspace, freed when the conv returns
 
 A name drops when the Python variable holding it is rebound (CPython frees at refcount 0).
-Tensors under 1/64 of a full-resolution map and the mid-block attention's small tensors
-are left out: they fit in blocks the big maps leave cached.
+Only the blocks at full and half resolution are replayed (and the upsampler into half
+resolution): the maps below are 1/16 of a full-resolution map or smaller and fit in the
+blocks the big maps leave cached.
 """
 
 from __future__ import annotations
@@ -69,19 +70,19 @@ class Schedule:
 
 
 def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256, 512, 512), layers: int = 2) -> None:
-    """Encoder.forward on the (1, 3, H, W) image, up to the mid-block (latent resolution)."""
+    """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
     s = Schedule(seg, ws_rule, 1)
     h, w = H, W
     sample = s.conv(None, 3, channels[0], 3, h, w)
     c_prev = channels[0]
-    for i, c in enumerate(channels):
+    for i, c in enumerate(channels[:2]):
         x = sample
         for j in range(layers):
             y = s.resnet(x, c_prev if j == 0 else c, c, h, w)
             if x != sample:
                 s.free(x)
             x = y
-        if i < len(channels) - 1:
+        if i == 0:
             p = s._alloc(nbytes(1, c, h + 1, w + 1))  # F.pad(x, (0, 1, 0, 1))
             y = s.conv(p, c, c, 3, h, w, stride=2)
             s.free(p, x)
@@ -94,12 +95,16 @@ def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256,
 
 
 def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(512, 512, 256, 128), layers: int = 3) -> None:
-    """Decoder.forward from the latent to the (b, 3, H, W) image (mid-block left out)."""
+    """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image."""
     s = Schedule(seg, ws_rule, b)
-    h, w = H // 8, W // 8
-    sample = s.conv(None, 4, channels[0], 3, h, w)
-    c_prev = channels[0]
-    for i, c in enumerate(channels):
+    h, w = H // 4, W // 4
+    x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
+    u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
+    sample = s.conv(u, channels[1], channels[1], 3, 2 * h, 2 * w)
+    s.free(u, x)
+    h, w = 2 * h, 2 * w
+    c_prev = channels[1]
+    for i, c in enumerate(channels[2:], start=2):
         x = sample
         for j in range(layers):
             y = s.resnet(x, c_prev if j == 0 else c, c, h, w)

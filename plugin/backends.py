@@ -124,14 +124,14 @@ class FakeBackend:
         m["peak_device_bytes"] = m["peak_reserved_bytes"] + (610 << 20)
         m["peak_device_v1_bytes"] = m["peak_device_bytes"]
         m["peak_device_v2_bytes"] = m["peak_device_bytes"]
-        m.update({k: v for k, v in spec.items() if k != "oom"})
+        m["wall_s"] = round(time.perf_counter() - t0, 4)
+        m.update({k: v for k, v in spec.items() if k != "oom"})   # a spec may set wall_s, stage_seconds
         if spec.get("oom") or (not spec and m["peak_reserved_bytes"] > self._capacity):
             m.update(status="oom", error="CUDA out of memory (fake backend)", num_ooms=1,
                      peak_stage=m.get("peak_stage"))
             for q in QUANTITIES:
                 m.setdefault(q + "_bytes", None)
             self.recoveries += 1
-        m["wall_s"] = round(time.perf_counter() - t0, 4)
         return m
 
     def close(self):

@@ -398,12 +398,20 @@ class CudaBackend:
         order: list = []
         current = {"name": None}
 
+        seconds: dict = {}
+        entered = [0.0]
+
         def close_stage():
             name = current["name"]
             if name is not None:
                 s = stages.setdefault(name, {"allocated_bytes": 0, "reserved_bytes": 0})
                 s["allocated_bytes"] = max(s["allocated_bytes"], cuda.max_memory_allocated())
                 s["reserved_bytes"] = max(s["reserved_bytes"], cuda.max_memory_reserved())
+                # Stage times (to foresee a full call's length from the UNet's): synchronize so a
+                # stage's time is its kernels', not its launches'. Allocations are made at launch,
+                # on the host, so this changes no memory figure.
+                cuda.synchronize()
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - entered[0]
 
         def on_stage(name):
             close_stage()
@@ -411,6 +419,7 @@ class CudaBackend:
             if name not in order:
                 order.append(name)
             cuda.reset_peak_memory_stats()
+            entered[0] = time.perf_counter()
 
         evals = [0]
         counter = self.pipe.unet.register_forward_hook(lambda *_a: evals.__setitem__(0, evals[0] + 1))
@@ -441,6 +450,7 @@ class CudaBackend:
 
         m["stages"] = stages
         m["stage_order"] = order
+        m["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         if stages:
             peak = max(order, key=lambda s: stages[s]["allocated_bytes"])   # first stage wins a tie
             m["peak_stage"] = peak

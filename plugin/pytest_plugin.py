@@ -229,6 +229,7 @@ class SuiteState:
         self._backend_error = None
         self._archive = None
         self.short: dict[str, dict] = {}       # case name -> record of its short run
+        self.timings: list[tuple[float, float]] = []   # (case cost, wall seconds) of the calls that ran
         self.gpu_profile = opt("gpu_profile")
 
     # -- selection
@@ -278,6 +279,13 @@ class SuiteState:
     # -- time
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
+
+    def seconds_for(self, cost: float) -> float | None:
+        """Seconds a call of this cost would take at the rate of the costliest call so far (None: none ran)."""
+        if not self.timings:
+            return None
+        c, s = max(self.timings)
+        return s / c * cost if c else None
 
     def check_time(self, need: float = 0.0, what: str = ""):
         left = self.remaining()
@@ -369,6 +377,8 @@ class SuiteState:
         }
         evaluate(record, self.bands, asserted_quantities(variant), b.gpu["name"])
         self.archive().add(record)
+        if meas.get("status") == "ok" and meas.get("wall_s"):
+            self.timings.append((case.cost, meas["wall_s"]))
         if case.variant == "short":
             self.short[case.name] = record
         return record
@@ -383,11 +393,18 @@ class SuiteState:
     def run_full_call(self, case, node):
         self.check_time()
         short_case = self.catalogue.get(case.name)
-        short = self.short.get(case.name) or self.measure_case(short_case)
+        short = self.short.get(case.name)
+        if short is None:
+            # Measuring the short run costs time too: skip both if this session's largest call
+            # so far says they cannot both finish.
+            guess = self.seconds_for(short_case.cost + case.cost)
+            if guess is not None:
+                self.check_time(guess, f"the short run and the full call need about {guess:.0f} s")
+            short = self.measure_case(short_case)
         sm = short["measurement"]
         if sm.get("status") != "ok":
             pytest.skip(f"{short_case.id}: the short run did not complete ({sm.get('status')}), nothing to compare")
-        need = sm.get("wall_s", 0) * case.unet_evals / max(short_case.unet_evals, 1) * 1.3 + 5
+        need = full_call_seconds(sm, short_case.unet_evals, case.unet_evals)
         self.check_time(need, f"the full call needs about {need:.0f} s")
         rec = self.measure_case(case)
         fm = rec["measurement"]
@@ -442,6 +459,23 @@ class SuiteState:
                 "errors": rec.get("errors", {}), "stage": rec.get("stage"),
                 "archive": archive or (str(self._archive.path) if self._archive and self._archive.path else None),
                 "kind": "archived" if archive else "gpu", "message": rec.get("message", "").splitlines()[0]}
+
+
+FULL_CALL_MARGIN = 1.1
+
+
+def full_call_seconds(short: dict, short_evals: int, full_evals: int) -> float:
+    """Expected wall time of a full call from its short run's measurement.
+
+    Only the UNet stage grows with the steps; its time per evaluation (stage_seconds, the
+    stage synchronized at its ends) times the extra evaluations, plus a margin. Measurements
+    without stage times (older archives, the fake backend) scale the whole call.
+    """
+    wall = short.get("wall_s") or 0.0
+    unet = (short.get("stage_seconds") or {}).get("unet")
+    if unet is None:
+        return wall * full_evals / max(short_evals, 1) * 1.3 + 5
+    return wall + unet / max(short_evals, 1) * max(full_evals - short_evals, 0) * FULL_CALL_MARGIN + 3
 
 
 class _Named:

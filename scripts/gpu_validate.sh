@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# One-shot validation of sd-vram on a rented GPU (H100/H200), in about 6 minutes.
+# One-shot validation of sd-vram on a rented GPU (H100/H200), in about 5 minutes (budget 310 s).
 #
 #   bash scripts/gpu_validate.sh            # on the GPU machine, from the repository root;
 #                                           # needs .whl/ with the diffusers wheel, writes $OUT
-#   DRY=1 bash scripts/gpu_validate.sh      # rehearsal on a CPU: fake measurement backend
+#   DRY=1 bash scripts/gpu_validate.sh      # rehearsal on a CPU: fake backends
 #
-# Steps, cheapest and most important first, each with an absolute deadline (the suite skips
-# cases it can no longer start, `timeout` kills what overruns; archives are rewritten after
-# every case, so a killed step keeps what it measured):
-#   A  pytest --gpu over the whole catalogue (+ balloon's full 50-step call)   -> results/<gpu>/
-#   B  memory-history snapshots of balloon and truck, reduced on the device     -> results/<gpu>/*memhistory*
-#   C  A again in a fresh process with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-#   D  full default calls (strength 0.8, 50 steps) of the other three seed cases
-# Then every new archive is copied to $OUT/results/<gpu>/ and compared in the log.
+# Steps, most important first, each with an absolute deadline (seconds after the start; the
+# suite and the probe skip what they can no longer start, `timeout` kills what overruns, and
+# nothing runs past BUDGET + 10 s). Archives are rewritten after every case and copied to $OUT
+# after every step, so a killed step or command keeps what it measured.
+#   P  (+45)  conv-workspace probe at 7 sizes, a process of its own (it resets the peak counters
+#             at every convolution)                                   -> results/<gpu>/*_conv_probe.json
+#   A  (+245) pytest --gpu over the whole catalogue, then the full default call (strength 0.8,
+#             50 steps) of balloon, bench and truck, each only if the time foreseen from its
+#             short run's UNet stage fits before A's deadline         -> results/<gpu>/<run>.json
+#             (the full calls run here because they reuse the short runs already measured in
+#             this process: a process of its own costs ~28 s of setup plus the short run again)
+#   B  (+305) memory-history snapshots of balloon and truck            -> results/<gpu>/*memhistory*
+#   C  (EXPANDABLE=1 only) A's catalogue again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+#   D  (+BUDGET) the full calls A had no time for, in a fresh process, if D_MIN_S (120) seconds are left
+# Then the archives are compared in the log.
 #
-# Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (seconds for all steps,
-# default 330), DRY=1, RESULTS_DIR (default results; DRY: a temporary folder).
+# Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (default 310), DRY=1,
+# RESULTS_DIR (default results; DRY: a temporary folder), PROBE_SIZES, FULL_CALLS (the seed cases
+# whose full call A tries), A_FULL_CALL (A's --full-call; "cheapest" leaves the big ones to D),
+# EXPANDABLE=1, P_AT/A_AT/B_AT (deadlines), D_MIN_S.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 DRY=${DRY:-0}
 OUT=${OUT:-/tmp/sd-vram-out}
-BUDGET=${SD_VRAM_BUDGET_S:-330}
-GRACE=30
+BUDGET=${SD_VRAM_BUDGET_S:-310}
+GRACE=30                  # a step may overrun its deadline by this much (a case already started) ...
+TAIL=5                    # ... but none runs past BUDGET + TAIL (+5 s to die): the command ends by ~325 s
+P_AT=${P_AT:-45}
+A_AT=${A_AT:-245}
+B_AT=${B_AT:-305}
+D_MIN_S=${D_MIN_S:-120}   # a fresh process needs ~28 s of setup and the short run before a full call
+PROBE_SIZES=${PROBE_SIZES:-64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048}
+FULL_CALLS=${FULL_CALLS:-balloon-640x427,bench-3840x2560,truck-4032x3024}
+A_FULL_CALL=${A_FULL_CALL:-$FULL_CALLS}
+EXPANDABLE=${EXPANDABLE:-0}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # No third-party pytest plugins (the GPU image has no pytest-benchmark, which addopts names);
@@ -80,7 +98,8 @@ for _p in sys.path:
 SHIM
 }
 
-# run_step NAME SECONDS_FROM_START CMD...: runs CMD with SD_VRAM_DEADLINE set, killed GRACE s after it.
+# run_step NAME SECONDS_FROM_START CMD...: runs CMD with SD_VRAM_DEADLINE set, killed GRACE s after
+# it (and never later than BUDGET + TAIL), then copies what it wrote to $OUT.
 run_step() {
     local name=$1 offset=$2; shift 2
     local deadline=$(( START + (offset < BUDGET ? offset : BUDGET) ))
@@ -90,12 +109,37 @@ run_step() {
         STEPS+=("$name:skipped")
         return 0
     fi
-    log "step $name: start (until +$(( deadline - START ))s): $*"
-    SD_VRAM_DEADLINE=$deadline timeout --kill-after=10 $(( deadline - now + GRACE )) "$@"
+    local kill_at=$(( deadline + GRACE ))
+    [ "$kill_at" -gt $(( START + BUDGET + TAIL )) ] && kill_at=$(( START + BUDGET + TAIL ))
+    log "step $name: start (until +$(( deadline - START ))s, killed at +$(( kill_at - START ))s): $*"
+    SD_VRAM_DEADLINE=$deadline timeout --kill-after=5 $(( kill_at - now )) "$@"
     local rc=$?
     log "step $name: exit $rc after $(( $(date +%s) - now ))s"
     STEPS+=("$name:$rc")
+    collect
     return 0
+}
+
+# collect: copy this run's JSON files (newer than $MARK) to $OUT/results/<gpu>/; lists them in NEW.
+NEW=()
+collect() {
+    NEW=()
+    local f
+    while IFS= read -r f; do NEW+=("$f"); done < <(find "$RESULTS_DIR" -name '*.json' -newer "$MARK" 2>/dev/null | sort)
+    for f in "${NEW[@]}"; do
+        mkdir -p "$OUT/results/$(basename "$(dirname "$f")")"
+        cp "$f" "$OUT/results/$(basename "$(dirname "$f")")/"
+    done
+}
+
+# missing_full_calls: the FULL_CALLS cases whose full call no archive of this run holds, comma-separated.
+missing_full_calls() {
+    local c out=()
+    for c in ${FULL_CALLS//,/ }; do
+        grep -qsF "\"id\": \"$c/full-call\"" "${NEW[@]}" /dev/null || out+=("$c")
+    done
+    local IFS=,
+    echo "${out[*]}"
 }
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q
@@ -111,7 +155,7 @@ main() {
     make_shim || { log "FATAL: could not write the sd_vram shim in $SITE"; return 2; }
     "$PY" - <<'EOF' || { log "FATAL: sd_vram or its dependencies do not import"; return 2; }
 import importlib, sys
-import sd_vram, sd_vram.formula, sd_vram.plugin.pytest_plugin, sd_vram.plugin.suite
+import sd_vram, sd_vram.formula, sd_vram.plugin.pytest_plugin, sd_vram.plugin.suite, sd_vram.plugin.conv_probe
 print("sd_vram from", sd_vram.__file__, "| formula from", sd_vram.formula.__file__, "| finder",
       type(sys.meta_path[0]).__name__, "| python", sys.version.split()[0])
 for m in ("torch", "diffusers", "transformers", "pynvml", "matplotlib"):
@@ -122,29 +166,42 @@ for m in ("torch", "diffusers", "transformers", "pynvml", "matplotlib"):
         print(f"  {m}: NOT IMPORTABLE ({type(e).__name__}: {e})")
 try:
     import torch
-    print("  cuda available:", torch.cuda.is_available(), "| torch CUDA", torch.version.cuda)
+    print("  cuda available:", torch.cuda.is_available(), "| torch CUDA", torch.version.cuda,
+          "| cuDNN", torch.backends.cudnn.version())
 except Exception:
     pass
 EOF
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,uuid,memory.used,memory.total,driver_version --format=csv
 
     STEPS=()
-    run_step A 150 "${PYTEST[@]}"
-    TORCH_SYMBOLIZE_MODE=dladdr run_step B 195 "$PY" -m sd_vram.plugin.device_tasks snapshot "${TASK_BACKEND[@]}" \
+    run_step P "$P_AT" "$PY" -m sd_vram.plugin.conv_probe "${TASK_BACKEND[@]}" --sizes "$PROBE_SIZES" \
+        --results-dir "$RESULTS_DIR"
+    run_step A "$A_AT" "${PYTEST[@]}" --full-call "$A_FULL_CALL"
+    TORCH_SYMBOLIZE_MODE=dladdr run_step B "$B_AT" "$PY" -m sd_vram.plugin.device_tasks snapshot "${TASK_BACKEND[@]}" \
         --cases balloon-640x427,truck-4032x3024 --results-dir "$RESULTS_DIR"
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run_step C 265 "${PYTEST[@]}" --full-call none
-    run_step D "$BUDGET" "${PYTEST[@]}" --cases 'groceries-*,bench-*,truck-*' --full-call all -k test_full_default_call
+    if [ "$EXPANDABLE" = 1 ]; then
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run_step C "$BUDGET" "${PYTEST[@]}" --full-call none
+    fi
+    local missing left=$(( START + BUDGET - $(date +%s) ))
+    missing=$(missing_full_calls)
+    if [ -z "$missing" ]; then
+        log "step D: nothing to do, A ran every full call ($FULL_CALLS)"
+        STEPS+=("D:none")
+    elif [ "$left" -lt "$D_MIN_S" ]; then
+        log "step D: skipped, ${left}s left < D_MIN_S=${D_MIN_S}s for the full calls of $missing"
+        STEPS+=("D:skipped")
+    else
+        run_step D "$BUDGET" "${PYTEST[@]}" --cases "$missing" --full-call all -k test_full_default_call
+    fi
 
     log "steps: ${STEPS[*]}"
-    local new=()
-    while IFS= read -r f; do new+=("$f"); done < <(find "$RESULTS_DIR" -name '*.json' -newer "$MARK" 2>/dev/null | sort)
-    local f
-    for f in "${new[@]}"; do
-        mkdir -p "$OUT/results/$(basename "$(dirname "$f")")"
-        cp "$f" "$OUT/results/$(basename "$(dirname "$f")")/"
+    collect
+    local runs=() f
+    for f in "${NEW[@]}"; do
+        case "$f" in *_memhistory_*|*_conv_probe.json) ;; *) runs+=("$f") ;; esac
     done
-    if [ ${#new[@]} -gt 0 ]; then
-        "$PY" -m sd_vram.plugin.compare "${new[@]}" || log "compare failed"
+    if [ ${#runs[@]} -gt 0 ]; then
+        "$PY" -m sd_vram.plugin.compare "${runs[@]}" || log "compare failed"
     else
         log "no archive was written"
     fi

@@ -368,6 +368,8 @@ def _option_kwargs(args) -> dict:
         kw["vae_tiling"] = True
     if getattr(args, "no_safety_checker", False):
         kw["safety_checker"] = False
+    if getattr(args, "expandable_segments", False):
+        kw["expandable_segments"] = True
     if getattr(args, "gpu_profile", None) is not None:
         kw["gpu"] = args.gpu_profile
     return kw
@@ -512,6 +514,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-safety-checker", action="store_true", help="load the pipeline with safety_checker=None")
     g.add_argument("--output-type", choices=["pil", "np", "pt", "latent"],
                    help="latent skips the VAE decode and the safety checker (default pil)")
+    g.add_argument("--expandable-segments", action="store_true",
+                   help="the process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     g.add_argument("--gpu-profile", metavar="NAME", help="GPU profile for workspaces and the CUDA context (default: default)")
 
 

@@ -17,18 +17,19 @@ __all__ = ["simulate", "SimResult", "StageSim", "LiveTensor", "GPUProfile", "DEF
 
 
 def simulate(height: int, width: int, prompt: str | None = None, prompt_length: int | None = None,
-             *, profile: GPUProfile | None = None, steps="auto", expandable_segments: bool = False,
-             weights_load: str = "fp16", **options) -> SimResult:
+             *, profile: GPUProfile | None = None, steps="auto", history=(), **options) -> SimResult:
     """Simulate one img2img call on an image of height x width pixels.
 
     options: fields of sd_vram.formula.options.Options (guidance_scale, strength,
     num_inference_steps, attention, attention_slicing, vae_slicing, vae_tiling,
-    safety_checker, output_type, gpu, num_images_per_prompt).
-    profile: a GPUProfile (overrides options["gpu"]).
+    safety_checker, output_type, gpu, num_images_per_prompt, expandable_segments: replay as
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
+    profile: a GPUProfile (overrides options["gpu"], a formula profile name).
     steps: "auto" (the fewest UNet evaluations that reach the same peak), "full", or an int.
-    expandable_segments: replay as PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
-    weights_load: "fp16" (from_pretrained(torch_dtype=fp16).to("cuda")) or
-    "fp32_then_fp16" (sd_vram.models.build_pipeline("cuda")).
+    history: the GPU suite's earlier model moves before this call, e.g. ("-safety_checker",
+    "+safety_checker") after a case without the safety checker (core.resident_setup).
+    The call starts from the state the GPU suite measures from: cuBLAS/cuBLASLt workspaces
+    kept from its probes, the weights as sd_vram.models.build_pipeline("cuda") allocates them.
     """
     from sd_vram.formula.options import InputError, Options
 
@@ -45,6 +46,6 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     from .result import build_result
 
     recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,
-                                                 profile=prof, steps=steps, weights_load=weights_load)
+                                                 profile=prof, steps=steps, history=tuple(history))
     return build_result(recorder, start, end, info, height=h, width=w, options=opts, profile=prof,
-                        expandable_segments=expandable_segments)
+                        expandable_segments=opts.expandable_segments)

@@ -17,7 +17,8 @@ torch.cuda.memory_allocated() / memory_reserved() would report. Rules, as in the
   block keeps its whole size, and allocated_bytes counts ``block->size``.
 - free_block: try_merge_blocks with prev and next when they are free (and, for expandable
   segments, equally mapped); the merged block goes back to the pool. Nothing is returned to
-  the driver (no empty_cache, no OOM retry paths), one stream.
+  the driver during a call (no OOM retry paths), one stream; ``empty_cache()`` (between
+  calls) releases whole free segments or, with expandable segments, unmaps free pages.
 - expandable_segments:True: one segment per pool reserves 1 1/8 x total GPU memory of
   address space; pages of kSmallBuffer (2 MiB, small pool) or kLargeBuffer (20 MiB, large
   pool) are mapped on demand (ExpandableSegment::map rounds the range out to whole pages).
@@ -168,6 +169,53 @@ class CachingAllocator:
         for cand in (block.prev, block.next):
             self._try_merge(block, cand, pool)
         pool.blocks.insert(block)
+
+    def empty_cache(self) -> None:
+        """release_cached_blocks: cudaFree every free block that is a whole segment; with
+        expandable segments, unmap the whole pages inside every free block (unmap_block:
+        the range is rounded inwards to pages, the partial pages at either end stay mapped)."""
+        for pool in (self.small, self.large):
+            to_unmap = []
+            for b in list(pool.blocks.blocks):
+                if b.segment is not None:
+                    to_unmap.append(b)
+                elif b.prev is None and b.next is None:
+                    pool.blocks.erase(b)
+                    self.stats.reserved -= b.size
+                    self.stats.segments -= 1
+            for b in to_unmap:
+                self._unmap_block(b)
+
+    def _unmap_block(self, block: Block) -> None:
+        seg, pool = block.segment, block.pool
+        off = block.ptr - seg.base
+        begin = -(-off // seg.page)
+        end = (off + block.size) // seg.page
+        if begin >= end:
+            return
+        pool.blocks.erase(block)
+        u_ptr, u_size = seg.base + begin * seg.page, (end - begin) * seg.page
+        before = u_ptr - block.ptr
+        if before > 0:
+            b = Block(block.ptr, before, pool, seg, mapped=True)
+            b.prev, b.next = block.prev, block
+            if block.prev is not None:
+                block.prev.next = b
+            block.prev = b
+            pool.blocks.insert(b)
+        after = block.size - before - u_size
+        if after > 0:
+            a = Block(u_ptr + u_size, after, pool, seg, mapped=True)
+            a.prev, a.next = block, block.next
+            if block.next is not None:
+                block.next.prev = a
+            block.next = a
+            pool.blocks.insert(a)
+        block.ptr, block.size, block.mapped = u_ptr, u_size, False
+        self._try_merge(block, block.prev, pool)
+        self._try_merge(block, block.next, pool)
+        pool.unmapped.insert(block)
+        self.stats.reserved -= u_size
 
     def reset_peak(self) -> None:
         self.stats.peak_allocated = self.stats.allocated
@@ -333,7 +381,7 @@ class Replay:
 
 def replay(events, expandable_segments: bool = False, total_memory: int = 80 << 30,
            start: int = 0, allocator: CachingAllocator | None = None) -> Replay:
-    """Replay (kind, key, nbytes) events: kind "alloc" or "free".
+    """Replay (kind, key, nbytes) events: kind "alloc", "free" or "empty_cache".
 
     Events before `start` (the resident weights) are replayed but the peaks count from
     `start` on, as torch.cuda.reset_peak_memory_stats() before the call would.
@@ -346,8 +394,10 @@ def replay(events, expandable_segments: bool = False, total_memory: int = 80 << 
         kind, key, nbytes = ev[0], ev[1], ev[2]
         if kind == "alloc":
             blocks[key] = alloc.malloc(nbytes)
-        else:
+        elif kind == "free":
             alloc.free(blocks.pop(key))
+        else:
+            alloc.empty_cache()
         a = alloc.stats.allocated
         out.allocated.append(a)
         out.reserved.append(alloc.stats.reserved)

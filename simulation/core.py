@@ -56,18 +56,6 @@ from .recorder import MemoryRecorder
 from .sdpa import SDPAPatcher, patched_sdpa
 
 STEADY_STATE_EVALS = 6     # PNDM (skip_prk_steps): ets reaches 4 entries at evaluation 6
-_MATMUL_OPS = None
-
-
-def _matmul_ops():
-    global _MATMUL_OPS
-    if _MATMUL_OPS is None:
-        a = torch.ops.aten
-        _MATMUL_OPS = {a.mm.default, a.addmm.default, a.bmm.default, a.baddbmm.default,
-                       a.addbmm.default, a._addmm_activation.default}
-    return _MATMUL_OPS
-
-
 @lru_cache(maxsize=2)
 def meta_pipeline(safety_checker: bool = True):
     """The pipeline on the meta device (built once per process: diffusers' init is slow)."""
@@ -79,8 +67,10 @@ def meta_pipeline(safety_checker: bool = True):
 
 
 def module_order(pipe):
-    """Modules in the order DiffusionPipeline.to() moves them (signature order)."""
-    names = [n for n in ("vae", "text_encoder", "unet", "safety_checker")]
+    """Modules in the order their weights reach the GPU: sd_vram.models.build_pipeline and
+    DiffusionPipeline.to() both go by sorted component name (safety_checker, text_encoder,
+    unet, vae)."""
+    names = ("safety_checker", "text_encoder", "unet", "vae")
     return [(n, getattr(pipe, n)) for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
@@ -119,45 +109,98 @@ class _WeightSwap:
 
 
 def load_weights(pipe, recorder: MemoryRecorder, device: str, swap: _WeightSwap,
-                 make=None, load: str = "fp16"):
-    """Allocate every parameter and buffer on `device` in .to(device) order.
+                 make=None, modules=None):
+    """Allocate every parameter and buffer on `device` as sd_vram.models.build_pipeline does.
 
-    load="fp16": from_pretrained(torch_dtype=fp16).to("cuda"): one allocation per tensor.
-    load="fp32_then_fp16": sd_vram.models.build_pipeline("cuda"): to_empty() in fp32 for a
-    module, then .to(fp16) replacing each floating tensor (alloc fp16, free fp32), module by
-    module (unet, vae, text_encoder, safety_checker).
+    Per model, in module_order: ``to_empty`` allocates each tensor in nn.Module._apply order
+    (fp16 directly: the models were cast on the meta device), then ``_randomize`` copies
+    ``torch.arange(n)`` into the int64 position_ids, a temporary of n x 8 bytes allocated and
+    freed on the device. ``from_pretrained(torch_dtype=fp16).to("cuda")`` allocates the same
+    tensors in the same order, without the temporaries.
+    modules: names to load (default: all of module_order).
     """
     make = make or (lambda like, dtype: torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=device))
     recorder.set_stage("weights")
-    if load == "fp16":
-        for mname, mod in module_order(pipe):
-            for owner, kind, name, qual in _apply_order(mod):
-                old = (owner._parameters if kind == "param" else owner._buffers)[name]
-                new = swap.put(owner, kind, name, make(old, old.dtype))
-                recorder.track(new, op=f"weights:{mname}.{qual}")
-    elif load == "fp32_then_fp16":
-        order = [(n, getattr(pipe, n)) for n in ("unet", "vae", "text_encoder", "safety_checker")
-                 if isinstance(getattr(pipe, n, None), torch.nn.Module)]
-        for mname, mod in order:
-            items = list(_apply_order(mod))
-            for owner, kind, name, qual in items:
-                old = (owner._parameters if kind == "param" else owner._buffers)[name]
-                dt = torch.float32 if old.is_floating_point() else old.dtype
-                new = swap.put(owner, kind, name, make(old, dt))
-                recorder.track(new, op=f"to_empty:{mname}.{qual}")
-            for owner, kind, name, qual in items:
-                store = owner._parameters if kind == "param" else owner._buffers
-                cur = store[name]
-                if cur.is_floating_point() and cur.dtype != torch.float16:
-                    half = make(cur, torch.float16)
-                    recorder.track(half, op=f"to_fp16:{mname}.{qual}")
-                    if kind == "param":
-                        store[name] = torch.nn.Parameter(half, requires_grad=False)
-                    else:
-                        store[name] = half
-                    del cur
-    else:
-        raise ValueError(f"unknown weight load {load!r}")
+    for mname, mod in module_order(pipe):
+        if modules is not None and mname not in modules:
+            continue
+        temps = []
+        for owner, kind, name, qual in _apply_order(mod):
+            old = (owner._parameters if kind == "param" else owner._buffers)[name]
+            new = swap.put(owner, kind, name, make(old, old.dtype))
+            recorder.track(new, op=f"weights:{mname}.{qual}")
+            if name.endswith("position_ids"):
+                temps.append((qual, old.shape[-1] * old.element_size()))
+            del new
+        if recorder.device_type == "cuda":
+            for qual, nbytes in temps:
+                key = recorder.synthetic_alloc(nbytes, f"weights:{mname}.{qual}:arange", (nbytes // 8,), "int64")
+                recorder.synthetic_free(key)
+
+
+def unload_weights(pipe, recorder: MemoryRecorder, swap: _WeightSwap, name: str):
+    """``module.to("cpu")``: each device tensor is freed as _apply replaces it, in _apply order."""
+    mod = getattr(pipe, name)
+    recorder.set_stage("weights")
+    for owner, kind, pname, _ in _apply_order(mod):
+        store = owner._parameters if kind == "param" else owner._buffers
+        for i in range(len(swap.saved) - 1, -1, -1):
+            st, n, orig = swap.saved[i]
+            if st is store and n == pname:
+                store[pname] = orig          # the meta original: the device tensor dies here
+                del swap.saved[i]
+                break
+
+
+# plugin/gpu.py CudaBackend._init_cuda, before the pipeline exists: torch.zeros(1); a, w
+# (256 x 256 fp16), a @ a (output, then cuBLAS's workspace); F.linear(a, w, bias) (output,
+# then cuBLASLt's workspace); a 3x3 conv of (1, 8, 32, 32) (cuDNN keeps nothing: archive
+# hardware.cudnn_conv_kept_allocated_bytes = 0). All but the workspaces are freed, then
+# empty_cache(). Listed as (name, bytes, kept).
+def _probe_events(profile) -> list[tuple[str, int, bool]]:
+    mat = 256 * 256 * 2
+    return [("probe:zeros", 4, False), ("probe:a", mat, False), ("probe:a@a", mat, False),
+            ("cublas_workspace", profile.cublas_workspace_bytes, True),
+            ("probe:w", mat, False), ("probe:bias", 256 * 2, False), ("probe:linear", mat, False),
+            ("cublaslt_workspace", profile.cublaslt_workspace, True),
+            ("probe:conv_in", 8 * 32 * 32 * 2, False), ("probe:conv_w", 8 * 8 * 9 * 2, False),
+            ("probe:conv_out", 8 * 32 * 32 * 2, False)]
+
+
+def resident_setup(pipe, recorder: MemoryRecorder, swap: _WeightSwap, profile: GPUProfile,
+                   history=(), make=None):
+    """The device state the GPU suite measures a call from (plugin/gpu.py CudaBackend):
+    the hardware probes (cuBLAS and cuBLASLt workspaces kept), the weights as build_pipeline
+    allocates them, then the suite's earlier model moves: `history` lists "-<model>"
+    (``model.to("cpu")`` for a case without it, then empty_cache) and "+<model>" (moved back
+    for a later case). Returns the names of the models on the device.
+    The archive shows what this reproduces (results/H200/20261126T052554Z_nogit.json,
+    hardware): weights 2,765,889,536 B allocated, 2,800,492,544 B with the workspaces.
+    """
+    recorder.set_stage("probes")
+    keys = []
+    for name, nbytes, kept in _probe_events(profile):
+        if nbytes:
+            key = recorder.synthetic_alloc(nbytes, name, (nbytes,), "uint8")
+            if not kept:
+                keys.append(key)
+    for key in keys:
+        recorder.synthetic_free(key)
+    recorder.empty_cache("probes")
+    load_weights(pipe, recorder, "cuda", swap, make=make)
+    loaded = [n for n, _ in module_order(pipe)]
+    for step in history:
+        sign, name = step[0], step[1:]
+        if sign == "-" and name in loaded:
+            unload_weights(pipe, recorder, swap, name)
+            loaded.remove(name)
+        elif sign == "+" and name not in loaded:
+            load_weights(pipe, recorder, "cuda", swap, make=make, modules=(name,))
+            loaded.append(name)
+        else:
+            raise ValueError(f"bad history step {step!r} (loaded: {loaded})")
+        recorder.empty_cache(step)
+    return loaded
 
 
 @contextlib.contextmanager
@@ -424,6 +467,86 @@ def _layer_norm_contiguous(recorder: MemoryRecorder):
     return rewrite
 
 
+def h2d_temporary_bytes(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> int:
+    """Device bytes of the temporary a CPU -> CUDA copy allocates inside the copy
+    (aten/src/ATen/native/cuda/Copy.cu, copy_kernel_cuda with copy_requires_temporaries):
+    a same-dtype copy over dense, equally strided tensors is one cudaMemcpyAsync; otherwise
+    a blocking copy converts on the CPU and stages through a contiguous device tensor unless
+    dst is contiguous; a non_blocking one converts on the GPU from a contiguous temporary
+    of the source dtype unless dst is contiguous and of the same dtype.
+    The pipeline's ``image.to(device, fp16)`` of the channels-last-strided float32 image is
+    such a copy: the archive's text_encoder stage peaks show the extra 3 x H x W fp16 bytes
+    (results/H200/20261126T052554Z_nogit.json, vae-tiling-2048x2048: 25,165,824 B)."""
+    same = dst.dtype == src.dtype
+    if same and dst.stride() == src.stride() and _dense(dst):
+        return 0
+    if not non_blocking:
+        return 0 if dst.is_contiguous() else dst.numel() * dst.element_size()
+    return 0 if (dst.is_contiguous() and same) else dst.numel() * src.element_size()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous."""
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _h2d_copy_hook(recorder: MemoryRecorder, device_type: str):
+    aten = torch.ops.aten
+
+    def hook(func, args, kwargs, out):
+        if func is aten._to_copy.default:
+            dst, src, nb = out, args[0], kwargs.get("non_blocking", False)
+        elif func is aten.copy_.default:
+            dst, src = args[0], args[1]
+            nb = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        else:
+            return
+        if (not isinstance(dst, torch.Tensor) or not isinstance(src, torch.Tensor)
+                or src.device.type != "cpu" or dst.device.type not in recorder.device_types
+                or dst.device.type == "cpu"):
+            return
+        nbytes = h2d_temporary_bytes(dst, src, bool(nb))
+        if nbytes:
+            k = recorder.synthetic_alloc(nbytes, "copy_:h2d_contiguous_temporary", tuple(dst.shape), str(dst.dtype))
+            recorder.synthetic_free(k)
+    return hook
+
+
+def _conv_workspace_hook(recorder: MemoryRecorder, rules):
+    """cuDNN's convolution workspace: allocated through the caching allocator inside
+    at::native::cudnn_convolution after the output exists, freed when the convolution
+    returns (results/H200/20261126T052749Z_nogit_memhistory_truck-4032x3024.json: the
+    decoder's peak is at up_blocks.2.upsamplers.0.conv with the interpolated input, the conv
+    output and a 12,486,574,464 B workspace alive). Its size comes from the GPU profile's
+    rules (profile.ConvRule), first match on the module path and kernel size."""
+    conv = torch.ops.aten.convolution.default
+    cache: dict = {}
+
+    def hook(func, args, kwargs, out):
+        if func is not conv or not isinstance(out, torch.Tensor) or out.device.type not in recorder.device_types:
+            return
+        x, weight = args[0], args[1]
+        module = recorder.module
+        kernel = tuple(weight.shape[2:])
+        key = (module, kernel)
+        rule = cache.get(key, 0)
+        if rule == 0:
+            rule = cache[key] = next((r for r in rules if r.matches(module, kernel)), None)
+        if rule is None:
+            return
+        nbytes = rule.bytes(input=x.numel() * x.element_size(), output=out.numel() * out.element_size(),
+                            weight=weight.numel() * weight.element_size())
+        if nbytes > 0:
+            k = recorder.synthetic_alloc(nbytes, "cudnn_convolution:workspace", (nbytes,), "uint8")
+            recorder.synthetic_free(k, op="cudnn_convolution:workspace")
+    return hook
+
+
 def _prompt_for(prompt, prompt_length):
     if prompt is not None:
         return prompt
@@ -496,17 +619,15 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
         if sdpa and device_type == "cuda":
             patcher = SDPAPatcher(profile or get_profile(None), options.attention, recorder, device_type)
             es.enter_context(patched_sdpa(patcher))
-            ws = (profile or get_profile(None)).cublas_workspace_bytes
-            state = {"done": False}
+            h2d = _h2d_copy_hook(recorder, device_type)
+            recorder.post_op_hooks.append(h2d)
+            es.callback(recorder.post_op_hooks.remove, h2d)
 
-            def cublas_workspace(func, args, kwargs, out):
-                if not state["done"] and func in _matmul_ops():
-                    t = out if isinstance(out, torch.Tensor) else None
-                    if t is not None and t.device.type == device_type:
-                        state["done"] = True
-                        recorder.synthetic_alloc(ws, "cublas_workspace", (ws,), "uint8")
-            recorder.post_op_hooks.append(cublas_workspace)
-            es.callback(recorder.post_op_hooks.remove, cublas_workspace)
+            rules = (profile or get_profile(None)).conv_rules
+            if rules:
+                hook = _conv_workspace_hook(recorder, rules)
+                recorder.post_op_hooks.append(hook)
+                es.callback(recorder.post_op_hooks.remove, hook)
 
             recorder.rewrites[torch.ops.aten.native_layer_norm.default] = _layer_norm_contiguous(recorder)
             es.callback(recorder.rewrites.pop, torch.ops.aten.native_layer_norm.default, None)
@@ -541,12 +662,15 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
 
 
 def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *, options,
-                    profile: GPUProfile, steps="auto", weights_load: str = "fp16",
-                    memo_unet: bool = True):
-    """Run the fake CUDA call; return (recorder, start, end, info)."""
+                    profile: GPUProfile, steps="auto", history=(), memo_unet: bool = True):
+    """Run the fake CUDA call from the GPU suite's resident state (resident_setup); return
+    (recorder, start, end, info)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    pipe = meta_pipeline(bool(options.safety_checker))
+    # the suite builds the pipeline with its safety checker and sets it to None for a case
+    # without one; a history that unloads it needs the model built too
+    built_with_checker = bool(options.safety_checker) or any(h == "-safety_checker" for h in history)
+    pipe = meta_pipeline(built_with_checker)
     max_evals = None if steps == "full" else (STEADY_STATE_EVALS if steps == "auto" else int(steps))
     recorder = MemoryRecorder("cuda")
     recorder.name_modules({n: m for n, m in module_order(pipe)})
@@ -554,8 +678,12 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with fake_mode:
-            load_weights(pipe, recorder, "cuda", swap, load=weights_load)
+        with fake_mode, contextlib.ExitStack() as es:
+            loaded = resident_setup(pipe, recorder, swap, profile, history)
+            if pipe.safety_checker is not None and (not options.safety_checker or "safety_checker" not in loaded):
+                if options.safety_checker:
+                    raise ValueError("the history leaves the safety checker off the device")
+                es.enter_context(_patch_attr(pipe, "safety_checker", None, use_dict=True))
             start, end, info = run_call(pipe, recorder, height=height, width=width,
                                         prompt=_prompt_for(prompt, prompt_length), options=options,
                                         device_type="cuda", profile=profile, fake=True,

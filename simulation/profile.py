@@ -1,59 +1,170 @@
-"""The GPU and software stack the simulation pretends to run on.
+"""The GPU and software stack the simulation pretends to run on: an adapter over the
+equation's profiles (sd_vram.formula.gpu_profiles, formula/profiles/*.json), so that
+``simulate(..., gpu="h200")`` and ``estimate(..., gpu="h200")`` read the same numbers.
 
-Only the facts that change which kernels run (and so which tensors exist) are modelled:
-the compute capability and library versions drive PyTorch's SDPA backend choice
-(aten/src/ATen/native/transformers/cuda/sdp_utils.cpp), the SM count drives flash
-attention's split-KV heuristic, and the cuBLAS workspace is allocated through the caching
-allocator at the first matrix multiply.
+What the simulation takes from a profile:
+- compute capability, torch/cuDNN/CUDA versions: PyTorch's SDPA backend choice (sdpa.py);
+- the SM count: flash attention's split-KV heuristic;
+- the cuBLAS and cuBLASLt workspaces, resident through the caching allocator;
+- the cuDNN convolution workspace rules (see ``conv_rules``);
+- the total memory: the address space of an expandable segment.
+Simulation-only fields (not in the JSON files): ``cudnn_sdpa_deprioritized``
+(TORCH_CUDNN_SDPA_DEPRIORITIZED=1) and ``cudnn_frontend_d256`` (cudnn-frontend >= 1.24
+compiled in, which torch >= 2.13 checks for head dims up to 256).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 MiB = 1 << 20
 GiB = 1 << 30
 
+# Named conv workspace rule sets (GPUProfile.conv_workspace_rule in the JSON profiles).
+# "nchw_transpose", measured on the H200 (torch 2.11, cuDNN 9.19; results/H200/
+# 20261126T052749Z_nogit_memhistory_truck-4032x3024.json, raw allocations inside
+# at::native::cudnn_convolution): the engine cuDNN picks for the VAE's fp16 NCHW 3x3
+# convolutions works in NHWC and takes one workspace holding the transposed input, output
+# and filter (input + output + weight bytes, + < 512 B), e.g. decoder
+# up_blocks.3.resnets.0.conv1 (256 -> 128) at 4032x3024: 9,364,636,032 B; the 1x1
+# conv_shortcut (256 -> 128) took input + output (9,364,046,080 B). The UNet's convolutions
+# follow rules not measured yet (probe pending): none here.
+CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
+    "none": (),
+    "nchw_transpose": (
+        {"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"},
+        {"module": r"^vae\.", "kernel": 1, "formula": "input + output"},
+    ),
+}
 
-def _torch_version() -> tuple[int, int]:
-    try:
-        import torch
 
-        m = re.match(r"(\d+)\.(\d+)", torch.__version__)
-        return (int(m.group(1)), int(m.group(2))) if m else (2, 13)
-    except ImportError:  # pragma: no cover - the simulation needs torch anyway
-        return (2, 13)
+@dataclass(frozen=True)
+class ConvRule:
+    """cuDNN workspace of the convolutions whose module path matches ``module`` (re.search)
+    and, if given, whose kernel is ``kernel``: ``formula`` over input, output, weight bytes."""
+
+    module: str
+    formula: str
+    kernel: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvRule":
+        k = d.get("kernel")
+        if isinstance(k, int):
+            k = (k, k)
+        elif k is not None:
+            k = tuple(int(x) for x in k)
+        rule = cls(module=str(d.get("module", "")), formula=str(d["formula"]), kernel=k)
+        _compile(rule.formula)          # a bad formula fails when the profile is read
+        return rule
+
+    def matches(self, module: str, kernel: tuple[int, int]) -> bool:
+        return (self.kernel is None or tuple(kernel) == self.kernel) and re.search(self.module, module) is not None
+
+    def bytes(self, input: int, output: int, weight: int) -> int:
+        return int(_compile(self.formula)(input=input, output=output, weight=weight))
+
+
+_NAMES = {"input", "output", "weight"}
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.FloorDiv: lambda a, b: a // b, ast.Div: lambda a, b: a / b}
+
+
+@lru_cache(maxsize=None)
+def _compile(formula: str):
+    """An arithmetic expression over input, output, weight (+ - * / //, numbers, max, min)."""
+    tree = ast.parse(formula, mode="eval")
+
+    def ev(node, env):
+        if isinstance(node, ast.Expression):
+            return ev(node.body, env)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in _NAMES:
+            return env[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left, env), ev(node.right, env))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("max", "min")
+                and not node.keywords):
+            return (max if node.func.id == "max" else min)(ev(a, env) for a in node.args)
+        raise ValueError(f"conv workspace formula {formula!r}: unsupported {ast.dump(node)[:60]}")
+
+    probe = {n: 1 for n in _NAMES}
+    ev(tree, probe)
+    return lambda **env: ev(tree, env)
+
+
+def _formula_default(name: str):
+    from sd_vram.formula import gpu_profiles
+
+    return getattr(gpu_profiles.get("default"), name)
+
+
+def _d(name: str):
+    return field(default_factory=lambda: _formula_default(name))
 
 
 @dataclass(frozen=True)
 class GPUProfile:
-    name: str = "H100 (sm90)"
-    compute_capability: tuple[int, int] = (9, 0)
-    torch_version: tuple[int, int] = field(default_factory=_torch_version)
-    # cuDNN runtime version as torch reports it (torch.backends.cudnn.version(), e.g. 91002).
-    cudnn_version: int | None = 91900
-    cuda_version: tuple[int, int] = (12, 8)
-    # cudnn-frontend >= 1.24 compiled in: head dim up to 256 on sm90/sm10x (sdp_utils.cpp).
-    cudnn_frontend_d256: bool = True
-    total_memory: int = 80 * GiB          # sizes the expandable segment's address space only
-    multiprocessor_count: int = 132
+    """A formula GPU profile as the simulation reads it. Fields left out take the values of
+    the formula's "default" profile (formula/profiles/default.json)."""
+
+    name: str = field(default_factory=lambda: _formula_default("name"))
+    compute_capability: tuple[int, int] = _d("compute_capability")
+    torch_version: tuple[int, int] = _d("torch_version")
+    # cuDNN runtime version as torch reports it (torch.backends.cudnn.version(), e.g. 91900).
+    cudnn_version: int | None = _d("cudnn_version")
+    cuda_version: tuple[int, int] = _d("cuda_version")
+    total_memory: int = _d("total_memory")        # sizes the expandable segment's address space only
+    multiprocessor_count: int = _d("multiprocessor_count")
     # None: the default of the torch build for this GPU (see cublas_workspace_bytes).
-    cublas_workspace: int | None = None
-    # TORCH_CUDNN_SDPA_DEPRIORITIZED=1 turns the cuDNN-first order off.
+    cublas_workspace: int | None = _d("cublas_workspace")
+    cublaslt_workspace: int = _d("cublaslt_workspace")
+    cuda_context: int = _d("cuda_context")        # NVML beyond torch's reserved memory (not simulated)
+    # a name in CONV_RULE_SETS, or a sequence of rule dicts (see ConvRule)
+    conv_workspace: object = _d("conv_workspace_rule")
+    # simulation only
+    cudnn_frontend_d256: bool = True
     cudnn_sdpa_deprioritized: bool = False
 
     def with_(self, **changes) -> "GPUProfile":
         return replace(self, **changes)
 
+    @classmethod
+    def from_formula(cls, fp, **changes) -> "GPUProfile":
+        """The simulation's view of a sd_vram.formula.gpu_profiles.GPUProfile."""
+        conv = tuple(fp.conv_workspace_rules) if getattr(fp, "conv_workspace_rules", ()) else fp.conv_workspace_rule
+        kw = dict(name=fp.name, compute_capability=tuple(fp.compute_capability),
+                  torch_version=tuple(fp.torch_version), cudnn_version=fp.cudnn_version,
+                  cuda_version=tuple(fp.cuda_version), total_memory=fp.total_memory,
+                  multiprocessor_count=fp.multiprocessor_count, cublas_workspace=fp.cublas_workspace,
+                  cublaslt_workspace=getattr(fp, "cublaslt_workspace", 0), cuda_context=fp.cuda_context,
+                  conv_workspace=conv)
+        kw.update(changes)
+        return cls(**kw)
+
+    @property
+    def conv_rules(self) -> tuple[ConvRule, ...]:
+        cw = self.conv_workspace
+        if cw is None or cw is False:
+            return ()
+        if isinstance(cw, str):
+            if cw not in CONV_RULE_SETS:
+                raise ValueError(f"unknown conv workspace rule {cw!r}; known: {', '.join(CONV_RULE_SETS)}")
+            cw = CONV_RULE_SETS[cw]
+        return tuple(r if isinstance(r, ConvRule) else ConvRule.from_dict(r) for r in cw)
+
     @property
     def cublas_workspace_bytes(self) -> int:
-        """cuBLAS(Lt) workspace per handle/stream, allocated once via the caching allocator.
+        """cuBLAS workspace per handle/stream, allocated once via the caching allocator.
 
-        aten/src/ATen/cuda/CublasHandlePool.cpp: CUBLAS_WORKSPACE_CONFIG=":SIZE_KiB:COUNT..."
-        sums SIZE*COUNT; without it the default is 32 MiB on sm90+ (Hopper's larger
-        workspace) and 4096 KiB x 2 + 16 KiB x 8 before that.
+        A profile's measured value wins. Without one: aten/src/ATen/cuda/CublasHandlePool.cpp,
+        CUBLAS_WORKSPACE_CONFIG=":SIZE_KiB:COUNT..." sums SIZE*COUNT; without it 32 MiB on
+        sm90+ and 4096 KiB x 2 + 16 KiB x 8 before that.
         """
         if self.cublas_workspace is not None:
             return self.cublas_workspace
@@ -69,30 +180,37 @@ class GPUProfile:
         return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
-DEFAULT_PROFILE = GPUProfile()
+@lru_cache(maxsize=None)
+def _named(name: str) -> GPUProfile:
+    from sd_vram.formula import gpu_profiles
 
-# Named profiles for options.gpu; the lead's formula/profiles may add more later.
-PROFILES = {
-    "default": DEFAULT_PROFILE,
-    "h100": DEFAULT_PROFILE,
-    "h200": DEFAULT_PROFILE.with_(name="H200 (sm90)", total_memory=141 * GiB),
-    "a100": GPUProfile(name="A100 (sm80)", compute_capability=(8, 0), total_memory=80 * GiB,
-                       multiprocessor_count=108),
-    "l4": GPUProfile(name="L4 (sm89)", compute_capability=(8, 9), total_memory=24 * GiB,
-                     multiprocessor_count=58),
-    "t4": GPUProfile(name="T4 (sm75)", compute_capability=(7, 5), total_memory=16 * GiB,
-                     multiprocessor_count=40),
-}
+    return GPUProfile.from_formula(gpu_profiles.get(name))
 
 
-def get_profile(gpu: "str | GPUProfile | None") -> GPUProfile:
+def get_profile(gpu) -> GPUProfile:
+    """A GPUProfile from a formula profile name ("default", "h200", ...), a formula profile
+    object, a GPUProfile (returned as is) or None (the default)."""
     if isinstance(gpu, GPUProfile):
         return gpu
     if gpu is None:
-        return DEFAULT_PROFILE
-    key = str(gpu).lower()
-    if key in PROFILES:
-        return PROFILES[key]
+        return _named("default")
+    if isinstance(gpu, str):
+        return _named(gpu.lower())
+    if hasattr(gpu, "conv_workspace_rule"):
+        return GPUProfile.from_formula(gpu)
     from sd_vram.formula.options import InputError
 
-    raise InputError(f"unknown GPU profile {gpu!r}; known: {', '.join(sorted(PROFILES))}")
+    raise InputError(f"a GPU profile is a name or a profile object, got {gpu!r}")
+
+
+def profile_names() -> list[str]:
+    from sd_vram.formula import gpu_profiles
+
+    return sorted(gpu_profiles.profiles())
+
+
+def __getattr__(name):
+    # DEFAULT_PROFILE is read lazily: the formula's profiles may change while a process runs tests
+    if name == "DEFAULT_PROFILE":
+        return _named("default")
+    raise AttributeError(name)

@@ -38,7 +38,7 @@ _NO_SHADOW_OPS = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.
 
 @dataclass(slots=True)
 class Event:
-    kind: str            # "alloc" | "free"
+    kind: str            # "alloc" | "free" | "empty_cache" (torch.cuda.empty_cache(), key 0)
     key: int             # identifies the storage (and the block) across alloc/free
     nbytes: int          # bytes requested from the allocator (storage nbytes)
     op: str              # aten operator running (or "weights", or a synthetic name)
@@ -167,6 +167,10 @@ class MemoryRecorder(TorchDispatchMode):
             self.events.append(Event("free", key, ev.nbytes, self.op if op is None else op,
                                      self.module if module is None else module, self.stage))
 
+    def empty_cache(self, op: str = "empty_cache") -> None:
+        """torch.cuda.empty_cache() here (only between calls: the replay releases cached memory)."""
+        self.events.append(Event("empty_cache", 0, 0, op, self.module, self.stage))
+
     # -- shadows ------------------------------------------------------------------------
     def set_shadow(self, t: torch.Tensor, value: torch.Tensor) -> None:
         tid = id(t)
@@ -230,6 +234,18 @@ class MemoryRecorder(TorchDispatchMode):
 
                 with no_dispatch():
                     return s.item()
+        if func is _aten.equal.default and self.shadows_enabled:
+            # encode_prompt compares the token ids of a prompt longer than 77 tokens with the
+            # truncated ones (only to log a warning): a value, computed from the shadows
+            from torch.utils._mode_utils import no_dispatch
+
+            try:
+                sargs = tree_map(self._shadow_of_arg, args)
+            except KeyError:
+                sargs = None
+            if sargs is not None:
+                with no_dispatch():
+                    return func(*sargs)
         prev_op = self.op
         self.op = _short(func)
         self.op_counts[self.op] = self.op_counts.get(self.op, 0) + 1

@@ -49,7 +49,7 @@ class SimResult:
     sdpa_backends: dict[str, str]
     options: dict
     gpu_profile: str
-    weights_bytes: int               # resident before the call (rounded blocks)
+    weights_bytes: int               # the weights' allocator blocks before the call
     unet_evals: int
     seconds: float
     expandable_segments: bool = False
@@ -57,6 +57,8 @@ class SimResult:
     allocated_series: list[int] = field(default_factory=list, repr=False)
     reserved_series: list[int] = field(default_factory=list, repr=False)
     call_start: int = 0
+    resident_allocated: int = 0      # before the call: weights + cuBLAS/cuBLASLt workspaces
+    resident_reserved: int = 0
 
     # -- diagnosis ----------------------------------------------------------------------
     def live_at(self, index: int) -> list[LiveTensor]:
@@ -65,7 +67,7 @@ class SimResult:
         for ev in self.events[: index + 1]:
             if ev.kind == "alloc":
                 live[ev.key] = ev
-            else:
+            elif ev.kind == "free":
                 live.pop(ev.key, None)
         out = [LiveTensor(e.block or round_size(e.nbytes), e.nbytes, e.op, e.module, e.stage, e.shape, e.dtype)
                for e in live.values()]
@@ -90,6 +92,8 @@ class SimResult:
             "live_at_peak": [t.to_dict() for t in self.live_at_peak[:live_limit]],
             "sdpa_backends": dict(self.sdpa_backends),
             "weights_bytes": self.weights_bytes,
+            "resident_allocated_bytes": self.resident_allocated,
+            "resident_reserved_bytes": self.resident_reserved,
             "unet_evaluations_simulated": self.unet_evals,
             "expandable_segments": self.expandable_segments,
             "options": dict(self.options),
@@ -146,52 +150,72 @@ class SimResult:
 
 def build_result(recorder, start, end, info, *, height, width, options, profile,
                  expandable_segments=False) -> SimResult:
+    """Replay the events through the allocator model and read the peaks as the GPU suite
+    does (plugin/gpu.py measure): reset_peak_memory_stats() before the call and at every
+    stage boundary, so a stage's peak starts from the level at its boundary."""
     events = recorder.events[:end]
     alloc = CachingAllocator(expandable_segments, profile.total_memory)
     blocks = {}
     a_series, r_series = [], []
     stage_peak: dict[str, list] = {}
-    peak_a, peak_i = -1, -1
+    peak_a, peak_i, peak_r = -1, -1, 0
+    resident = (0, 0)
+    weight_keys: set = set()
     weights_bytes = 0
+    prev_stage = None
     for i, ev in enumerate(events):
+        if i == start:
+            resident = (alloc.stats.allocated, alloc.stats.reserved)
+            weights_bytes = sum(blocks[k].size for k in weight_keys)
+        if i >= start and ev.stage != prev_stage:
+            # reset_peak_memory_stats() at the boundary: the level there counts for the stage
+            a0, r0 = alloc.stats.allocated, alloc.stats.reserved
+            sp = stage_peak.setdefault(ev.stage, [a0, r0, max(i - 1, 0)])
+            if a0 > sp[0]:
+                sp[0], sp[2] = a0, max(i - 1, 0)
+            sp[1] = max(sp[1], r0)
+            prev_stage = ev.stage
         if ev.kind == "alloc":
             blocks[ev.key] = b = alloc.malloc(ev.nbytes)
             ev.block = b.size
-        else:
+            if i < start and ev.op.startswith("weights:") and not ev.op.endswith(":arange"):
+                weight_keys.add(ev.key)
+        elif ev.kind == "free":
             alloc.free(blocks.pop(ev.key))
+            weight_keys.discard(ev.key)
+        else:
+            alloc.empty_cache()
         a, r = alloc.stats.allocated, alloc.stats.reserved
         a_series.append(a)
         r_series.append(r)
-        if i == start - 1:
-            weights_bytes = a
         if i >= start:
             if a > peak_a:
                 peak_a, peak_i = a, i
-            sp = stage_peak.get(ev.stage)
-            if sp is None:
-                stage_peak[ev.stage] = [a, r, i]
-            else:
-                if a > sp[0]:
-                    sp[0], sp[2] = a, i
-                sp[1] = max(sp[1], r)
-    if start == 0:
-        weights_bytes = 0
+            peak_r = max(peak_r, r)
+            sp = stage_peak[ev.stage]
+            if a > sp[0]:
+                sp[0], sp[2] = a, i
+            sp[1] = max(sp[1], r)
+    if start >= len(events):
+        resident = (alloc.stats.allocated, alloc.stats.reserved)
+        weights_bytes = sum(blocks[k].size for k in weight_keys)
     stages = {}
     for name in STAGES:
         if name in stage_peak:
             a, r, i = stage_peak[name]
-            stages[name] = StageSim(a, r, _op_at(events, i), events[i].module, i)
+            stages[name] = StageSim(a, r, _op_at(events, i), events[i].module if i >= 0 else "", i)
     peak_ev = events[peak_i] if peak_i >= 0 else None
     res = SimResult(
         height=height, width=width,
-        peak_allocated=max(peak_a, 0), peak_reserved=alloc.stats.reserved,
+        peak_allocated=max(peak_a, 0), peak_reserved=peak_r,
         peak_stage=peak_ev.stage if peak_ev else "", peak_operator=_op_at(events, peak_i),
         peak_module=peak_ev.module if peak_ev else "", peak_index=peak_i, stages=stages,
         live_at_peak=[], sdpa_backends={_fmt_key(k): v for k, v in info.get("sdpa", {}).items()},
         options=options.to_dict(), gpu_profile=profile.name, weights_bytes=weights_bytes,
         unet_evals=info.get("unet_evals", 0), seconds=info.get("seconds", 0.0),
         expandable_segments=expandable_segments, events=events, allocated_series=a_series,
-        reserved_series=r_series, call_start=start)
+        reserved_series=r_series, call_start=start, resident_allocated=resident[0],
+        resident_reserved=resident[1])
     if peak_i >= 0:
         res.live_at_peak = res.live_at(peak_i)
     return res

@@ -13,8 +13,10 @@ GPUProfile instead of the local device:
   sm100 (and, for CUDA < 13 builds, minor version 0 or 3), unless
   TORCH_CUDNN_SDPA_DEPRIORITIZED is set.
 - cuDNN: sm80..sm121, fp16/bf16, cuDNN >= 9.0 (8.9.3 checks omitted: no such build ships
-  torch 2.4+), head dim <= 128, or <= 256 on sm90/sm10x with cuDNN > 9.22 and cudnn-frontend
-  >= 1.24; head dims multiple of 8; key length != 1; batch and heads <= 65535.
+  torch 2.4+), head dim limit per torch version (cudnn_head_dim_limit: 256 on sm90 with
+  torch 2.11 and cuDNN 9.19, as measured); head dims multiple of 8; key length != 1 (the
+  UNet's 1-token self-attention at 64x64 ran FLASH_ATTENTION on the H200); batch and heads
+  <= 65535.
 - flash: sm80..sm121, fp16/bf16, no attn_mask, q/k/v head dims equal and <= 256, is_causal
   only with equal lengths.
 - memory-efficient: sm50..sm121, head dim divisible by minimum_gemm_alignment (8 for fp16
@@ -66,6 +68,33 @@ def _half(dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def cudnn_head_dim_limit(profile, d_qk: int, d_v: int) -> int:
+    """check_cudnn_tensor_shapes' head dim limit, per torch version.
+
+    torch <= 2.12 (measured on torch 2.11 + cuDNN 9.19 on an H200, results/H200/
+    20261126T052554Z_nogit.json: head dims 40, 80 and 160 all ran CUDNN_ATTENTION): 128,
+    256 on sm90 exactly with cuDNN >= 9.10.0, 192 for the (192, 128) DeepSeek shape on sm10x
+    with cuDNN >= 9.11.0.
+    torch >= 2.13 (read from the sources, not measured yet): 256 on sm90/sm10x (not sm107
+    before cuDNN 9.26) with cuDNN > 9.22 and cudnn-frontend >= 1.24, the same 192 case, else 128.
+    """
+    cc = tuple(profile.compute_capability)
+    ver = profile.cudnn_version or 0
+    if tuple(profile.torch_version) <= (2, 12):
+        if ver >= 91000 and cc == (9, 0):
+            return 256
+        if ver >= 91100 and cc[0] == 10 and d_qk == 192 and d_v == 128:
+            return 192
+        return 128
+    sm90_or_10x = cc == (9, 0) or cc[0] == 10
+    unsupported_sm107 = cc == (10, 7) and ver <= 92500
+    if sm90_or_10x and not unsupported_sm107 and ver > 92200 and profile.cudnn_frontend_d256:
+        return 256
+    if sm90_or_10x and ver >= 91100 and d_qk == 192 and d_v == 128:
+        return 192
+    return 128
+
+
 def can_use_cudnn(profile, q, k, v, attn_mask, dropout_p, is_causal) -> bool:
     cc = tuple(profile.compute_capability)
     ver = profile.cudnn_version or 0
@@ -76,13 +105,7 @@ def can_use_cudnn(profile, q, k, v, attn_mask, dropout_p, is_causal) -> bool:
     if q.dim() != 4 or q.size(0) > 65535 or q.size(1) > 65535:
         return False
     d_qk, d_v = q.size(-1), v.size(-1)
-    limit = 128
-    sm90_or_10x = (cc[0] == 9 and cc[1] == 0) or cc[0] == 10
-    unsupported_sm107 = cc == (10, 7) and ver <= 92500
-    if sm90_or_10x and not unsupported_sm107 and ver > 92200 and profile.cudnn_frontend_d256:
-        limit = 256
-    elif sm90_or_10x and ver >= 91100 and d_qk == 192 and d_v == 128:
-        limit = 192
+    limit = cudnn_head_dim_limit(profile, d_qk, d_v)
     if d_qk > limit or d_v > limit or d_qk % 8 or d_v % 8:
         return False
     if k.size(-2) == 1 or q.size(-2) == 0 or k.size(-2) == 0:

@@ -199,7 +199,7 @@ def test_predictions_get_the_case_inputs(suite, calls):
     assert calls == [{"height": 64, "width": 64, "prompt": "a cat", "guidance_scale": 5.0,
                       "num_images_per_prompt": 1, "strength": 0.8, "num_inference_steps": 5, "attention": "auto",
                       "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
-                      "safety_checker": True, "output_type": "pil"}]
+                      "safety_checker": True, "output_type": "pil", "expandable_segments": False}]
 
 
 def test_archive_is_written_with_its_schema(suite, calls):
@@ -324,6 +324,31 @@ def test_full_call_alone_measures_the_short_run_first(suite, calls):
     r.assert_outcomes(passed=1)
     data = json.loads(archives(suite)[0].read_text())
     assert [c["id"] for c in data["cases"]] == ["seed-64x64", "seed-64x64/full-call"]
+
+
+def test_full_call_time_is_foreseen_from_the_short_runs_unet_stage():
+    from sd_vram.plugin.pytest_plugin import full_call_seconds
+
+    # 10 s short run with 5 UNet evaluations taking 5 s: 36 more at 1 s each, 10% margin, 3 s
+    assert full_call_seconds({"wall_s": 10.0, "stage_seconds": {"unet": 5.0}}, 5, 41) == pytest.approx(52.6)
+    # without stage times the whole call scales (and more margin)
+    assert full_call_seconds({"wall_s": 10.0}, 5, 41) == pytest.approx(10 * 41 / 5 * 1.3 + 5)
+
+
+@pytest.mark.parametrize("budget, runs", [(40, False), (100, True)])
+def test_full_call_skipped_when_its_foreseen_time_does_not_fit(suite, calls, budget, runs):
+    meas = {k: dict(zip(("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_stage"), v))
+            for k, v in MEAS.items()}
+    meas["seed-64x64"].update(wall_s=10.0, stage_seconds={"unet": 5.0})
+    data = spec()
+    data["cases"].update(meas)
+    r = run_fake(suite, "--cases", "seed-*", "-k", "full_default_call", "--time-budget", str(budget),
+                 spec_data=data)
+    if runs:
+        r.assert_outcomes(passed=1)
+    else:
+        r.assert_outcomes(skipped=1)
+        assert "the full call needs about 53 s" in r.stdout.str()
 
 
 # --- the archived-results regression (no GPU) -----------------------------------------------------------

@@ -135,6 +135,9 @@ def test_cuda_backend_code_path_on_cpu(fake_gpu):
     assert m["unet_evals"] == case.unet_evals == 3
     assert m["peak_stage"] == max(m["stages"], key=lambda s: m["stages"][s]["allocated_bytes"])
     assert m["peak_allocated_bytes"] == max(s["allocated_bytes"] for s in m["stages"].values())
+    # every stage timed (the full call's time is foreseen from the UNet stage's)
+    assert set(m["stage_seconds"]) == set(m["stages"]) and all(v >= 0 for v in m["stage_seconds"].values())
+    assert sum(m["stage_seconds"].values()) <= m["wall_s"] + 0.01
     assert m["peak_device_bytes"] > 0 and m["peak_device_v1_bytes"] > 0 and m["nvml_samples"] >= 2
     assert m["peak_process_bytes"] == 7 * MiB
     stages_with_sdpa = {e["stage"] for e in m["sdpa"]}

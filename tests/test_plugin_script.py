@@ -47,35 +47,70 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_validate.sh")], check=True)
 
 
+def files_in(out: Path) -> list[str]:
+    return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+
+
 def test_dry_run_makes_every_output(repo, tmp_path):
     p, log = run_script(repo, tmp_path)
     assert p.returncode == 0, log[-3000:]
     # the shim, not an installed sd-vram, supplied the package
     assert f"sd_vram from {repo}/sd_vram/__init__.py | formula from {repo}/formula/__init__.py" in log
-    assert re.search(r"steps: A:[01] B:0 C:[01] D:[01]$", log, re.M), log[-3000:]
+    assert re.search(r"steps: P:0 A:[01] B:0 D:none$", log, re.M), log[-3000:]
+    # deadlines: P +45 (killed 30 s later), B +305 killed at BUDGET + 5 = +315, not +335
+    assert "step P: start (until +45s, killed at +75s)" in log
+    assert "step B: start (until +305s, killed at +315s)" in log
     out = tmp_path / "out"
-    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
-    assert len(files) <= 8 and all(len(Path(f).parts) <= 3 for f in files), files
+    files = files_in(out)
+    assert len(files) == 5 and all(len(Path(f).parts) <= 3 for f in files), files
     assert files[0] == "log.txt"
-    runs = [json.loads((out / f).read_text()) for f in files if f.endswith(".json") and "memhistory" not in f]
-    snaps = [json.loads((out / f).read_text()) for f in files if "memhistory" in f]
-    assert len(runs) == 3 and {s["case"] for s in snaps} == {"balloon-640x427", "truck-4032x3024"}
+    docs = {f: json.loads((out / f).read_text()) for f in files[1:]}
+    probe = [d for f, d in docs.items() if f.endswith("_conv_probe.json")]
+    snaps = [d for f, d in docs.items() if "memhistory" in f]
+    runs = [d for d in docs.values() if d["schema"] == "sd-vram/results/1"]
+    assert len(probe) == 1 and len(snaps) == 2 and len(runs) == 1
+    pr = probe[0]
+    assert pr["schema"] == "sd-vram/conv-probe/1" and pr["complete"] and pr["environment"]["backend"] == "fake"
+    assert [c["size"] for c in pr["calls"]] == "64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048".split(",")
+    assert {c["status"] for c in pr["calls"]} == {"ok"} and len(pr["rows"]) > 600
+    assert "[in+out+weight] at every input shape probed" in log       # the probe's summary
+    assert {s["case"] for s in snaps} == {"balloon-640x427", "truck-4032x3024"}
     assert all(s["schema"] == "sd-vram/memhistory/1" and s["summary"]["events"] > 0 for s in snaps)
-    a, c, d = runs
-    assert {r["run"]["allocator"] for r in runs} == {"default", "expandable_segments"}
-    assert c["run"]["allocator"] == "expandable_segments"
-    assert c["environment"]["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    catalogue_ids = {x["id"] for x in a["cases"]}
-    assert "balloon-640x427/full-call" in catalogue_ids and "truck-4032x3024" in catalogue_ids
-    assert {x["id"] for x in c["cases"]} == catalogue_ids - {"balloon-640x427/full-call"}
-    assert {x["id"] for x in d["cases"] if x["variant"] == "full"} == {
-        "groceries-800x533/full-call", "bench-3840x2560/full-call", "truck-4032x3024/full-call"}
-    # the copies in $OUT are the archives in the results folder
+    a = runs[0]
+    assert a["run"]["allocator"] == "default"
+    ids = [x["id"] for x in a["cases"]]
+    assert {"balloon-640x427/full-call", "bench-3840x2560/full-call", "truck-4032x3024/full-call"} <= set(ids)
+    assert "groceries-800x533/full-call" not in ids and "truck-4032x3024" in ids
+    # full calls after every short run: they reuse them
+    assert ids.index("bench-3840x2560/full-call") > ids.index("truck-4032x3024")
+    # the copies in $OUT are the files in the results folder
     assert sorted(f.name for f in (tmp_path / "results").rglob("*.json")) == sorted(Path(f).name for f in files[1:])
     assert "Measured MiB" in log                      # the comparison at the end
+
+
+def test_full_calls_left_to_step_d_and_expandable_segments(repo, tmp_path):
+    p, log = run_script(repo, tmp_path, A_FULL_CALL="cheapest", EXPANDABLE="1", PROBE_SIZES="64x64")
+    assert p.returncode == 0, log[-3000:]
+    assert re.search(r"steps: P:0 A:[01] B:0 C:[01] D:[01]$", log, re.M), log[-3000:]
+    assert "--cases bench-3840x2560,truck-4032x3024 --full-call all" in log
+    out = tmp_path / "out"
+    files = files_in(out)
+    assert len(files) == 7 <= 8, files
+    runs = [json.loads((out / f).read_text()) for f in files if f.endswith(".json")]
+    runs = [r for r in runs if r["schema"] == "sd-vram/results/1"]
+    a, c, d = runs
+    assert [x["id"] for x in a["cases"] if x["variant"] == "full"] == ["balloon-640x427/full-call"]
+    assert c["run"]["allocator"] == "expandable_segments"
+    assert c["environment"]["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert {x["id"] for x in c["cases"]} == {x["id"] for x in a["cases"]} - {"balloon-640x427/full-call"}
+    assert [x["id"] for x in d["cases"]] == ["bench-3840x2560", "bench-3840x2560/full-call",
+                                             "truck-4032x3024", "truck-4032x3024/full-call"]
 
 
 def test_no_time_left_skips_every_step(repo, tmp_path):
     p, log = run_script(repo, tmp_path, SD_VRAM_BUDGET_S="0")
     assert p.returncode == 0
-    assert log.count("skipped, its deadline passed") == 4 and "no archive was written" in log
+    assert log.count("skipped, its deadline passed") == 3 and "no archive was written" in log
+    assert re.search(r"step D: skipped, -?\d+s left < D_MIN_S=120s for the full calls of "
+                     r"balloon-640x427,bench-3840x2560,truck-4032x3024", log)
+    assert re.search(r"steps: P:skipped A:skipped B:skipped D:skipped$", log, re.M)

@@ -126,9 +126,13 @@ def _qkv(b, h, n, d, nk=None, dtype=None):
 
 
 @pytest.mark.parametrize("profile_kw, head_dim, expected", [
-    (dict(compute_capability=(9, 0), cudnn_version=91900), 40, "cudnn"),
-    (dict(compute_capability=(9, 0), cudnn_version=91900), 160, "flash"),    # cuDNN <= 128 before 9.22
-    (dict(compute_capability=(9, 0), cudnn_version=92300), 160, "cudnn"),    # 256 limit
+    # torch 2.11 + cuDNN 9.19 on an H200 ran cuDNN for head dims 40, 80 and 160
+    # (results/H200/20261126T052554Z_nogit.json, measurement.sdpa)
+    (dict(compute_capability=(9, 0), cudnn_version=91900, torch_version=(2, 11)), 40, "cudnn"),
+    (dict(compute_capability=(9, 0), cudnn_version=91900, torch_version=(2, 11)), 160, "cudnn"),
+    (dict(compute_capability=(9, 0), cudnn_version=91900, torch_version=(2, 13)), 160, "flash"),  # later rule
+    (dict(compute_capability=(9, 0), cudnn_version=92300, torch_version=(2, 13)), 160, "cudnn"),
+    (dict(compute_capability=(10, 0), cudnn_version=91900, torch_version=(2, 11)), 160, "flash"),  # 256: sm90 only
     (dict(compute_capability=(9, 0), cudnn_version=91900), 512, "efficient"),
     (dict(compute_capability=(9, 0), cudnn_version=91002), 40, "flash"),     # cuDNN not preferred
     (dict(compute_capability=(8, 0), cudnn_version=91900), 160, "flash"),    # sm80: default order
@@ -166,16 +170,29 @@ def test_sdpa_requests_and_constraints():
     assert not needs_output_accumulator(*_qkv(1, 1, 64, 512, dtype=torch.float32)[:2])
 
 
+def test_sdpa_key_length_one_goes_to_flash():
+    """cuDNN refuses a key length of 1: the UNet's self-attention over 1 token (64x64 image,
+    lowest level) ran FLASH_ATTENTION on the H200, its cross-attention (77 keys) cuDNN."""
+    from sd_vram.simulation.profile import get_profile
+    from sd_vram.simulation.sdpa import choose_backend
+
+    h200 = get_profile("h200")
+    assert choose_backend(h200, "auto", *_qkv(2, 8, 1, 160)) == "flash"
+    assert choose_backend(h200, "auto", *_qkv(2, 8, 1, 160, nk=77)) == "cudnn"
+
+
 def test_cublas_workspace_size(monkeypatch):
     from sd_vram.simulation.profile import GPUProfile
 
+    assert GPUProfile(compute_capability=(8, 0), cublas_workspace=12345).cublas_workspace_bytes == 12345
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 32 * MiB
-    assert GPUProfile(compute_capability=(8, 0)).cublas_workspace_bytes == 4096 * KiB * 2 + 16 * KiB * 8
+    unmeasured = dict(cublas_workspace=None)
+    assert GPUProfile(compute_capability=(9, 0), **unmeasured).cublas_workspace_bytes == 32 * MiB
+    assert GPUProfile(compute_capability=(8, 0), **unmeasured).cublas_workspace_bytes == 4096 * KiB * 2 + 16 * KiB * 8
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 32 * MiB
+    assert GPUProfile(compute_capability=(9, 0), **unmeasured).cublas_workspace_bytes == 32 * MiB
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-    assert GPUProfile(compute_capability=(9, 0)).cublas_workspace_bytes == 128 * KiB
+    assert GPUProfile(compute_capability=(9, 0), **unmeasured).cublas_workspace_bytes == 128 * KiB
 
 
 # --------------------------------------------------------------------------------------
