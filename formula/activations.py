@@ -115,7 +115,8 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
     """What one attention call allocates besides its output, at its own peak.
 
     math: PyTorch's math kernel upcasts fp16 q, k, v to fp32 (allow_fp16_bf16_reduction_math_sdp
-    is off by default), scales q, and holds the fp32 score matrix and its softmax together.
+    is off by default), scales q, and holds the fp32 score matrix and its softmax together,
+    with _safe_softmax's two boolean masks of the same shape.
     flash: the kernel also returns a fp32 log-sum-exp (batch, heads, tokens).
     efficient: for head_dim > 128 in fp16 the kernel keeps a fp32 output accumulator.
     cudnn: no extra tensor in inference.
@@ -128,6 +129,10 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
         p.add("attention", "q * scale", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
         p.add("attention", "scores q@k^T (fp32)", nbytes(batch * heads, tokens, kv, itemsize=FP32))
         p.add("attention", "softmax(scores) (fp32)", nbytes(batch, heads, tokens, kv, itemsize=FP32))
+        # _safe_softmax zeroes rows that are all -inf: eq(-inf) and its logical_not are two
+        # bool tensors the size of the scores (its decomposition); inferred from the H200/H100
+        # math cases (UNet at 256x256: +32 MiB = 2 x 16 x 1024^2 B; safety checker: +2 MiB).
+        p.add("attention", "_safe_softmax -inf row masks (bool)", nbytes(batch * heads, tokens, kv, itemsize=1), 2)
     elif backend == "flash":
         p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch, heads, tokens, itemsize=FP32))
     elif backend == "efficient" and head_dim > 128:
@@ -158,7 +163,7 @@ def slice_rows(slicing, heads: int) -> int | None:
     return {"auto": heads // 2, "max": 1}.get(slicing, slicing)
 
 
-def unet(s: Shape, backend: str, slicing=None) -> list[Peak]:
+def unet(s: Shape, backend: str, slicing=None, ws_rule: str = "none") -> list[Peak]:
     """One UNet evaluation. The peak sits in up_blocks[3] (level 0, N = h*w tokens): the three
     level-0 skips (conv_in, down_blocks[0].attentions[0..1]) are still held by the UNet's
     res_samples tuple, the block's input (640 channels from up_blocks[2]'s upsampler) by the
@@ -195,7 +200,34 @@ def unet(s: Shape, backend: str, slicing=None) -> list[Peak]:
         attn.add("activations", "sliced output buffer (zeros)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS))
         attn = merge(attn, sliced_attention_scratch(B, UNET_HEADS, N, N, rows))
     attn.operation = f"{attn.operation}: {attn.terms[-1][1]}"
-    return [ff, attn]
+    return [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
+
+
+def unet_up_conv(s: Shape, block: int, ws_rule: str) -> Peak:
+    """up_blocks[block].resnets[0].conv1 (2560 -> 1280, 3x3) at level 3 - block: its filter
+    alone is 59 MB, and cuDNN's workspace holds a transposed copy (in + out + filter), so at
+    small images this convolution is the UNet's peak. Alive: every skip the up blocks have
+    not consumed yet, the UNet's `sample`, the resnet's input cat(sample, skip) and SiLU
+    output, the conv output."""
+    B, C = s.B, UNET_C0
+    lvl = 3 - block
+    p = Peak(f"up_blocks.{block}.resnets.0.conv1 (2560 -> 1280, 3x3, level {lvl})")
+    p.add("state", "latent_model_input (cat)", nbytes(B, 4, s.h, s.w))
+    p.add("state", "time embedding emb", nbytes(B, 4 * C))
+    skips = [(0, C), (0, C), (0, C), (1, C), (1, 2 * C), (1, 2 * C), (2, 2 * C), (2, 4 * C), (2, 4 * C), (3, 4 * C)]
+    if block == 0:
+        skips += [(3, 4 * C), (3, 4 * C)]
+    for level, ch in skips:
+        p.add("activations", f"skip ({ch} ch, level {level})", nbytes(B, ch, *s.level(level)))
+    hl, wl = s.level(lvl)
+    p.add("activations", "UNet sample (1280 ch)", nbytes(B, 4 * C, hl, wl))
+    p.add("activations", "cat(sample, skip) (2560 ch)", nbytes(B, 8 * C, hl, wl))
+    p.add("activations", "silu(norm1(x)) (2560 ch)", nbytes(B, 8 * C, hl, wl))
+    p.add("activations", "conv1 output (1280 ch)", nbytes(B, 4 * C, hl, wl))
+    ws = conv_workspace(ws_rule, nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
+    if ws:
+        p.add("workspace", "cuDNN conv workspace", ws)
+    return p
 
 
 VAE_MID_C = 512                         # VAE mid-block channels; its attention: 1 head of dim 512
@@ -253,7 +285,10 @@ def vae_decode_upsampler(b: int, H: int, W: int, ws_rule: str) -> Peak:
     p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", nbytes(b, 256, H // 2, W // 2))
     p.add("activations", "interpolate(x, 2) (256 ch, full res)", full)
     p.add("activations", "conv output (256 ch, full res)", full)
-    ws = conv_workspace(ws_rule, full, full, 256 * 256 * 9 * FP16)
+    # At batch >= 2 cuDNN picks another engine for this conv (measured on the H200 and the
+    # H100: the images2-* cases peak at up_blocks[3].resnets[0].conv1 instead, which bounds
+    # this workspace by 1280 n P); its size is not probed yet and is taken as 0.
+    ws = conv_workspace(ws_rule, full, full, 256 * 256 * 9 * FP16) if b == 1 else 0
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p

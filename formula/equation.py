@@ -86,7 +86,8 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, profile.conv_workspace_rule)],
-        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing)],
+        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing,
+                                                                  profile.conv_workspace_rule)],
     }
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)

@@ -113,7 +113,8 @@ def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(5
             x = y
         if i < len(channels) - 1:
             u = s.new(c, 2 * h, 2 * w)                 # interpolate
-            y = s.conv(u, c, c, 3, 2 * h, 2 * w)
+            # batch >= 2: another cuDNN engine, workspace taken as 0 (activations.vae_decode_upsampler)
+            y = s.conv(u, c, c, 3, 2 * h, 2 * w) if b == 1 else s.new(c, 2 * h, 2 * w)
             s.free(u, x)
             x = y
             h, w = 2 * h, 2 * w

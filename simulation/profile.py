@@ -32,14 +32,35 @@ GiB = 1 << 30
 # and filter (input + output + weight bytes, + < 512 B), e.g. decoder
 # up_blocks.3.resnets.0.conv1 (256 -> 128) at 4032x3024: 9,364,636,032 B; the 1x1
 # conv_shortcut (256 -> 128) took input + output (9,364,046,080 B). The UNet's convolutions
-# follow rules not measured yet (probe pending): none here.
+# follow rules not fully measured yet (probe pending): none here; see nchw_transpose_unet.
+# Batch 2 through the decoder (num_images_per_prompt=2) picks a smaller workspace for the
+# upsampler conv: not modelled (images2-* cases of the archive).
 CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
     "none": (),
     "nchw_transpose": (
+        # The encoder's conv_in (3 -> 128): no trace shows its workspace; reserved memory
+        # says it is about output + weight. With input + output + weight, every native-
+        # allocator case from 1024x1024 up reserves one more segment of the image's size
+        # than measured (the cached block of the image upload's temporary goes unused);
+        # with output + weight, reserved matches the archive (truck-4032x3024 exactly,
+        # 2 MiB over where the output is a whole number of 2 MiB); with output alone the
+        # segments pack differently (+322 MiB at 1024x1024).
+        {"module": r"^vae\.encoder\.conv_in$", "kernel": 3, "formula": "output + weight"},
         {"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"},
         {"module": r"^vae\.", "kernel": 1, "formula": "input + output"},
     ),
 }
+# Not the default yet (the UNet's rules await a probe): the same for the VAE plus the UNet's
+# convolutions as far as the H200 traces show them. truck-4032x3024 (latent 378 x 504,
+# batch 2): 35 allocations of 489,553,920 B (+147) = input + output + weight of the 7
+# 320 -> 320 3x3 convs per step, 30 of 251,228,160 B for the 6 640 -> 640 3x3 convs at
+# half the latent size, 10 of 735,252,480 B for the two 640 -> 320 conv1 at the latent size,
+# 50 of 243,855,360 B = the output of the 10 1x1 proj_in / proj_out (320 ch) per step;
+# balloon-640x427: 12,697,616 B and 12,902,416 B, the same rule for the same 3x3 convs.
+CONV_RULE_SETS["nchw_transpose_unet"] = CONV_RULE_SETS["nchw_transpose"] + (
+    {"module": r"^unet\.", "kernel": 3, "formula": "input + output + weight"},
+    {"module": r"^unet\.", "kernel": 1, "formula": "output"},
+)
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,15 @@ def test_cfg_doubles_only_the_unet_working_set():
 
 
 def test_images_per_prompt_scale_unet_and_decode():
-    one, two = estimate(512, 512), estimate(512, 512, num_images_per_prompt=2)
+    one, two = estimate(512, 512, gpu="h200"), estimate(512, 512, gpu="h200", num_images_per_prompt=2)
     assert _working_set(two, "unet") == 2 * _working_set(one, "unet")
-    assert _working_set(two, "vae_decode") == 2 * _working_set(one, "vae_decode")
     assert _working_set(two, "vae_encode") == _working_set(one, "vae_encode")  # image encoded once
+    # The decoder runs at batch 2. cuDNN takes another engine for the upsampler conv there, so
+    # the peak moves to up_blocks[3].resnets[0].conv1, whose live set doubles exactly.
+    assert "up_blocks.3.resnets.0.conv1" in two.stages["vae_decode"].operation
+    from sd_vram.formula import activations as act
+    conv1 = {n: act.vae_decode_conv1(n, 512, 512, "nchw_transpose").total for n in (1, 2)}
+    assert conv1[2] == 2 * conv1[1] - 128 * 256 * 9 * 2  # the filter's copy is per call, not per image
 
 
 def test_latent_output_has_no_decode_or_safety_stage():
@@ -83,7 +88,8 @@ def test_math_attention_adds_the_n_squared_scores():
     scores = 2 * nbytes(2 * 8, 4096, 4096, itemsize=4)
     assert math.stages["unet"].components["attention"] >= scores
     extra = math.stages["unet"].allocated - fused.stages["unet"].allocated
-    assert 0.9 * scores < extra < 1.1 * scores
+    # plus _safe_softmax's two boolean masks (1 byte per score each) and fp32 q, k, v
+    assert scores < extra < 1.35 * scores
 
 
 def test_attention_slicing_costs_n_squared_in_fp16():

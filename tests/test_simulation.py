@@ -333,3 +333,111 @@ def test_feature_extractor_substitute_matches_clip_processor():
     real = fe(img, return_tensors="pt").pixel_values
     sub = _FeatureExtractorStub(fe)(img, return_tensors="pt").pixel_values
     assert real.shape == sub.shape and real.dtype == sub.dtype
+
+
+# --------------------------------------------------------------------------------------
+# empty_cache, GPU profiles, cuDNN conv workspaces, host-to-device copies
+# --------------------------------------------------------------------------------------
+
+def test_empty_cache_releases_whole_free_segments_only():
+    a = CachingAllocator()
+    x = a.malloc(100 * MiB)                          # own 100 MiB segment
+    y = a.malloc(30 * MiB)
+    a.free(y)
+    z = a.malloc(20 * MiB)                           # splits y's 30 MiB segment (10 MiB left)
+    s = a.malloc(100)                                # small pool, 2 MiB
+    a.free(x)
+    a.empty_cache()
+    assert a.reserved == 30 * MiB + 2 * MiB          # x's segment went back to the driver
+    a.free(z), a.free(s)
+    a.empty_cache()
+    assert (a.allocated, a.reserved) == (0, 0)
+
+
+def test_empty_cache_unmaps_whole_free_pages_of_expandable_segments():
+    a = CachingAllocator(expandable_segments=True, total_memory=80 << 30)
+    x = a.malloc(50 * MiB)                           # pages 0-2 (60 MiB)
+    y = a.malloc(30 * MiB)                           # [50, 80): page 3 more
+    assert a.reserved == 80 * MiB
+    a.free(x)
+    a.empty_cache()                                  # [0, 50) free: pages 0 and 1 only
+    assert (a.allocated, a.reserved) == (30 * MiB, 40 * MiB)
+    z = a.malloc(45 * MiB)                           # remaps from the lowest unmapped block
+    assert a.reserved == 80 * MiB and z.ptr == x.ptr
+    a.free(y), a.free(z)
+    a.empty_cache()
+    assert a.reserved == 0
+
+
+def test_profiles_are_the_equations():
+    from sd_vram.formula import gpu_profiles
+    from sd_vram.simulation.profile import GPUProfile, get_profile
+
+    for name in gpu_profiles.profiles():
+        fp, sp = gpu_profiles.get(name), get_profile(name)
+        assert sp.name == fp.name
+        assert (sp.compute_capability, sp.torch_version, sp.cudnn_version, sp.cuda_version) == (
+            tuple(fp.compute_capability), tuple(fp.torch_version), fp.cudnn_version, tuple(fp.cuda_version))
+        assert (sp.cublas_workspace_bytes, sp.cublaslt_workspace) == (fp.cublas_workspace, fp.cublaslt_workspace)
+        assert sp.total_memory == fp.total_memory and sp.conv_workspace == fp.conv_workspace_rule
+    assert GPUProfile().name == "default"
+    assert get_profile(None) is get_profile("default")
+
+
+def test_conv_rules():
+    from sd_vram.simulation.profile import ConvRule, get_profile
+
+    vae3 = ConvRule.from_dict({"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"})
+    assert vae3.matches("vae.decoder.up_blocks.2.upsamplers.0.conv", (3, 3))
+    assert not vae3.matches("vae.decoder.up_blocks.2.resnets.0.conv_shortcut", (1, 1))
+    assert not vae3.matches("unet.conv_in", (3, 3))
+    assert vae3.bytes(input=10, output=20, weight=3) == 33
+    assert ConvRule.from_dict({"module": "", "formula": "max(input, output) // 2"}).bytes(input=8, output=6, weight=0) == 4
+    for bad in ("__import__('os')", "input ** 2", "output.real"):
+        with pytest.raises(ValueError):
+            ConvRule.from_dict({"module": "", "formula": bad})
+    h200 = get_profile("h200")
+    assert h200.conv_rules and not h200.with_(conv_workspace="none").conv_rules
+    custom = h200.with_(conv_workspace=({"module": "^unet", "formula": "output"},))
+    assert [r.formula for r in custom.conv_rules] == ["output"]
+
+
+def test_h2d_temporary():
+    """copy_kernel_cuda: a blocking copy with a dtype change stages through a contiguous
+    device tensor when the destination is not contiguous (the channels-last image)."""
+    import torch
+
+    from sd_vram.simulation.core import h2d_temporary_bytes
+
+    src = torch.empty(1, 40, 64, 3, dtype=torch.float32, device="meta").permute(0, 3, 1, 2)
+    dst = torch.empty_strided(src.shape, src.stride(), dtype=torch.float16, device="meta")
+    assert h2d_temporary_bytes(dst, src, non_blocking=False) == 3 * 40 * 64 * 2
+    assert h2d_temporary_bytes(dst, src, non_blocking=True) == 3 * 40 * 64 * 4
+    contiguous = torch.empty(1, 3, 40, 64, dtype=torch.float16, device="meta")
+    assert h2d_temporary_bytes(contiguous, src, non_blocking=False) == 0
+    same = torch.empty_strided(src.shape, src.stride(), dtype=torch.float32, device="meta")
+    assert h2d_temporary_bytes(same, src, non_blocking=False) == 0   # one cudaMemcpyAsync
+
+
+def test_conv_workspace_events(sim_small):
+    """Workspace after the conv output, freed at once; sized by the profile's rule."""
+    r = sim_small
+    ev = r.events
+    H, W = r.height, r.width
+    idx = [i for i, e in enumerate(ev) if e.kind == "alloc" and e.op == "cudnn_convolution:workspace"]
+    assert idx and all(ev[i].module.startswith("vae.") for i in idx)
+    up = [i for i in idx if ev[i].module == "vae.decoder.up_blocks.2.upsamplers.0.conv"]
+    assert len(up) == 1
+    i = up[0]
+    full = 256 * H * W * 2
+    assert ev[i].nbytes == full + full + 256 * 256 * 9 * 2      # input + output + weight
+    assert ev[i - 1].kind == "alloc" and ev[i - 1].op == "convolution.default" and ev[i - 1].nbytes == full
+    assert ev[i + 1].kind == "free" and ev[i + 1].key == ev[i].key
+
+
+def test_conv_workspace_off():
+    from sd_vram.simulation import get_profile, simulate
+
+    r = simulate(64, 64, steps=1, strength=0.5, num_inference_steps=2,
+                 profile=get_profile("default").with_(conv_workspace="none"))
+    assert not any(e.op == "cudnn_convolution:workspace" for e in r.events)
