@@ -118,6 +118,10 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
         seg.free_all()
         return
     seg.free_all()
+    if name == "unet" and o.vae_tiling:
+        # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order decides.
+        schedule.unet(seg, s.B, [s.level(i) for i in range(4)], profile.conv_workspace_rule)
+        seg.free_all()
     for p in candidates:
         for _, _, size in sorted(p.terms, key=lambda t: -t[2]):
             if size <= SMALL_SIZE:

@@ -45,10 +45,11 @@ class Schedule:
         for t in tensors:
             self.seg.free_one(self._blocks.pop(t))
 
-    def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1) -> int:
-        y = self.new(c_out, h // stride, w // stride)
-        ws = conv_workspace(self.ws_rule, nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, h // stride, w // stride),
-                            c_in * c_out * k * k * FP16)
+    def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None) -> int:
+        oh, ow = out_hw or (h // stride, w // stride)
+        y = self.new(c_out, oh, ow)
+        ws = conv_workspace(self.ws_rule, nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow),
+                            c_in * c_out * k * k * FP16) if k > 1 else 0  # 1x1 convs: no workspace (probe)
         if ws:
             self.free(self._alloc(ws))
         return y
@@ -125,3 +126,109 @@ def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(5
     a = s.new(c_prev, h, w); s.free(n)                 # silu
     out = s.conv(a, c_prev, 3, 3, h, w); s.free(a, sample)
     s.free(out)
+
+
+def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int) -> int:
+    """ResnetBlock2D with a time embedding: h = conv1(silu(norm1(x))) + temb, ..."""
+    a = s.new(c_in, h, w)                               # norm1
+    b = s.new(c_in, h, w); s.free(a)                    # silu
+    c = s.conv(b, c_in, c_out, 3, h, w); s.free(b)
+    d = s.new(c_out, h, w); s.free(c)                   # + time_emb_proj(temb)[:, :, None, None]
+    e = s.new(c_out, h, w); s.free(d)                   # norm2
+    f = s.new(c_out, h, w); s.free(e)                   # silu
+    g = s.conv(f, c_out, c_out, 3, h, w); s.free(f)
+    short = s.new(c_out, h, w) if c_in != c_out else None   # 1x1 conv_shortcut: no workspace (probe)
+    m = s.new(c_out, h, w)                              # x + h
+    out = s.new(c_out, h, w); s.free(m, g)              # / output_scale_factor
+    if short is not None:
+        s.free(short)
+    return out
+
+
+def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
+    """Transformer2DModel with one BasicTransformerBlock, fused attention (AttnProcessor2_0)."""
+    n = h * w
+    tok = lambda ch: s.new(ch, n, 1)                     # noqa: E731  (B, N, ch) tensors
+    a = s.new(c, h, w)                                   # norm (GroupNorm)
+    hs = s.new(c, h, w); s.free(a)                       # proj_in (1x1 conv), viewed as (B, N, C)
+    cp = tok(c)                                          # LayerNorm's CUDA kernel copies its
+    n1 = tok(c); s.free(cp)                              # non-contiguous (permuted) input: norm1
+    q, k, v = tok(c), tok(c), tok(c)
+    o = tok(c); s.free(q, k, v)                          # sdpa output
+    t = tok(c); s.free(o)                                # to_out
+    a1 = tok(c); s.free(t)                               # / rescale_output_factor
+    h1 = tok(c); s.free(a1)                              # + hidden_states
+    n2 = tok(c); s.free(n1)                              # norm2
+    q = tok(c)
+    o = tok(c); s.free(q)                                # cross-attention over 77 tokens
+    t = tok(c); s.free(o)
+    a2 = tok(c); s.free(t)
+    h2 = tok(c); s.free(h1)                              # + hidden_states
+    n3 = tok(c); s.free(n2)                              # norm3
+    p = tok(8 * c)                                       # GEGLU proj
+    g = tok(4 * c)                                       # gelu(gate)
+    m = tok(4 * c); s.free(g, p)                         # hidden * gelu(gate)
+    f = tok(c); s.free(m)                                # ff.net.2
+    h3 = tok(c); s.free(f, a2, n3, h2)                   # + hidden_states
+    r = s.new(c, h, w); s.free(h3)                       # reshape/permute back (.contiguous())
+    po = s.conv(r, c, c, 1, h, w); s.free(r)            # proj_out
+    out = s.new(c, h, w); s.free(po, hs)                 # + residual
+    return out
+
+
+def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
+         channels=(320, 640, 1280, 1280), layers: int = 2) -> None:
+    """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
+
+    Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
+    tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
+    s = Schedule(seg, ws_rule, B)
+    sample = s.conv(None, 4, channels[0], 3, *levels[0])
+    skips = [sample]                                     # down_block_res_samples
+    c_prev = channels[0]
+    for i, c in enumerate(channels):
+        h, w = levels[i]
+        x = sample
+        for j in range(layers):
+            y = _unet_resnet(s, x, c_prev if j == 0 else c, c, h, w)
+            if i < 3:
+                z = _unet_transformer(s, y, c, h, w)
+                s.free(y)
+                y = z
+            skips.append(y)
+            x = y
+        if i < 3:
+            x = s.conv(x, c, c, 3, h, w, out_hw=levels[i + 1])
+            skips.append(x)
+        sample = x
+        c_prev = c
+    h, w = levels[3]
+    x = _unet_resnet(s, sample, channels[3], channels[3], h, w)
+    y = _unet_transformer(s, x, channels[3], h, w); s.free(x)
+    sample = _unet_resnet(s, y, channels[3], channels[3], h, w); s.free(y)
+    skip_ch = [channels[0]] + [c for c in channels for _ in range(layers)]
+    skip_ch = [channels[0], 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
+    for i, c in enumerate(reversed(channels)):
+        lvl = 3 - i
+        h, w = levels[lvl]
+        res, skips = skips[-(layers + 1):], skips[:-(layers + 1)]
+        res_ch, skip_ch = skip_ch[-(layers + 1):], skip_ch[:-(layers + 1)]
+        x = sample
+        for j in range(layers + 1):
+            c_in = (c_prev if j == 0 else c) + res_ch[-(j + 1)]
+            cat = s.new(c_in, h, w)
+            if j > 0:
+                s.free(x)
+            y = _unet_resnet(s, cat, c_in, c, h, w); s.free(cat)
+            if i > 0:
+                z = _unet_transformer(s, y, c, h, w); s.free(y)
+                y = z
+            x = y
+        if lvl > 0:
+            u = s.new(c, *levels[lvl - 1])               # interpolate to the next skip's size
+            y = s.conv(u, c, c, 3, *levels[lvl - 1]); s.free(u, x)
+            x = y
+        s.free(sample, *res)
+        sample = x
+        c_prev = c
+    s.free(sample)

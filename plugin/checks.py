@@ -14,13 +14,16 @@ def mib(x) -> str:
     return "-" if x is None else f"{x / MiB:,.1f}"
 
 
-def predict(height: int, width: int, prompt: str, options: dict, gpu_profile: str | None) -> dict:
+def predict(height: int, width: int, prompt: str, options: dict, gpu_profile: str | None,
+            allocator: str = "default") -> dict:
     """Estimate.to_dict() of the current equation (looked up at call time, so tests can patch it)."""
     import sd_vram.formula as formula
 
     opts = {k: v for k, v in options.items() if k != "gpu"}
     if gpu_profile:
         opts["gpu"] = gpu_profile
+    if allocator == "expandable_segments":
+        opts["expandable_segments"] = True
     return formula.estimate(height, width, prompt=prompt, **opts).to_dict()
 
 
@@ -88,10 +91,9 @@ def allocator_variant(env_vars: dict) -> str:
 
 
 def asserted_quantities(variant: str) -> tuple[str, ...]:
-    # Expandable segments map memory in 2 MiB pages instead of per-request segments: reserved
-    # and device memory follow other rules than the ones the equation derives; they are
-    # archived and shown but only allocated memory and the stage are asserted.
-    return QUANTITIES if variant == "default" else ("peak_allocated",)
+    # The equation models both allocator settings (Options.expandable_segments), so every
+    # quantity is asserted for either.
+    return QUANTITIES
 
 
 @dataclass

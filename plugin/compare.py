@@ -56,7 +56,8 @@ def _prediction(rec: dict, data: dict, current: bool) -> dict | None:
     inp = rec["inputs"]
     try:
         return predict(inp["height"], inp["width"], inp["prompt"], inp["options"],
-                       match_profile(data.get("gpu", {}).get("name")))
+                       match_profile(data.get("gpu", {}).get("name")),
+                       allocator_variant(data.get("environment", {}).get("env", {})))
     except Exception:
         return None
 
