@@ -55,32 +55,30 @@ class Segments:
         self.expandable = expandable
         self._tail: dict[bool, Block | None] = {True: None, False: None}  # expandable: last block
         self.reserved = 0
-        self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}   # (size, id), sorted
-        self._blocks: dict[int, Block] = {}
+        # free blocks per pool as sorted (size, id, block): best fit = first with size >= request
+        self._free: dict[bool, list[tuple[int, int, Block]]] = {True: [], False: []}
         self._ids = itertools.count()
         self._live: list[Block] = []
 
     def _add_free(self, b: Block) -> None:
         b.free = True
-        self._blocks[b.id] = b
-        bisect.insort(self._free[b.small], (b.size, b.id))
+        bisect.insort(self._free[b.small], (b.size, b.id, b))
 
     def _take_free(self, b: Block) -> None:
         lst = self._free[b.small]
         del lst[bisect.bisect_left(lst, (b.size, b.id))]
 
     def alloc_one(self, n: int) -> Block:
-        size = round_size(n)
+        size = MIN_BLOCK if n < MIN_BLOCK else -(-n // MIN_BLOCK) * MIN_BLOCK
         small = size <= SMALL_SIZE
         lst = self._free[small]
-        i = bisect.bisect_left(lst, (size, -1))
+        i = bisect.bisect_left(lst, (size,))
         if i < len(lst):
-            b = self._blocks[lst.pop(i)[1]]
+            b = lst.pop(i)[2]
         elif self.expandable:
             b = self._grow(size, small)
         else:
             b = Block(segment_size(size), small, next(self._ids))
-            self._blocks[b.id] = b
             self.reserved += b.size
         rest = b.size - size
         if rest >= MIN_BLOCK and (small or self.expandable or rest > SMALL_SIZE):
@@ -108,7 +106,6 @@ class Segments:
         b = Block(mapped, small, next(self._ids), prev=tail)
         if tail is not None:
             tail.next = b
-        self._blocks[b.id] = b
         self._tail[small] = b
         return b
 
@@ -116,7 +113,6 @@ class Segments:
         nxt = b.next
         if nxt is not None and nxt.free:
             self._take_free(nxt)
-            del self._blocks[nxt.id]
             if self._tail[b.small] is nxt:
                 self._tail[b.small] = b
             b.size += nxt.size
@@ -126,7 +122,6 @@ class Segments:
         prev = b.prev
         if prev is not None and prev.free:
             self._take_free(prev)
-            del self._blocks[b.id]
             prev.size += b.size
             prev.next = b.next
             if b.next is not None:
@@ -150,8 +145,8 @@ class Segments:
         """Reserved bytes and the free blocks: all that later allocations can see of a state
         whose live blocks stay allocated (their free neighbours can never merge across them);
         with expandable segments, whether each free block is its pool's growing tail."""
-        return self.expandable, self.reserved, [(b.size, b.small, self._tail[b.small] is b)
-                                                for b in self._blocks.values() if b.free]
+        free = [b for pool in self._free.values() for _, _, b in pool]
+        return self.expandable, self.reserved, [(b.size, b.small, self._tail[b.small] is b) for b in free]
 
     @classmethod
     def from_snapshot(cls, snap) -> "Segments":

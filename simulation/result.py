@@ -59,6 +59,9 @@ class SimResult:
     call_start: int = 0
     resident_allocated: int = 0      # before the call: weights + cuBLAS/cuBLASLt workspaces
     resident_reserved: int = 0
+    # NVML's view: peak_reserved + the profile's CUDA context and library handles (not
+    # simulated; the H200 archive measured 697-715 MiB above torch's reserved memory)
+    peak_device: int = 0
 
     # -- diagnosis ----------------------------------------------------------------------
     def live_at(self, index: int) -> list[LiveTensor]:
@@ -83,6 +86,7 @@ class SimResult:
             "width": self.width,
             "peak_allocated_bytes": self.peak_allocated,
             "peak_reserved_bytes": self.peak_reserved,
+            "peak_device_bytes": self.peak_device,
             "peak_stage": self.peak_stage,
             "peak_operator": self.peak_operator,
             "peak_module": self.peak_module,
@@ -215,7 +219,7 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
         unet_evals=info.get("unet_evals", 0), seconds=info.get("seconds", 0.0),
         expandable_segments=expandable_segments, events=events, allocated_series=a_series,
         reserved_series=r_series, call_start=start, resident_allocated=resident[0],
-        resident_reserved=resident[1])
+        resident_reserved=resident[1], peak_device=peak_r + (getattr(profile, "cuda_context", 0) or 0))
     if peak_i >= 0:
         res.live_at_peak = res.live_at(peak_i)
     return res
