@@ -116,7 +116,7 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
 
     math: PyTorch's math kernel upcasts fp16 q, k, v to fp32 (allow_fp16_bf16_reduction_math_sdp
     is off by default), scales q, and holds the fp32 score matrix and its softmax together,
-    with _safe_softmax's two boolean masks of the same shape.
+    with _safe_softmax's boolean mask of the same shape.
     flash: the kernel also returns a fp32 log-sum-exp (batch, heads, tokens).
     efficient: for head_dim > 128 in fp16 the kernel keeps a fp32 output accumulator.
     cudnn: no extra tensor in inference.
@@ -129,10 +129,10 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
         p.add("attention", "q * scale", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
         p.add("attention", "scores q@k^T (fp32)", nbytes(batch * heads, tokens, kv, itemsize=FP32))
         p.add("attention", "softmax(scores) (fp32)", nbytes(batch, heads, tokens, kv, itemsize=FP32))
-        # _safe_softmax zeroes rows that are all -inf: eq(-inf) and its logical_not are two
-        # bool tensors the size of the scores (its decomposition); inferred from the H200/H100
-        # math cases (UNet at 256x256: +32 MiB = 2 x 16 x 1024^2 B; safety checker: +2 MiB).
-        p.add("attention", "_safe_softmax -inf row masks (bool)", nbytes(batch * heads, tokens, kv, itemsize=1), 2)
+        # _safe_softmax zeroes rows that are all -inf: its eq(-inf) mask is a bool tensor the
+        # size of the scores, alive with them (the H200/H100 math cases: UNet at 256x256 and
+        # the safety checker; the simulation of torch's decomposition agrees).
+        p.add("attention", "_safe_softmax -inf row mask (bool)", nbytes(batch * heads, tokens, kv, itemsize=1))
     elif backend == "flash":
         p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch, heads, tokens, itemsize=FP32))
     elif backend == "efficient" and head_dim > 128:

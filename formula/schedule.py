@@ -45,23 +45,31 @@ class Schedule:
         for t in tensors:
             self.seg.free_one(self._blocks.pop(t))
 
-    def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None) -> int:
+    def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None,
+             ws: str = "") -> int:
+        """`ws` overrides the workspace: "weight" (channels-last input: only the filter is
+        transposed), "0", "output", "input + output" (1x1 convs)."""
         oh, ow = out_hw or (h // stride, w // stride)
         y = self.new(c_out, oh, ow)
-        ws = conv_workspace(self.ws_rule, nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow),
-                            c_in * c_out * k * k * FP16) if k > 1 else 0  # 1x1 convs: no workspace (probe)
+        i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
+        if self.ws_rule == "none":
+            ws = 0
+        elif ws:
+            ws = {"weight": f, "0": 0, "output": o, "input + output": i + o}[ws]
+        else:
+            ws = conv_workspace(self.ws_rule, i, o, f)
         if ws:
             self.free(self._alloc(ws))
         return y
 
-    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int) -> int:
+    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, shortcut_ws: str = "input + output") -> int:
         a = self.new(c_in, h, w)                       # norm1
         b = self.new(c_in, h, w); self.free(a)         # silu
         a = self.conv(b, c_in, c_out, 3, h, w); self.free(b)
         b = self.new(c_out, h, w); self.free(a)        # norm2
         a = self.new(c_out, h, w); self.free(b)        # silu
         b = self.conv(a, c_out, c_out, 3, h, w); self.free(a)
-        short = self.conv(x, c_in, c_out, 1, h, w) if c_in != c_out else None
+        short = self.conv(x, c_in, c_out, 1, h, w, ws=shortcut_ws) if c_in != c_out else None
         s = self.new(c_out, h, w)                      # x + h
         out = self.new(c_out, h, w); self.free(s)      # / output_scale_factor
         self.free(b)
@@ -74,18 +82,18 @@ def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256,
     """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
     s = Schedule(seg, ws_rule, 1)
     h, w = H, W
-    sample = s.conv(None, 3, channels[0], 3, h, w)
+    sample = s.conv(None, 3, channels[0], 3, h, w, ws="weight")   # channels-last image (probe)
     c_prev = channels[0]
     for i, c in enumerate(channels[:2]):
         x = sample
         for j in range(layers):
-            y = s.resnet(x, c_prev if j == 0 else c, c, h, w)
+            y = s.resnet(x, c_prev if j == 0 else c, c, h, w, shortcut_ws="0")  # channels-last (probe)
             if x != sample:
                 s.free(x)
             x = y
         if i == 0:
             p = s._alloc(nbytes(1, c, h + 1, w + 1))  # F.pad(x, (0, 1, 0, 1))
-            y = s.conv(p, c, c, 3, h, w, stride=2)
+            y = s.conv(p, c, c, 3, h, w, stride=2, ws="weight")
             s.free(p, x)
             x = y
             h, w = h // 2, w // 2
@@ -137,7 +145,7 @@ def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int) -> 
     e = s.new(c_out, h, w); s.free(d)                   # norm2
     f = s.new(c_out, h, w); s.free(e)                   # silu
     g = s.conv(f, c_out, c_out, 3, h, w); s.free(f)
-    short = s.new(c_out, h, w) if c_in != c_out else None   # 1x1 conv_shortcut: no workspace (probe)
+    short = s.conv(x, c_in, c_out, 1, h, w, ws="output") if c_in != c_out else None  # 1x1 conv_shortcut
     m = s.new(c_out, h, w)                              # x + h
     out = s.new(c_out, h, w); s.free(m, g)              # / output_scale_factor
     if short is not None:
@@ -150,7 +158,7 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
     n = h * w
     tok = lambda ch: s.new(ch, n, 1)                     # noqa: E731  (B, N, ch) tensors
     a = s.new(c, h, w)                                   # norm (GroupNorm)
-    hs = s.new(c, h, w); s.free(a)                       # proj_in (1x1 conv), viewed as (B, N, C)
+    hs = s.conv(a, c, c, 1, h, w, ws="output"); s.free(a)  # proj_in (1x1), viewed as (B, N, C)
     cp = tok(c)                                          # LayerNorm's CUDA kernel copies its
     n1 = tok(c); s.free(cp)                              # non-contiguous (permuted) input: norm1
     q, k, v = tok(c), tok(c), tok(c)
@@ -171,7 +179,7 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
     f = tok(c); s.free(m)                                # ff.net.2
     h3 = tok(c); s.free(f, a2, n3, h2)                   # + hidden_states
     r = s.new(c, h, w); s.free(h3)                       # reshape/permute back (.contiguous())
-    po = s.conv(r, c, c, 1, h, w); s.free(r)            # proj_out
+    po = s.conv(r, c, c, 1, h, w, ws="output"); s.free(r)  # proj_out
     out = s.new(c, h, w); s.free(po, hs)                 # + residual
     return out
 
@@ -183,7 +191,7 @@ def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
     s = Schedule(seg, ws_rule, B)
-    sample = s.conv(None, 4, channels[0], 3, *levels[0])
+    sample = s.conv(None, 4, channels[0], 3, *levels[0], ws="0")   # conv_in: no workspace (probe)
     skips = [sample]                                     # down_block_res_samples
     c_prev = channels[0]
     for i, c in enumerate(channels):

@@ -565,10 +565,11 @@ def _conv_workspace_hook(recorder: MemoryRecorder, rules):
         x, weight = args[0], args[1]
         module = recorder.module
         kernel = tuple(weight.shape[2:])
-        key = (module, kernel)
+        batch = int(x.shape[0])
+        key = (module, kernel, batch)
         rule = cache.get(key, 0)
         if rule == 0:
-            rule = cache[key] = next((r for r in rules if r.matches(module, kernel)), None)
+            rule = cache[key] = next((r for r in rules if r.matches(module, kernel, batch)), None)
         if rule is None:
             return
         nbytes = rule.bytes(input=x.numel() * x.element_size(), output=out.numel() * out.element_size(),

@@ -38,16 +38,31 @@ GiB = 1 << 30
 CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
     "none": (),
     "nchw_transpose": (
-        # The encoder's conv_in (3 -> 128): no trace shows its workspace; reserved memory
-        # says it is about output + weight. With input + output + weight, every native-
-        # allocator case from 1024x1024 up reserves one more segment of the image's size
-        # than measured (the cached block of the image upload's temporary goes unused);
-        # with output + weight, reserved matches the archive (truck-4032x3024 exactly,
-        # 2 MiB over where the output is a whole number of 2 MiB); with output alone the
-        # segments pack differently (+322 MiB at 1024x1024).
-        {"module": r"^vae\.encoder\.conv_in$", "kernel": 3, "formula": "output + weight"},
+        # Channels-last inputs need no transposition: the weight's bytes for a 3x3 conv,
+        # nothing for a 1x1 (H100 conv probe at 64x64-256x256, results/H100-80GB-HBM3/
+        # 20261126T055338Z_nogit_conv_probe.json; same torch 2.11, cuDNN 9.19 and sm90 as the
+        # H200). Which convs see one: the encoder's conv_in gets the channels-last image
+        # (its output is channels-last too), and the residual adds carry that layout to
+        # down_blocks.0-2's downsamplers and down_blocks.1-2's first conv_shortcut. Named by
+        # module because FakeTensor on a CPU-only build lays convolution outputs out
+        # contiguous (and computes other strides for size-1 dims than eager), so the
+        # simulated tensors do not carry the layout.
+        {"module": r"^vae\.encoder\.(conv_in|down_blocks\.\d\.downsamplers\.0\.conv)$", "kernel": 3,
+         "formula": "weight"},
+        {"module": r"^vae\.encoder\.down_blocks\.[12]\.resnets\.0\.conv_shortcut$", "kernel": 1, "formula": "0"},
+        # Batch >= 2 through the decoder (num_images_per_prompt=2): cuDNN picks another engine
+        # for the upsampler conv; the archive's images2-* peaks (at up_blocks.3.resnets.0.conv1,
+        # exact with the rule below) bound its workspace by 1280 n H W B. Unprobed: taken as 0,
+        # as the equation does (formula/activations.py vae_decode_upsampler).
+        {"module": r"^vae\.decoder\.up_blocks\.2\.upsamplers\.0\.conv$", "kernel": 3, "min_batch": 2,
+         "formula": "0"},
         {"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"},
         {"module": r"^vae\.", "kernel": 1, "formula": "input + output"},
+        # The UNet (H100 conv probe and the H200 traces below): 3x3 convs take input + output
+        # + weight (up_blocks.0/1 conv1 at small sizes: 56-61 MiB, the peak below 160x160);
+        # the 1x1 proj_in/proj_out/conv_shortcut take their output at large sizes (truck).
+        {"module": r"^unet\.", "kernel": 3, "formula": "input + output + weight"},
+        {"module": r"^unet\.", "kernel": 1, "formula": "output"},
     ),
 }
 # Not the default yet (the UNet's rules await a probe): the same for the VAE plus the UNet's
@@ -57,10 +72,7 @@ CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
 # half the latent size, 10 of 735,252,480 B for the two 640 -> 320 conv1 at the latent size,
 # 50 of 243,855,360 B = the output of the 10 1x1 proj_in / proj_out (320 ch) per step;
 # balloon-640x427: 12,697,616 B and 12,902,416 B, the same rule for the same 3x3 convs.
-CONV_RULE_SETS["nchw_transpose_unet"] = CONV_RULE_SETS["nchw_transpose"] + (
-    {"module": r"^unet\.", "kernel": 3, "formula": "input + output + weight"},
-    {"module": r"^unet\.", "kernel": 1, "formula": "output"},
-)
+CONV_RULE_SETS["nchw_transpose_unet"] = CONV_RULE_SETS["nchw_transpose"]  # now the default's
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class ConvRule:
     module: str
     formula: str
     kernel: tuple[int, int] | None = None
+    min_batch: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "ConvRule":
@@ -79,12 +92,14 @@ class ConvRule:
             k = (k, k)
         elif k is not None:
             k = tuple(int(x) for x in k)
-        rule = cls(module=str(d.get("module", "")), formula=str(d["formula"]), kernel=k)
+        rule = cls(module=str(d.get("module", "")), formula=str(d["formula"]), kernel=k,
+                   min_batch=int(d.get("min_batch", 1)))
         _compile(rule.formula)          # a bad formula fails when the profile is read
         return rule
 
-    def matches(self, module: str, kernel: tuple[int, int]) -> bool:
-        return (self.kernel is None or tuple(kernel) == self.kernel) and re.search(self.module, module) is not None
+    def matches(self, module: str, kernel: tuple[int, int], batch: int = 1) -> bool:
+        return ((self.kernel is None or tuple(kernel) == self.kernel) and batch >= self.min_batch
+                and re.search(self.module, module) is not None)
 
     def bytes(self, input: int, output: int, weight: int) -> int:
         return int(_compile(self.formula)(input=input, output=output, weight=weight))

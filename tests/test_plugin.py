@@ -382,15 +382,18 @@ def test_archived_ids_name_the_run_when_a_gpu_has_several(suite, calls):
         assert f"test_archived[Test-GPU-24GB/{f.stem}/seed-64x64]" in out
 
 
-def test_expandable_segments_run_asserts_allocated_only(suite, calls, monkeypatch):
+def test_expandable_segments_run_is_predicted_for_that_allocator(suite, calls, monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     meas = dict(MEAS, **{"seed-64x64": (1000 * MiB, 1500 * MiB, 2000 * MiB, "unet")})
     r = run_fake(suite, "--cases", "seed-*", "--full-call", "none", spec_data=spec(meas))
-    r.assert_outcomes(passed=1)
+    # the equation is asked for the expandable-segments allocator, and every quantity is asserted
+    assert calls and all(c.get("expandable_segments") is True for c in calls)
+    r.assert_outcomes(failed=1)
     data = json.loads(archives(suite)[0].read_text())
     assert data["run"]["allocator"] == "expandable_segments"
     assert data["environment"]["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert data["cases"][0]["errors"]["peak_reserved"]["asserted"] is False
+    assert data["cases"][0]["errors"]["peak_reserved"]["asserted"] is True
+    assert data["cases"][0]["errors"]["peak_reserved"]["ok"] is False
 
 
 def test_no_archives_is_a_skip(suite, calls):
