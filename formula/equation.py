@@ -17,7 +17,7 @@ from math import prod
 from . import activations as act
 from . import architecture as arch
 from . import gpu_profiles, schedule
-from .allocator import SMALL_SIZE, Segments, round_size
+from .allocator import SMALL_SIZE, Segments
 from .options import InputError, Options
 from .result import Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens

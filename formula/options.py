@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -297,7 +297,6 @@ def _patched_tensor_methods(recorder: MemoryRecorder | None, fake: bool, device_
 
     if fake and device_type == "cuda" and not torch.cuda.is_available():
         orig_to = torch.Tensor.to
-        orig_cuda = torch.Tensor.cuda
 
         def to(self, *args, **kwargs):
             copy = kwargs.pop("copy", False)

@@ -307,7 +307,6 @@ class SDPAPatcher:
         rec = self.recorder
         if attn_mask is not None:
             attn_mask = _preprocess_mask(attn_mask, q, k)
-        key = None
         if rec is not None and needs_output_accumulator(q, v):
             b, h, m, kv = q.size(0), q.size(1), q.size(2), v.size(3)
             accum = {}
