@@ -1,12 +1,14 @@
 """The peak-VRAM equation (DERIVATION.md writes it out term by term).
 
     peak_allocated = W + K + max over stages s of A_s(H, W, options)
-    peak_reserved  = R_W + K + segments the call adds (allocator replay of the peak live sets)
+    peak_reserved  = the resident segments + the segments the call adds
     peak_device    = peak_reserved + C  (CUDA context and library handles, per GPU profile)
 
-W: the weights, each tensor rounded to 512 B; R_W: the segments they occupy; K: the cuBLAS
-workspace kept from the first matmul; A_s: the tensors alive at stage s's peak operation
-(activations.py), the largest of the stage's candidate peak points.
+W: the weights as the caching allocator's blocks; K: the cuBLAS and cuBLASLt workspaces kept
+from the first matmul; A_s: the tensors alive at stage s's peak operation (activations.py),
+the largest of the stage's candidate peak points; the segments come from replaying the
+stages' allocations in order through the allocator's rules (allocator.py, schedule.py);
+C: measured per GPU (gpu_profiles.py).
 """
 
 from __future__ import annotations
