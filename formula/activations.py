@@ -274,6 +274,14 @@ def conv_workspace(rule: str, in_bytes: int, out_bytes: int, weight_bytes: int) 
     raise ValueError(f"unknown conv workspace rule {rule!r}")
 
 
+def upsampler_workspace(ws_rule: str, b: int, in_bytes: int, out_bytes: int, weight_bytes: int) -> int:
+    """cuDNN's workspace for the decoder's full-resolution upsampler conv. At batch >= 2
+    cuDNN picks another engine for it (measured on the H200 and the H100: the images2-*
+    cases peak at up_blocks[3].resnets[0].conv1 instead, which bounds this workspace by
+    1280 n P); its size is not probed yet and is taken as 0."""
+    return conv_workspace(ws_rule, in_bytes, out_bytes, weight_bytes) if b == 1 else 0
+
+
 def vae_decode_upsampler(b: int, H: int, W: int, ws_rule: str) -> Peak:
     """Decoder up_blocks[2]'s upsampler: nearest x2 to full resolution, then a 256->256 3x3
     conv. Alive: Decoder.forward's `sample` (up_blocks[1] output, 512 ch at H/2), the block's
@@ -285,10 +293,7 @@ def vae_decode_upsampler(b: int, H: int, W: int, ws_rule: str) -> Peak:
     p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", nbytes(b, 256, H // 2, W // 2))
     p.add("activations", "interpolate(x, 2) (256 ch, full res)", full)
     p.add("activations", "conv output (256 ch, full res)", full)
-    # At batch >= 2 cuDNN picks another engine for this conv (measured on the H200 and the
-    # H100: the images2-* cases peak at up_blocks[3].resnets[0].conv1 instead, which bounds
-    # this workspace by 1280 n P); its size is not probed yet and is taken as 0.
-    ws = conv_workspace(ws_rule, full, full, 256 * 256 * 9 * FP16) if b == 1 else 0
+    ws = upsampler_workspace(ws_rule, b, full, full, 256 * 256 * 9 * FP16)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p

@@ -69,7 +69,7 @@ class Segments:
         del lst[bisect.bisect_left(lst, (b.size, b.id))]
 
     def alloc_one(self, n: int) -> Block:
-        size = MIN_BLOCK if n < MIN_BLOCK else -(-n // MIN_BLOCK) * MIN_BLOCK
+        size = round_size(n)
         small = size <= SMALL_SIZE
         lst = self._free[small]
         i = bisect.bisect_left(lst, (size,))

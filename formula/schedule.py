@@ -20,7 +20,7 @@ blocks the big maps leave cached.
 
 from __future__ import annotations
 
-from .activations import FP16, conv_workspace, nbytes
+from .activations import FP16, conv_workspace, nbytes, upsampler_workspace
 from .allocator import Segments
 
 
@@ -48,24 +48,31 @@ class Schedule:
     def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None,
              ws: str = "") -> int:
         """`ws` overrides the workspace: "weight" (channels-last input: only the filter is
-        transposed), "0", "output", "input + output" (1x1 convs)."""
+        transposed), "0", "output", "input + output" (1x1 convs), "upsampler" (the decoder's
+        full-resolution upsampler, activations.upsampler_workspace)."""
         oh, ow = out_hw or (h // stride, w // stride)
         y = self.new(c_out, oh, ow)
         i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
         if self.ws_rule == "none":
             ws = 0
         elif ws:
-            ws = {"weight": f, "0": 0, "output": o, "input + output": i + o}[ws]
+            ws = (upsampler_workspace(self.ws_rule, self.b, i, o, f) if ws == "upsampler"
+                  else {"weight": f, "0": 0, "output": o, "input + output": i + o}[ws])
         else:
             ws = conv_workspace(self.ws_rule, i, o, f)
         if ws:
             self.free(self._alloc(ws))
         return y
 
-    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, shortcut_ws: str = "input + output") -> int:
+    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, shortcut_ws: str = "input + output",
+               temb: bool = False) -> int:
+        """`temb`: the UNet's resnets add the projected time embedding after conv1."""
         a = self.new(c_in, h, w)                       # norm1
         b = self.new(c_in, h, w); self.free(a)         # silu
         a = self.conv(b, c_in, c_out, 3, h, w); self.free(b)
+        if temb:
+            b = self.new(c_out, h, w); self.free(a)    # + time_emb_proj(temb)[:, :, None, None]
+            a = b
         b = self.new(c_out, h, w); self.free(a)        # norm2
         a = self.new(c_out, h, w); self.free(b)        # silu
         b = self.conv(a, c_out, c_out, 3, h, w); self.free(a)
@@ -122,8 +129,7 @@ def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(5
             x = y
         if i < len(channels) - 1:
             u = s.new(c, 2 * h, 2 * w)                 # interpolate
-            # batch >= 2: another cuDNN engine, workspace taken as 0 (activations.vae_decode_upsampler)
-            y = s.conv(u, c, c, 3, 2 * h, 2 * w) if b == 1 else s.new(c, 2 * h, 2 * w)
+            y = s.conv(u, c, c, 3, 2 * h, 2 * w, ws="upsampler")
             s.free(u, x)
             x = y
             h, w = 2 * h, 2 * w
@@ -137,20 +143,8 @@ def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(5
 
 
 def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int) -> int:
-    """ResnetBlock2D with a time embedding: h = conv1(silu(norm1(x))) + temb, ..."""
-    a = s.new(c_in, h, w)                               # norm1
-    b = s.new(c_in, h, w); s.free(a)                    # silu
-    c = s.conv(b, c_in, c_out, 3, h, w); s.free(b)
-    d = s.new(c_out, h, w); s.free(c)                   # + time_emb_proj(temb)[:, :, None, None]
-    e = s.new(c_out, h, w); s.free(d)                   # norm2
-    f = s.new(c_out, h, w); s.free(e)                   # silu
-    g = s.conv(f, c_out, c_out, 3, h, w); s.free(f)
-    short = s.conv(x, c_in, c_out, 1, h, w, ws="output") if c_in != c_out else None  # 1x1 conv_shortcut
-    m = s.new(c_out, h, w)                              # x + h
-    out = s.new(c_out, h, w); s.free(m, g)              # / output_scale_factor
-    if short is not None:
-        s.free(short)
-    return out
+    """ResnetBlock2D with a time embedding; its 1x1 conv_shortcut's workspace is its output."""
+    return s.resnet(x, c_in, c_out, h, w, shortcut_ws="output", temb=True)
 
 
 def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
@@ -192,7 +186,7 @@ def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
     s = Schedule(seg, ws_rule, B)
     sample = s.conv(None, 4, channels[0], 3, *levels[0], ws="0")   # conv_in: no workspace (probe)
-    skips = [sample]                                     # down_block_res_samples
+    skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]
     for i, c in enumerate(channels):
         h, w = levels[i]
@@ -203,27 +197,24 @@ def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
                 z = _unet_transformer(s, y, c, h, w)
                 s.free(y)
                 y = z
-            skips.append(y)
+            skips.append((y, c))
             x = y
         if i < 3:
             x = s.conv(x, c, c, 3, h, w, out_hw=levels[i + 1])
-            skips.append(x)
+            skips.append((x, c))
         sample = x
         c_prev = c
     h, w = levels[3]
     x = _unet_resnet(s, sample, channels[3], channels[3], h, w)
     y = _unet_transformer(s, x, channels[3], h, w); s.free(x)
     sample = _unet_resnet(s, y, channels[3], channels[3], h, w); s.free(y)
-    skip_ch = [channels[0]] + [c for c in channels for _ in range(layers)]
-    skip_ch = [channels[0], 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
     for i, c in enumerate(reversed(channels)):
         lvl = 3 - i
         h, w = levels[lvl]
         res, skips = skips[-(layers + 1):], skips[:-(layers + 1)]
-        res_ch, skip_ch = skip_ch[-(layers + 1):], skip_ch[:-(layers + 1)]
         x = sample
         for j in range(layers + 1):
-            c_in = (c_prev if j == 0 else c) + res_ch[-(j + 1)]
+            c_in = (c_prev if j == 0 else c) + res[-(j + 1)][1]
             cat = s.new(c_in, h, w)
             if j > 0:
                 s.free(x)
@@ -236,7 +227,7 @@ def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
             u = s.new(c, *levels[lvl - 1])               # interpolate to the next skip's size
             y = s.conv(u, c, c, 3, *levels[lvl - 1]); s.free(u, x)
             x = y
-        s.free(sample, *res)
+        s.free(sample, *(t for t, _ in res))
         sample = x
         c_prev = c
     s.free(sample)
