@@ -14,6 +14,7 @@ conftest.py when the package is not installed). See docs/gpu-suite.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from . import archive as arch
-from .cases import Catalogue, CatalogueError, load_catalogue, matches, split_list
+from .cases import Catalogue, CatalogueError, load_catalogue, matches, split_list, tomllib
 from .checks import (QUANTITIES, allocator_variant, asserted_quantities, checks_to_dict, compare, expectation,
                      match_profile, mib, predict, report)
 
@@ -472,16 +473,17 @@ class SuiteState:
                 "kind": "archived" if archive else "gpu", "message": rec.get("message", "").splitlines()[0]}
 
 
+@functools.lru_cache(maxsize=None)
+def _known_gaps(path: Path) -> tuple:
+    """The entries of results/known_gaps.toml (read once per run, not once per archived case)."""
+    if not path.exists():
+        return ()
+    return tuple(tomllib.loads(path.read_text(encoding="utf-8")).get("gap", []))
+
+
 def known_gap(root, case_id: str, variant: str) -> dict | None:
     """The entry of results/known_gaps.toml for this archived case and allocator, if any."""
-    path = root / "results" / "known_gaps.toml"
-    if not path.exists():
-        return None
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    for gap in tomllib.loads(path.read_text(encoding="utf-8")).get("gap", []):
+    for gap in _known_gaps(Path(root) / "results" / "known_gaps.toml"):
         if gap.get("case") == case_id and gap.get("allocator", "default") == variant:
             return gap
     return None
