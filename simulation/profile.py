@@ -31,10 +31,8 @@ GiB = 1 << 30
 # convolutions works in NHWC and takes one workspace holding the transposed input, output
 # and filter (input + output + weight bytes, + < 512 B), e.g. decoder
 # up_blocks.3.resnets.0.conv1 (256 -> 128) at 4032x3024: 9,364,636,032 B; the 1x1
-# conv_shortcut (256 -> 128) took input + output (9,364,046,080 B). The UNet's convolutions
-# follow rules not fully measured yet (probe pending): none here; see nchw_transpose_unet.
-# Batch 2 through the decoder (num_images_per_prompt=2) picks a smaller workspace for the
-# upsampler conv: not modelled (images2-* cases of the archive).
+# conv_shortcut (256 -> 128) took input + output (9,364,046,080 B). The UNet's and the
+# batch-2 upsampler's rules are at their entries below.
 CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
     "none": (),
     "nchw_transpose": (
@@ -58,21 +56,18 @@ CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
          "formula": "0"},
         {"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"},
         {"module": r"^vae\.", "kernel": 1, "formula": "input + output"},
-        # The UNet (H100 conv probe and the H200 traces below): 3x3 convs take input + output
-        # + weight (up_blocks.0/1 conv1 at small sizes: 56-61 MiB, the peak below 160x160);
-        # the 1x1 proj_in/proj_out/conv_shortcut take their output at large sizes (truck).
+        # The UNet (H100 conv probe): 3x3 convs take input + output + weight (up_blocks.0/1
+        # conv1 at small sizes: 56-61 MiB, the peak below 160x160). The H200 traces agree:
+        # truck-4032x3024 (latent 378 x 504, batch 2) has 35 allocations of 489,553,920 B
+        # (+147) = input + output + weight of the 7 320 -> 320 3x3 convs per step, 30 of
+        # 251,228,160 B for the 6 640 -> 640 3x3 convs at half the latent size, 10 of
+        # 735,252,480 B for the two 640 -> 320 conv1 at the latent size; balloon-640x427:
+        # 12,697,616 B and 12,902,416 B for the same 3x3 convs. The 1x1 proj_in/proj_out/
+        # conv_shortcut take their output at large sizes (truck: 50 of 243,855,360 B).
         {"module": r"^unet\.", "kernel": 3, "formula": "input + output + weight"},
         {"module": r"^unet\.", "kernel": 1, "formula": "output"},
     ),
 }
-# Not the default yet (the UNet's rules await a probe): the same for the VAE plus the UNet's
-# convolutions as far as the H200 traces show them. truck-4032x3024 (latent 378 x 504,
-# batch 2): 35 allocations of 489,553,920 B (+147) = input + output + weight of the 7
-# 320 -> 320 3x3 convs per step, 30 of 251,228,160 B for the 6 640 -> 640 3x3 convs at
-# half the latent size, 10 of 735,252,480 B for the two 640 -> 320 conv1 at the latent size,
-# 50 of 243,855,360 B = the output of the 10 1x1 proj_in / proj_out (320 ch) per step;
-# balloon-640x427: 12,697,616 B and 12,902,416 B, the same rule for the same 3x3 convs.
-CONV_RULE_SETS["nchw_transpose_unet"] = CONV_RULE_SETS["nchw_transpose"]  # now the default's
 
 
 @dataclass(frozen=True)

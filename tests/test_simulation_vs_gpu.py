@@ -9,9 +9,8 @@ suite measured it from: the suite builds the pipeline once and, for a case witho
 safety checker, moves the checker to the CPU and back for the next case (history).
 
 Covered: cases whose peaks the simulation models. Left out: the OOM case; UNet-dominated
-small sizes (64x64, 128x128), where the UNet's cuDNN convolution workspaces rule and the
-default profile has no rule for them yet (profile.CONV_RULE_SETS; the candidate
-"nchw_transpose_unet" set covers them, tested separately); num_images_per_prompt=2
+small sizes (64x64, 128x128), where the UNet's cuDNN convolution workspaces rule (tested
+separately: test_unet_conv_rules_cover_the_small_sizes); num_images_per_prompt=2
 without VAE slicing, where cuDNN picks a smaller workspace for the decoder's upsampler
 convolution at batch 2 than at batch 1 (unmeasured); vae-tiling-2048x2048 with the native
 allocator, whose reserved memory depends on the UNet's workspaces (and takes 40 s).
@@ -112,15 +111,15 @@ def test_peaks_match_the_gpu(name, case_id):
 
 @pytest.mark.parametrize("name, case_id", [(NATIVE, "square-64x64"), (EXPANDABLE, "square-128x128")])
 def test_unet_conv_rules_cover_the_small_sizes(name, case_id):
-    """The candidate rule set with the UNet's convolutions (profile.CONV_RULE_SETS
-    "nchw_transpose_unet", from the H200 traces) brings the UNet-dominated sizes that the
-    default profile leaves out within the bands, with the right peak stage."""
+    """The profile's UNet convolution rules (profile.CONV_RULE_SETS "nchw_transpose", from the
+    H100 conv probe and the H200 traces) bring the UNet-dominated sizes within the bands,
+    with the right peak stage."""
     from sd_vram.simulation import get_profile, simulate
 
     case, history = case_and_history(name, case_id)
     m, inputs = case["measurement"], case["inputs"]
     r = simulate(inputs["height"], inputs["width"], prompt=inputs["prompt"], history=history,
-                 profile=get_profile("h200").with_(conv_workspace="nchw_transpose_unet"),
+                 profile=get_profile("h200"),
                  expandable_segments=archive(name)["run"]["allocator"] == "expandable_segments",
                  **inputs["options"])
     assert r.peak_stage == m["peak_stage"] == "unet"
