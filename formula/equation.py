@@ -122,8 +122,16 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
     seg.free_all()
     if name == "unet" and o.vae_tiling:
         # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order decides.
-        schedule.unet(seg, s.B, [s.level(i) for i in range(4)], profile.conv_workspace_rule)
-        seg.free_all()
+        # An evaluation ends freeing its skips in another order than it made them, so the
+        # next one can start from other free blocks: replay evaluations until they repeat.
+        levels = [s.level(i) for i in range(4)]
+        before = seg.snapshot()
+        for _ in range(_unet_evaluations(o)):
+            schedule.unet(seg, s.B, levels, profile.conv_workspace_rule)
+            after = seg.snapshot()
+            if after == before:
+                break
+            before = after
     for p in candidates:
         for _, _, size in sorted(p.terms, key=lambda t: -t[2]):
             if size <= SMALL_SIZE:

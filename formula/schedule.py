@@ -79,9 +79,9 @@ class Schedule:
         short = self.conv(x, c_in, c_out, 1, h, w, ws=shortcut_ws) if c_in != c_out else None
         s = self.new(c_out, h, w)                      # x + h
         out = self.new(c_out, h, w); self.free(s)      # / output_scale_factor
-        self.free(b)
-        if short is not None:
+        if short is not None:                          # return: input_tensor, then hidden_states
             self.free(short)
+        self.free(b)
         return out
 
 
@@ -148,7 +148,10 @@ def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int) -> 
 
 
 def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
-    """Transformer2DModel with one BasicTransformerBlock, fused attention (AttnProcessor2_0)."""
+    """Transformer2DModel with one BasicTransformerBlock, fused attention (AttnProcessor2_0).
+
+    Frees follow CPython: a tensor goes when its last name is rebound or its frame returns
+    (the processor's q, k, v after to_out; attn1's output when attn2's rebinds it)."""
     n = h * w
     tok = lambda ch: s.new(ch, n, 1)                     # noqa: E731  (B, N, ch) tensors
     a = s.new(c, h, w)                                   # norm (GroupNorm)
@@ -156,25 +159,25 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
     cp = tok(c)                                          # LayerNorm's CUDA kernel copies its
     n1 = tok(c); s.free(cp)                              # non-contiguous (permuted) input: norm1
     q, k, v = tok(c), tok(c), tok(c)
-    o = tok(c); s.free(q, k, v)                          # sdpa output
+    o = tok(c)                                           # sdpa output
     t = tok(c); s.free(o)                                # to_out
-    a1 = tok(c); s.free(t)                               # / rescale_output_factor
-    h1 = tok(c); s.free(a1)                              # + hidden_states
+    a1 = tok(c); s.free(t, q, k, v)                      # / rescale_output_factor; return
+    h1 = tok(c)                                          # attn_output + hidden_states
     n2 = tok(c); s.free(n1)                              # norm2
     q = tok(c)
-    o = tok(c); s.free(q)                                # cross-attention over 77 tokens
+    o = tok(c)                                           # cross-attention over 77 tokens
     t = tok(c); s.free(o)
-    a2 = tok(c); s.free(t)
+    a2 = tok(c); s.free(t, q, a1)                        # attn_output rebound
     h2 = tok(c); s.free(h1)                              # + hidden_states
     n3 = tok(c); s.free(n2)                              # norm3
     p = tok(8 * c)                                       # GEGLU proj
     g = tok(4 * c)                                       # gelu(gate)
     m = tok(4 * c); s.free(g, p)                         # hidden * gelu(gate)
     f = tok(c); s.free(m)                                # ff.net.2
-    h3 = tok(c); s.free(f, a2, n3, h2)                   # + hidden_states
-    r = s.new(c, h, w); s.free(h3)                       # reshape/permute back (.contiguous())
+    h3 = tok(c); s.free(h2, n3, a2, f, hs)               # + hidden_states; the block returns
+    r = s.new(c, h, w)                                   # reshape/permute back (.contiguous())
     po = s.conv(r, c, c, 1, h, w, ws="output"); s.free(r)  # proj_out
-    out = s.new(c, h, w); s.free(po, hs)                 # + residual
+    out = s.new(c, h, w); s.free(po, h3)                 # + residual
     return out
 
 
@@ -227,7 +230,13 @@ def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
             u = s.new(c, *levels[lvl - 1])               # interpolate to the next skip's size
             y = s.conv(u, c, c, 3, *levels[lvl - 1]); s.free(u, x)
             x = y
-        s.free(sample, *(t for t, _ in res))
+        s.free(sample)
+        if lvl > 0:                                      # res_samples rebound by the next block
+            s.free(*(t for t, _ in reversed(res)))       # (a tuple drops its items last first)
         sample = x
         c_prev = c
+    n = s.new(channels[0], *levels[0])                   # conv_norm_out
     s.free(sample)
+    a = s.new(channels[0], *levels[0]); s.free(n)        # conv_act
+    out = s.conv(a, channels[0], 4, 3, *levels[0])       # conv_out
+    s.free(a, *(t for t, _ in reversed(res)), out)       # forward returns

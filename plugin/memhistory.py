@@ -14,6 +14,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+# Distinct allocation sizes kept per (frame, operator) group, largest total first. The
+# convolution group holds one size per conv shape; 12 hid every UNet workspace below the
+# level-0 ones (truck-4032x3024), 64 keeps them all.
+SIZES_KEPT = 64
+
 _ALLOCATOR = re.compile(r"CUDACachingAllocator|c10::cuda::|NativeCachingAllocator|DeviceCachingAllocator|"
                         r"malloc|CUDAAllocator|gather_traceback|CapturedTraceback|record_trace|"
                         r"torch::unwind|unwind::|c10::Allocator|GatheredContext", re.I)
@@ -144,7 +149,7 @@ def reduce_snapshot(snapshot: dict, device: int = 0, resident_bytes: int = 0, to
             row = {"python": py, "op": op, "kind": kind, **{k: v for k, v in g.items() if k != "sizes"}}
             if "sizes" in g:
                 row["sizes"] = dict(sorted(((str(s), c) for s, c in g["sizes"].items()),
-                                           key=lambda sc: -int(sc[0]) * sc[1])[:12])
+                                           key=lambda sc: -int(sc[0]) * sc[1])[:SIZES_KEPT])
             rows.append(row)
         return rows
 

@@ -16,7 +16,9 @@
 #             short run's UNet stage fits before A's deadline         -> results/<gpu>/<run>.json
 #             (the full calls run here because they reuse the short runs already measured in
 #             this process: a process of its own costs ~28 s of setup plus the short run again)
-#   B  (+305) memory-history snapshots of balloon and truck            -> results/<gpu>/*memhistory*
+#   B  (+305) memory-history snapshots of SNAPSHOT_CASES: balloon and truck (the issue's small
+#             and large seed), then images2-1024x1024 (batch-2 decoder workspaces, unprobed)
+#                                                                     -> results/<gpu>/*memhistory*
 #   C  (EXPANDABLE=1 only) A's catalogue again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 #   D  (+BUDGET) the full calls A had no time for, in a fresh process, if D_MIN_S (120) seconds are left
 # Then the archives are compared in the log.
@@ -24,7 +26,7 @@
 # Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (default 310), DRY=1,
 # RESULTS_DIR (default results; DRY: a temporary folder), PROBE_SIZES, FULL_CALLS (the seed cases
 # whose full call A tries), A_FULL_CALL (A's --full-call; "cheapest" leaves the big ones to D),
-# EXPANDABLE=1, P_AT/A_AT/B_AT (deadlines), D_MIN_S.
+# SNAPSHOT_CASES, EXPANDABLE=1, P_AT/A_AT/B_AT (deadlines), D_MIN_S.
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -40,6 +42,7 @@ D_MIN_S=${D_MIN_S:-120}   # a fresh process needs ~28 s of setup and the short r
 PROBE_SIZES=${PROBE_SIZES:-64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048}
 FULL_CALLS=${FULL_CALLS:-balloon-640x427,bench-3840x2560,truck-4032x3024}
 A_FULL_CALL=${A_FULL_CALL:-$FULL_CALLS}
+SNAPSHOT_CASES=${SNAPSHOT_CASES:-balloon-640x427,truck-4032x3024,images2-1024x1024}
 EXPANDABLE=${EXPANDABLE:-0}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -178,7 +181,7 @@ EOF
         --results-dir "$RESULTS_DIR"
     run_step A "$A_AT" "${PYTEST[@]}" --full-call "$A_FULL_CALL"
     TORCH_SYMBOLIZE_MODE=dladdr run_step B "$B_AT" "$PY" -m sd_vram.plugin.device_tasks snapshot "${TASK_BACKEND[@]}" \
-        --cases balloon-640x427,truck-4032x3024 --results-dir "$RESULTS_DIR"
+        --cases "$SNAPSHOT_CASES" --results-dir "$RESULTS_DIR"
     if [ "$EXPANDABLE" = 1 ]; then
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run_step C "$BUDGET" "${PYTEST[@]}" --full-call none
     fi

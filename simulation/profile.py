@@ -54,6 +54,9 @@ CONV_RULE_SETS: dict[str, tuple[dict, ...]] = {
         # as the equation does (formula/activations.py vae_decode_upsampler).
         {"module": r"^vae\.decoder\.up_blocks\.2\.upsamplers\.0\.conv$", "kernel": 3, "min_batch": 2,
          "formula": "0"},
+        # The 4-channel latent into conv_in takes no workspace (H100 conv probe, 64x64-256x256:
+        # 0 B for unet.conv_in and vae.decoder.conv_in).
+        {"module": r"^(unet|vae\.decoder)\.conv_in$", "kernel": 3, "formula": "0"},
         {"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"},
         {"module": r"^vae\.", "kernel": 1, "formula": "input + output"},
         # The UNet (H100 conv probe): 3x3 convs take input + output + weight (up_blocks.0/1

@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from sd_vram.formula import estimate  # noqa: E402
+from sd_vram.formula import estimate, gpu_profiles, schedule  # noqa: E402
+from sd_vram.formula.activations import Shape  # noqa: E402
+from sd_vram.formula.allocator import SMALL_SIZE, Segments, round_size  # noqa: E402
 from sd_vram.simulation import simulate  # noqa: E402
 
 ALLOCATED_BAND, RESERVED_BAND = 0.01, 0.03
@@ -39,6 +41,8 @@ CASES = [
     ("slicing-max-768", 768, 768, {"attention_slicing": "max"}),
     ("vae-tiling-1024", 1024, 1024, {"vae_tiling": True}),
     ("vae-tiling-1536", 1536, 1536, {"vae_tiling": True}),
+    # the UNet's order decides the segments; the second evaluation adds one (DERIVATION.md 8)
+    ("vae-tiling-2048", 2048, 2048, {"vae_tiling": True}),
     ("vae-slicing-images2-768", 768, 768, {"vae_slicing": True, "num_images_per_prompt": 2}),
     ("no-safety-512", 512, 512, {"safety_checker": False}), ("no-safety-64", 64, 64, {"safety_checker": False}),
     ("latent-512", 512, 512, {"output_type": "latent"}), ("latent-2048", 2048, 2048, {"output_type": "latent"}),
@@ -61,3 +65,52 @@ def test_equation_matches_simulation(height, width, options):
     assert abs(err_alloc) <= ALLOCATED_BAND, f"allocated {err_alloc:+.2%}: {msg}"
     assert e.peak_stage == sim.peak_stage, msg
     assert abs(err_res) <= RESERVED_BAND, f"reserved {err_res:+.2%}: {msg}"
+
+
+class _RecordingSegments(Segments):
+    """The equation's allocator model, logging each large request and free in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[tuple[str, int, int]] = []    # (kind, rounded bytes, allocation ordinal)
+        self._ordinal: dict[int, int] = {}
+
+    def alloc_one(self, n):
+        b = super().alloc_one(n)
+        if round_size(n) > SMALL_SIZE:
+            self._ordinal[id(b)] = len(self._ordinal)
+            self.log.append(("alloc", round_size(n), self._ordinal[id(b)]))
+        return b
+
+    def free_one(self, b):
+        if id(b) in self._ordinal:
+            self.log.append(("free", 0, self._ordinal.pop(id(b))))
+        super().free_one(b)
+
+
+def _large_events(events) -> list[tuple[str, int, int]]:
+    """The simulation's UNet allocations above 1 MiB and their frees, as _RecordingSegments logs them."""
+    out, ordinal = [], {}
+    for ev in events:
+        if ev.kind == "alloc" and ev.module.startswith("unet") and round_size(ev.nbytes) > SMALL_SIZE:
+            ordinal[ev.key] = len(ordinal)
+            out.append(("alloc", round_size(ev.nbytes), ordinal[ev.key]))
+        elif ev.kind == "free" and ev.key in ordinal:
+            out.append(("free", 0, ordinal.pop(ev.key)))
+    return out
+
+
+def test_unet_schedule_follows_simulation():
+    """schedule.unet (the UNet's order for reserved memory under VAE tiling) makes and drops
+    every tensor above 1 MiB in the order diffusers' code does, frees included (which decide
+    the segments). 1024 x 1040: levels 128x130, 64x65, 32x33, 16x17 test the ceil and the
+    upsamplers' target sizes; every level's maps are above 1 MiB."""
+    sim = simulate(1024, 1040, prompt_length=20, steps=1, **PROFILE)
+    seg = _RecordingSegments()
+    levels = [Shape(H=1024, W=1040, n=1, B=2, cfg=True).level(i) for i in range(4)]
+    schedule.unet(seg, 2, levels, gpu_profiles.get("h200").conv_workspace_rule)
+    expected = _large_events(sim.events)
+    assert len(expected) > 1000
+    for i, (got, want) in enumerate(zip(seg.log, expected)):
+        assert got == want, f"event {i}: equation {got}, simulation {want}; around it: {expected[max(0, i - 3):i + 3]}"
+    assert len(seg.log) == len(expected)

@@ -62,19 +62,19 @@ def test_dry_run_makes_every_output(repo, tmp_path):
     assert "step B: start (until +305s, killed at +315s)" in log
     out = tmp_path / "out"
     files = files_in(out)
-    assert len(files) == 5 and all(len(Path(f).parts) <= 3 for f in files), files
+    assert len(files) == 6 and all(len(Path(f).parts) <= 3 for f in files), files
     assert files[0] == "log.txt"
     docs = {f: json.loads((out / f).read_text()) for f in files[1:]}
     probe = [d for f, d in docs.items() if f.endswith("_conv_probe.json")]
     snaps = [d for f, d in docs.items() if "memhistory" in f]
     runs = [d for d in docs.values() if d["schema"] == "sd-vram/results/1"]
-    assert len(probe) == 1 and len(snaps) == 2 and len(runs) == 1
+    assert len(probe) == 1 and len(snaps) == 3 and len(runs) == 1
     pr = probe[0]
     assert pr["schema"] == "sd-vram/conv-probe/1" and pr["complete"] and pr["environment"]["backend"] == "fake"
     assert [c["size"] for c in pr["calls"]] == "64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048".split(",")
     assert {c["status"] for c in pr["calls"]} == {"ok"} and len(pr["rows"]) > 600
     assert "[in+out+weight] at every input shape probed" in log       # the probe's summary
-    assert {s["case"] for s in snaps} == {"balloon-640x427", "truck-4032x3024"}
+    assert {s["case"] for s in snaps} == {"balloon-640x427", "truck-4032x3024", "images2-1024x1024"}
     assert all(s["schema"] == "sd-vram/memhistory/1" and s["summary"]["events"] > 0 for s in snaps)
     a = runs[0]
     assert a["run"]["allocator"] == "default"
@@ -95,7 +95,7 @@ def test_full_calls_left_to_step_d_and_expandable_segments(repo, tmp_path):
     assert "--cases bench-3840x2560,truck-4032x3024 --full-call all" in log
     out = tmp_path / "out"
     files = files_in(out)
-    assert len(files) == 7 <= 8, files
+    assert len(files) == 8, files  # log, probe, 3 snapshots, runs A, C, D
     runs = [json.loads((out / f).read_text()) for f in files if f.endswith(".json")]
     runs = [r for r in runs if r["schema"] == "sd-vram/results/1"]
     a, c, d = runs
