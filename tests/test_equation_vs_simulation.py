@@ -67,37 +67,52 @@ def test_equation_matches_simulation(height, width, options):
     assert abs(err_res) <= RESERVED_BAND, f"reserved {err_res:+.2%}: {msg}"
 
 
+class _OrderLog:
+    """Allocations above 1 MiB and their frees, in order: ("alloc", rounded bytes, n) for the
+    n-th such allocation, ("free", 0, n) when it is freed."""
+
+    def __init__(self):
+        self.log: list[tuple[str, int, int]] = []
+        self._number: dict[object, int] = {}         # key of a live allocation -> n
+        self._allocs = 0
+
+    def alloc(self, key, nbytes: int) -> None:
+        if round_size(nbytes) > SMALL_SIZE:
+            self._number[key] = self._allocs
+            self.log.append(("alloc", round_size(nbytes), self._allocs))
+            self._allocs += 1
+
+    def free(self, key) -> None:
+        if key in self._number:
+            self.log.append(("free", 0, self._number.pop(key)))
+
+
 class _RecordingSegments(Segments):
-    """The equation's allocator model, logging each large request and free in order."""
+    """The equation's allocator model, logging what it is asked for (_OrderLog)."""
 
     def __init__(self):
         super().__init__()
-        self.log: list[tuple[str, int, int]] = []    # (kind, rounded bytes, allocation ordinal)
-        self._ordinal: dict[int, int] = {}
+        self.order = _OrderLog()
 
     def alloc_one(self, n):
         b = super().alloc_one(n)
-        if round_size(n) > SMALL_SIZE:
-            self._ordinal[id(b)] = len(self._ordinal)
-            self.log.append(("alloc", round_size(n), self._ordinal[id(b)]))
+        self.order.alloc(id(b), n)
         return b
 
     def free_one(self, b):
-        if id(b) in self._ordinal:
-            self.log.append(("free", 0, self._ordinal.pop(id(b))))
+        self.order.free(id(b))
         super().free_one(b)
 
 
-def _large_events(events) -> list[tuple[str, int, int]]:
-    """The simulation's UNet allocations above 1 MiB and their frees, as _RecordingSegments logs them."""
-    out, ordinal = [], {}
+def _unet_order(events) -> list[tuple[str, int, int]]:
+    """The simulation's UNet allocations and frees, as _OrderLog logs them."""
+    order = _OrderLog()
     for ev in events:
-        if ev.kind == "alloc" and ev.module.startswith("unet") and round_size(ev.nbytes) > SMALL_SIZE:
-            ordinal[ev.key] = len(ordinal)
-            out.append(("alloc", round_size(ev.nbytes), ordinal[ev.key]))
-        elif ev.kind == "free" and ev.key in ordinal:
-            out.append(("free", 0, ordinal.pop(ev.key)))
-    return out
+        if ev.kind == "alloc" and ev.module.startswith("unet"):
+            order.alloc(ev.key, ev.nbytes)
+        elif ev.kind == "free":
+            order.free(ev.key)
+    return order.log
 
 
 def test_unet_schedule_follows_simulation():
@@ -109,8 +124,8 @@ def test_unet_schedule_follows_simulation():
     seg = _RecordingSegments()
     levels = [Shape(H=1024, W=1040, n=1, B=2, cfg=True).level(i) for i in range(4)]
     schedule.unet(seg, 2, levels, gpu_profiles.get("h200").conv_workspace_rule)
-    expected = _large_events(sim.events)
+    expected = _unet_order(sim.events)
     assert len(expected) > 1000
-    for i, (got, want) in enumerate(zip(seg.log, expected)):
+    for i, (got, want) in enumerate(zip(seg.order.log, expected)):
         assert got == want, f"event {i}: equation {got}, simulation {want}; around it: {expected[max(0, i - 3):i + 3]}"
-    assert len(seg.log) == len(expected)
+    assert len(seg.order.log) == len(expected)
