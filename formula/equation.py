@@ -13,15 +13,16 @@ C: measured per GPU (gpu_profiles.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from math import prod
 
 from . import activations as act
 from . import architecture as arch
 from . import gpu_profiles, schedule
-from .allocator import SMALL_SIZE, Segments
+from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize
 from .options import InputError, Options
-from .result import Estimate, StagePeak
+from .result import OOM, Boundary, Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
 
 GB = 1e9  # the notebook's f reports decimal gigabytes
@@ -34,18 +35,19 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 
 @lru_cache(maxsize=None)
-def _resident(safety_checker: bool, cublas: int, cublaslt: int, expandable: bool = False):
+def _resident(safety_checker: bool, cublas: int, cublaslt: int, expandable: bool = False,
+              total_memory: int = 80 << 30):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
-    seg = Segments(expandable)
+    alloc = CachingAllocator(expandable, total_memory)
     out = {}
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
-        out[f"weights_{name}"] = sum(seg.alloc(prod(shape) * item) for _, shape, item in arch.MODELS[name]())
-    out["cublas_workspace"] = seg.alloc(cublas) + (seg.alloc(cublaslt) if cublaslt else 0)
-    return out, seg.snapshot()  # resident blocks are never freed
+        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in arch.MODELS[name]())
+    out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
+    return out, alloc.snapshot()  # resident blocks are never freed
 
 
 def weights(safety_checker: bool = True) -> dict[str, int]:
@@ -103,41 +105,74 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     return stages
 
 
-def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, candidates) -> None:
-    """Allocate and free one stage's tensors in the allocator model, in order: the VAE's
-    maps in code order (schedule.py, which passes through every VAE candidate live set),
-    the other stages' candidate live sets largest first. Tensors of 1 MiB or less live in
-    2 MiB small-pool segments and are left out."""
-    for comp, _, size in candidates[0].terms:
-        if comp == "state" and size > SMALL_SIZE:
-            seg.alloc(size)
-    if name in ("vae_encode", "vae_decode"):
-        H, W = act.vae_tile(s, o.vae_tiling, latent=False)
-        if name == "vae_encode":
-            schedule.vae_encoder(seg, H, W, profile.conv_workspace_rule)
-        else:
-            schedule.vae_decoder(seg, 1 if o.vae_slicing else s.n, H, W, profile.conv_workspace_rule)
-        seg.free_all()
-        return
-    seg.free_all()
-    if name == "unet" and o.vae_tiling:
-        # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order decides.
-        # An evaluation ends freeing its skips in another order than it made them, so the
-        # next one can start from other free blocks: replay evaluations until they repeat.
-        levels = [s.level(i) for i in range(4)]
-        before = seg.snapshot()
-        for _ in range(_unet_evaluations(o)):
-            schedule.unet(seg, s.B, levels, profile.conv_workspace_rule)
-            after = seg.snapshot()
-            if after == before:
-                break
-            before = after
-    for p in candidates:
-        for _, _, size in sorted(p.terms, key=lambda t: -t[2]):
-            if size <= SMALL_SIZE:
-                break
-            seg.alloc(size)
-        seg.free_all()
+class _Replay:
+    """The call's allocations through one allocator model, stage by stage; under a capacity
+    it follows PyTorch's OOM path (allocator.py) and cuDNN's workspace fallback
+    (schedule.Schedule), and keeps where the call failed or fell back."""
+
+    def __init__(self, alloc: CachingAllocator, profile, capacity: int | None):
+        self.alloc, self.profile, self.capacity = alloc, profile, capacity
+        self.fallbacks: list[tuple[str, str]] = []   # (stage, convolution)
+        self._live: list = []
+
+    def hold(self, size: int, operation: str, workspace: bool = False, stage: str = "") -> None:
+        """Allocate a tensor kept until release(); a workspace that cannot be had is dropped."""
+        try:
+            self._live.append(self.alloc.malloc(size))
+        except OutOfMemoryError as e:
+            if workspace and self.capacity is not None:
+                self.fallbacks.append((stage, operation))
+                return
+            e.operation = operation
+            raise
+
+    def release(self) -> None:
+        while self._live:
+            self.alloc.free(self._live.pop())
+
+    def stage(self, name: str, s: act.Shape, o: Options, candidates) -> None:
+        """Allocate and free one stage's tensors in the allocator model, in order: the VAE's
+        maps in code order (schedule.py, which passes through every VAE candidate live set),
+        the other stages' candidate live sets largest first, workspaces last (a library takes
+        its scratch inside the operation, after its inputs and output exist). Tensors of
+        1 MiB or less live in 2 MiB small-pool segments and are left out."""
+        ws_rule = self.profile.conv_workspace_rule
+        fallbacks = [] if self.capacity is not None else None
+        try:
+            for comp, tensor, size in candidates[0].terms:
+                if comp == "state" and size > kSmallSize:
+                    self.hold(size, tensor)
+            if name in ("vae_encode", "vae_decode"):
+                H, W = act.vae_tile(s, o.vae_tiling, latent=False)
+                if name == "vae_encode":
+                    schedule.vae_encoder(self.alloc, H, W, ws_rule, fallbacks=fallbacks)
+                else:
+                    schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws_rule,
+                                         fallbacks=fallbacks)
+                self.release()
+                return
+            self.release()
+            if name == "unet" and o.vae_tiling:
+                # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order
+                # decides. An evaluation ends freeing its skips in another order than it made
+                # them, so the next one can start from other free blocks: replay evaluations
+                # until they repeat.
+                levels = [s.level(i) for i in range(4)]
+                before = self.alloc.free_blocks()
+                for _ in range(_unet_evaluations(o)):
+                    schedule.unet(self.alloc, s.B, levels, ws_rule, fallbacks=fallbacks)
+                    after = self.alloc.free_blocks()
+                    if after == before:
+                        break
+                    before = after
+            for p in candidates:
+                terms = sorted(p.terms, key=lambda t: (t[0] == "workspace", -t[2]))
+                for comp, tensor, size in terms:
+                    if size > kSmallSize:
+                        self.hold(size, f"{p.operation}: {tensor}", comp == "workspace", name)
+                self.release()
+        finally:
+            self.fallbacks += [(name, op) for op in fallbacks or ()]
 
 
 def _unet_evaluations(o: Options) -> int:
@@ -147,8 +182,53 @@ def _unet_evaluations(o: Options) -> int:
     return steps + 1 if steps > 1 else steps
 
 
-def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estimate:
-    """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident."""
+def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, _profile=None, **options) -> Estimate:
+    """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
+
+    vram: the card's memory in bytes (what nvidia-smi shows as total). With it, the call is
+    replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
+    estimate carries a verdict: "fits", "fits-with-fallback" or "oom"."""
+    H, W, tokens, o, profile, s, resident_parts, resident_state, candidates = _setup(
+        height, width, prompt, prompt_length, options, _profile)
+    resident = sum(resident_parts.values())
+    if vram is not None:
+        _check_vram(vram, profile)
+
+    # Reserved memory only grows during a call: replay, stage by stage, what each stage
+    # allocates and frees (the VAE in its code order, schedule.py; the other stages' small
+    # working sets as their candidate live sets) through the allocator's pools.
+    replay = _Replay(CachingAllocator.restore(resident_state), profile, None)
+    stages: dict[str, StagePeak] = {}
+    for name, cands in candidates.items():
+        peak = max(cands, key=lambda p: p.total)
+        replay.stage(name, s, o, cands)
+        allocated = resident + peak.total
+        components = dict(resident_parts)
+        for k, v in peak.components().items():
+            components[k] = components.get(k, 0) + v
+        stages[name] = StagePeak(allocated=allocated, reserved=max(replay.alloc.reserved, allocated),
+                                 components=components, operation=peak.operation)
+
+    peak_stage = max(stages, key=lambda k: stages[k].allocated)
+    peak = stages[peak_stage]
+    peak_reserved = max(st.reserved for st in stages.values())
+    breakdown = dict(peak.components)
+    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
+    breakdown["cuda_context"] = profile.cuda_context
+    est = Estimate(
+        height=H, width=W, prompt_tokens=tokens,
+        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
+        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
+        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
+        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
+    )
+    if vram is not None:
+        est.boundary = _boundary(est, vram, s, o, profile, resident, resident_state, candidates)
+    return est
+
+
+def _setup(height, width, prompt, prompt_length, options: dict, profile=None):
+    """The validated inputs, the resident state and each stage's candidate live sets."""
     H, W = _size(height, "height"), _size(width, "width")
     tokens = prompt_tokens(prompt, prompt_length)
     try:
@@ -158,40 +238,102 @@ def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estim
     if int(o.num_inference_steps * o.strength) < 1:
         raise InputError(f"strength {o.strength} x {o.num_inference_steps} steps leaves no denoising step "
                          "(diffusers raises ValueError)")
-    profile = gpu_profiles.get(o.gpu)
+    profile = profile or gpu_profiles.get(o.gpu)
     s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
     resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,
-                                               profile.cublaslt_workspace, o.expandable_segments)
-    resident = sum(resident_parts.values())
+                                               profile.cublaslt_workspace, o.expandable_segments,
+                                               profile.total_memory)
+    return H, W, tokens, o, profile, s, resident_parts, resident_state, _stage_candidates(s, o, profile)
 
-    # Reserved memory only grows during a call: replay, stage by stage, what each stage
-    # allocates and frees (the VAE in its code order, schedule.py; the other stages' small
-    # working sets as their candidate live sets) through the allocator's pools.
-    seg = Segments.from_snapshot(resident_state)
-    stages: dict[str, StagePeak] = {}
-    for name, candidates in _stage_candidates(s, o, profile).items():
-        peak = max(candidates, key=lambda p: p.total)
-        _replay_stage(seg, name, s, o, profile, candidates)
-        allocated = resident + peak.total
-        components = dict(resident_parts)
-        for k, v in peak.components().items():
-            components[k] = components.get(k, 0) + v
-        stages[name] = StagePeak(allocated=allocated, reserved=max(seg.reserved, allocated),
-                                 components=components, operation=peak.operation)
 
-    peak_stage = max(stages, key=lambda k: stages[k].allocated)
-    peak = stages[peak_stage]
-    peak_reserved = max(st.reserved for st in stages.values())
-    breakdown = dict(peak.components)
-    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
-    breakdown["cuda_context"] = profile.cuda_context
-    return Estimate(
-        height=H, width=W, prompt_tokens=tokens,
-        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
-        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
-        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
-        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
-    )
+def peak_allocated(height, width, _profile=None, **options) -> int:
+    """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
+    *_, resident_parts, _, candidates = _setup(height, width, None, None, options, _profile)
+    return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
+
+
+def _loading_oom(o: Options, profile, capacity: int, vram: int) -> tuple[OOM, int]:
+    """The weight whose allocation fails in pipe.to("cuda") (or the cuBLAS workspace at the
+    text encoder's first matmul), and the retries."""
+    alloc = CachingAllocator(o.expandable_segments, profile.total_memory, capacity)
+    tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
+               if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
+    tensors += [("text_encoder", "the first matmul: cuBLAS workspace", profile.cublas_workspace),
+                ("text_encoder", "the first matmul: cuBLASLt workspace", profile.cublaslt_workspace)]
+    try:
+        for *_, size in tensors:
+            alloc.malloc(size)
+    except OutOfMemoryError as e:
+        stage, what, _ = tensors[len(alloc._active)]
+        return OOM(stage=stage, operation=what, requested_bytes=e.requested,
+                   allocated_bytes=e.allocated, reserved_bytes=e.reserved,
+                   message=e.message(total=vram, used_outside=profile.cuda_context)), alloc.stats.num_alloc_retries
+    raise AssertionError("the resident state fits its capacity")  # _boundary checked it does not
+
+
+def _check_vram(vram, profile) -> None:
+    if isinstance(vram, bool) or not isinstance(vram, int) or vram <= 0:
+        raise InputError(f"vram must be a positive number of bytes, got {vram!r}")
+    if profile.name != "default" and vram > profile.total_memory:
+        raise InputError(f"a budget of {vram:,} B is more than the {profile.gpu}'s {profile.total_memory:,} B "
+                         f"(GPU profile {profile.name})")
+
+
+def _boundary(est: Estimate, vram: int, s, o: Options, profile, resident: int, resident_state,
+              candidates) -> Boundary:
+    """The call under a capacity of vram less the CUDA context: PyTorch's OOM path."""
+    capacity = vram - profile.cuda_context
+    if est.peak_reserved <= capacity:   # no segment request ever fails
+        return Boundary(vram=vram, capacity=capacity, verdict="fits")
+    alloc = CachingAllocator.restore(resident_state, capacity)
+    replay = _Replay(alloc, profile, capacity)
+    if alloc.reserved > capacity:
+        oom, retries = _loading_oom(o, profile, capacity, vram)
+        return Boundary(vram=vram, capacity=capacity, verdict="oom", retries=retries, oom=oom)
+    for name, cands in candidates.items():
+        try:
+            replay.stage(name, s, o, cands)
+        except OutOfMemoryError as e:
+            return Boundary(vram=vram, capacity=capacity, verdict="oom", retries=alloc.stats.num_alloc_retries,
+                            fallbacks=replay.fallbacks, oom=OOM(
+                                stage=name, operation=getattr(e, "operation", ""), requested_bytes=e.requested,
+                                allocated_bytes=e.allocated, reserved_bytes=e.reserved,
+                                message=e.message(total=vram, used_outside=profile.cuda_context)))
+    allocated_range = None
+    if replay.fallbacks:
+        # Which engine cuDNN falls back to is unmeasured: between none and the full workspace.
+        fell_back = {stage for stage, _ in replay.fallbacks}
+        floor = _stage_candidates(s, o, replace(profile, conv_workspace_rule="none"))
+        lo = max(est.stages[k].allocated if k not in fell_back else resident + max(p.total for p in floor[k])
+                 for k in est.stages)
+        allocated_range = (lo, min(est.peak_allocated, capacity))
+    return Boundary(vram=vram, capacity=capacity, verdict="fits-with-fallback" if replay.fallbacks else "fits",
+                    retries=alloc.stats.num_alloc_retries, fallbacks=replay.fallbacks,
+                    peak_reserved=alloc.stats.peak_reserved, allocated_range=allocated_range)
+
+
+# Options that lower the peak, cheapest first: no cost, then a slower or approximate call.
+REMEDIES = (
+    ("expandable_segments", True, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
+    ("safety_checker", False, "safety_checker=None"),
+    ("vae_slicing", True, "pipe.enable_vae_slicing()"),
+    ("vae_tiling", True, "pipe.enable_vae_tiling()"),
+    ("attention_slicing", "auto", "pipe.enable_attention_slicing()"),
+)
+
+
+def suggestions(height, width, vram, prompt=None, prompt_length=None, **options) -> list[tuple[str, Estimate]]:
+    """The remedies (REMEDIES) that make the call fit `vram` at full speed, each alone, with
+    its estimate; a remedy already set, or that changes nothing, is left out."""
+    base = Options(**{k: v for k, v in options.items()})
+    out = []
+    for field, value, how in REMEDIES:
+        if getattr(base, field) == value or (field == "vae_slicing" and base.num_images_per_prompt == 1):
+            continue
+        est = estimate(height, width, prompt, prompt_length, vram=vram, **{**options, field: value})
+        if est.boundary.verdict == "fits":
+            out.append((how, est))
+    return out
 
 
 def f(h, w, prompt_length=77, **kwargs) -> dict:

@@ -1,11 +1,19 @@
 """The largest image whose predicted peak fits a memory budget.
 
-For an aspect W:H the candidates are heights in steps of 8 with width = floor8(height * W / H);
-the predicted peak grows with the height, so a binary search over that one-dimensional ladder
-finds the exact largest step that fits.
+For an aspect W:H the candidates are heights in steps of 8 with width = floor8(height * W / H).
+The predicted peak is not monotone in the image size: the caching allocator's segments are
+(VAE tiling, attention slicing, the small sizes: reserved memory can fall by gigabytes from one
+step to the next, DERIVATION.md section 11), but the allocated peak is, and it bounds the peak
+from below (reserved >= allocated). So the search bisects the allocated peak for the last step
+that could fit, then walks down from it to the first step that does: that is the largest.
+The largest image that fits at all, with cuDNN's workspace fallbacks, is found the same way
+from the allocated peak without any convolution workspace, walking down with the capacity
+replay (estimate(..., vram=budget)).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 from .options import InputError
 
@@ -23,11 +31,35 @@ def width_for(height: int, aspect: tuple[int, int]) -> int:
     return _floor8(height * aw // ah)
 
 
-def _peak(height: int, width: int, quantity: str, options: dict) -> int:
-    from .equation import estimate  # looked up at call time so tests can substitute it
+def _estimate(height: int, options: dict, aspect, profile=None, vram=None):
+    from . import equation  # looked up at call time so tests can substitute it
 
-    est = estimate(height, width, **options)
+    return equation.estimate(height, width_for(height, aspect), vram=vram, _profile=profile, **options)
+
+
+def _allocated(height: int, options: dict, aspect, profile=None) -> int:
+    from . import equation
+
+    return equation.peak_allocated(height, width_for(height, aspect), _profile=profile, **options)
+
+
+def _peak(est, quantity: str) -> int:
     return {"allocated": est.peak_allocated, "reserved": est.peak_reserved, "device": est.peak_device}[quantity]
+
+
+@dataclass
+class MaxSize:
+    """The answer: the largest image that fits at full speed, the step after it, and (for
+    a card's memory, quantity "device") the largest that fits at all with fallbacks."""
+
+    width: int
+    height: int
+    peak: int
+    next_width: int
+    next_height: int
+    next_peak: int
+    fallback_width: int | None = None
+    fallback_height: int | None = None
 
 
 def _check(budget_bytes, aspect, quantity):
@@ -49,42 +81,76 @@ def smallest_height(aspect: tuple[int, int]) -> int:
     return h
 
 
-def max_size(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = "device", **options) -> tuple[int, int]:
-    """(width, height) of the largest image on the aspect's ladder whose predicted peak
-    ``quantity`` (allocated, reserved or device bytes) is at most ``budget_bytes``.
+def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = "device", **options) -> MaxSize:
+    """The largest images on the aspect's ladder whose predicted peak ``quantity``
+    (allocated, reserved or device bytes) is at most ``budget_bytes`` (module docstring).
 
     Options are those of ``estimate``. Raises InputError when not even the smallest image
-    fits (the budget is below what the weights and context alone need).
-    """
+    fits, saying whether the weights and CUDA context alone are over the budget."""
     _check(budget_bytes, aspect, quantity)
+    from . import gpu_profiles
+    from .options import Options
 
-    def fits(h: int) -> bool:
-        return _peak(h, width_for(h, aspect), quantity, options) <= budget_bytes
+    profile = gpu_profiles.get(Options(**options).gpu)
+    fixed = profile.cuda_context if quantity == "device" else 0   # beside the allocated bytes
 
     lo = smallest_height(aspect)
-    if not fits(lo):
-        need = _peak(lo, width_for(lo, aspect), quantity, options)
-        raise InputError(
-            f"a budget of {_human(budget_bytes)} cannot hold even the smallest image, {width_for(lo, aspect)}x{lo}, "
-            f"which needs {_human(need)} ({quantity}): the weights and fixed overheads alone exceed the budget"
-        )
-    # Grow the upper bound geometrically until it no longer fits, then bisect [lo, hi).
+    first = _estimate(lo, options, aspect)
+    if _peak(first, quantity) > budget_bytes:
+        weights = sum(v for k, v in first.breakdown.items() if k.startswith("weights_") or k == "cublas_workspace")
+        what = ("the weights and CUDA context alone need " + _human(weights + fixed)
+                if weights + fixed > budget_bytes else
+                f"the smallest image, {width_for(lo, aspect)}x{lo}, needs {_human(_peak(first, quantity))} ({quantity})")
+        raise InputError(f"nothing fits a budget of {_human(budget_bytes)}: {what}")
+
+    height = _walk_down(_last_step(lambda h: _allocated(h, options, aspect) + fixed <= budget_bytes, lo),
+                        lambda h: _peak(_estimate(h, options, aspect), quantity) <= budget_bytes, lo)
+    nh = height + 8
+    out = MaxSize(width_for(height, aspect), height, _peak(_estimate(height, options, aspect), quantity),
+                  width_for(nh, aspect), nh, _peak(_estimate(nh, options, aspect), quantity))
+    if quantity == "device" and profile.conv_workspace_rule != "none":
+        floor = replace(profile, conv_workspace_rule="none")
+        top = _last_step(lambda h: _allocated(h, options, aspect, floor) + fixed <= budget_bytes, height)
+        h = _walk_down(top, lambda h: _estimate(h, options, aspect, vram=budget_bytes).boundary.verdict != "oom", height)
+        out.fallback_width, out.fallback_height = width_for(h, aspect), h
+    return out
+
+
+def max_size(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = "device", **options) -> tuple[int, int]:
+    """(width, height) of the largest image that fits at full speed (search)."""
+    found = search(budget_bytes, aspect, quantity, **options)
+    return found.width, found.height
+
+
+def _last_step(fits, lo: int) -> int:
+    """The last height (a multiple of 8, from lo on) where the monotone test `fits` holds:
+    grow an upper bound geometrically, then bisect."""
     hi = lo * 2
     while fits(hi):
         lo = hi
         if hi >= _MAX_SIDE:
-            raise InputError(f"a budget of {_human(budget_bytes)} fits images beyond {_MAX_SIDE} px a side")
+            raise InputError(f"the budget fits images beyond {_MAX_SIDE} px a side")
         hi *= 2
-    lo_step, hi_step = lo // 8, hi // 8        # fits(lo) is True, fits(hi) is False
+    lo_step, hi_step = lo // 8, hi // 8        # fits(lo) holds, fits(hi) does not
     while hi_step - lo_step > 1:
         mid = (lo_step + hi_step) // 2
         if fits(mid * 8):
             lo_step = mid
         else:
             hi_step = mid
-    height = lo_step * 8
-    return width_for(height, aspect), height
+    return lo_step * 8
+
+
+def _walk_down(top: int, fits, lo: int) -> int:
+    """The first height from `top` down to `lo` where `fits` holds (lo always does)."""
+    h = top
+    while h > lo and not fits(h):
+        h -= 8
+    return h
 
 
 def _human(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

@@ -59,7 +59,12 @@ def weights_table() -> str:
     from math import prod
 
     from . import architecture as arch
-    from .allocator import pack, round_size
+    from .allocator import CachingAllocator, round_size
+
+    def pack(sizes, expandable=False):
+        a = CachingAllocator(expandable)
+        allocated = sum(a.malloc(n).size for n in sizes)
+        return allocated, a.reserved
 
     lines = ["| model | parameters | tensors | bytes (fp16, each rounded to 512 B) | allocator blocks |",
              "|---|---:|---:|---:|---:|"]

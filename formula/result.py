@@ -16,6 +16,45 @@ class StagePeak:
 
 
 @dataclass
+class OOM:
+    """Where a call runs out of memory: the allocation PyTorch fails on and its numbers."""
+
+    stage: str
+    operation: str
+    requested_bytes: int         # "Tried to allocate": the segment the allocator asked for
+    allocated_bytes: int         # allocated by PyTorch when it failed
+    reserved_bytes: int          # reserved by PyTorch then (after releasing cached segments)
+    message: str                 # PyTorch's message, as it would print it
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "operation": self.operation, "requested_bytes": self.requested_bytes,
+                "allocated_bytes": self.allocated_bytes, "reserved_bytes": self.reserved_bytes,
+                "message": self.message}
+
+
+@dataclass
+class Boundary:
+    """The call under a memory budget, as PyTorch's OOM path runs it (DERIVATION.md section 11)."""
+
+    vram: int                    # the card's memory, bytes
+    capacity: int                # what the caching allocator may reserve: vram less the CUDA context
+    verdict: str                 # "fits", "fits-with-fallback" or "oom"
+    retries: int = 0             # num_alloc_retries: cached segments released to make room
+    fallbacks: list = field(default_factory=list)    # (stage, convolution) run without workspace
+    oom: OOM | None = None
+    peak_reserved: int | None = None                 # under the capacity, when it differs
+    allocated_range: tuple[int, int] | None = None   # with fallbacks: [no workspace, full]
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "vram_bytes": self.vram, "capacity_bytes": self.capacity,
+                "num_alloc_retries": self.retries,
+                "fallbacks": [{"stage": st, "operation": op} for st, op in self.fallbacks],
+                "oom": self.oom.to_dict() if self.oom else None,
+                "peak_reserved_bytes": self.peak_reserved,
+                "peak_allocated_range_bytes": list(self.allocated_range) if self.allocated_range else None}
+
+
+@dataclass
 class Estimate:
     height: int                  # after rounding down to a multiple of 8
     width: int
@@ -29,9 +68,10 @@ class Estimate:
     breakdown: dict[str, int]    # components alive at the peak, plus reserve, context
     options: dict
     gpu_profile: str
+    boundary: Boundary | None = None   # with a budget (estimate(..., vram=...))
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "height": self.height,
             "width": self.width,
             "prompt_tokens": self.prompt_tokens,
@@ -49,3 +89,8 @@ class Estimate:
             "options": dict(self.options),
             "gpu_profile": self.gpu_profile,
         }
+        if self.boundary is not None:
+            out["verdict"] = self.boundary.verdict
+            out["boundary"] = self.boundary.to_dict()
+            out["oom"] = self.boundary.oom.to_dict() if self.boundary.oom else None
+        return out

@@ -21,29 +21,38 @@ blocks the big maps leave cached.
 from __future__ import annotations
 
 from .activations import FP16, conv_workspace, nbytes, upsampler_workspace
-from .allocator import Segments
+from .allocator import CachingAllocator, OutOfMemoryError
 
 
 class Schedule:
-    """Replays allocations and frees through the allocator model as they are written."""
+    """Replays allocations and frees through the allocator model as they are written.
 
-    def __init__(self, seg: Segments, ws_rule: str, batch: int):
-        self.seg, self.ws_rule, self.b = seg, ws_rule, batch
-        self._blocks: dict[int, int] = {}
+    fallbacks: under a memory capacity, a convolution whose workspace cannot be had runs the
+    next engine of cuDNN's list instead (Conv_v8.cpp try_configs catches the OOM); the list
+    ends with engines that take none, and the engines between are unmeasured, so the replay
+    falls back to no workspace and names the convolution here. None: the OOM propagates."""
+
+    def __init__(self, seg: CachingAllocator, ws_rule: str, batch: int, fallbacks: list | None = None):
+        self.seg, self.ws_rule, self.b, self.fallbacks = seg, ws_rule, batch, fallbacks
+        self._blocks: dict[int, object] = {}
         self._next = 0
 
-    def new(self, c: int, h: int, w: int) -> int:
-        return self._alloc(self.b * c * h * w * FP16)  # the allocator rounds
+    def new(self, c: int, h: int, w: int, what: str = "") -> int:
+        return self._alloc(self.b * c * h * w * FP16, what or f"feature map ({self.b}, {c}, {h}, {w})")
 
-    def _alloc(self, size: int) -> int:
+    def _alloc(self, size: int, what: str = "") -> int:
         t = self._next
         self._next += 1
-        self._blocks[t] = self.seg.alloc_one(size)
+        try:
+            self._blocks[t] = self.seg.malloc(size)
+        except OutOfMemoryError as e:
+            e.operation = what or f"tensor of {size:,} B"
+            raise
         return t
 
     def free(self, *tensors: int) -> None:
         for t in tensors:
-            self.seg.free_one(self._blocks.pop(t))
+            self.seg.free(self._blocks.pop(t))
 
     def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None,
              ws: str = "") -> int:
@@ -51,7 +60,8 @@ class Schedule:
         transposed), "0", "output", "input + output" (1x1 convs), "upsampler" (the decoder's
         full-resolution upsampler, activations.upsampler_workspace)."""
         oh, ow = out_hw or (h // stride, w // stride)
-        y = self.new(c_out, oh, ow)
+        op = f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
+        y = self.new(c_out, oh, ow, f"{op}: output")
         i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
         if self.ws_rule == "none":
             ws = 0
@@ -61,7 +71,12 @@ class Schedule:
         else:
             ws = conv_workspace(self.ws_rule, i, o, f)
         if ws:
-            self.free(self._alloc(ws))
+            try:
+                self.free(self._alloc(ws, f"{op}: cuDNN workspace"))
+            except OutOfMemoryError:
+                if self.fallbacks is None:
+                    raise
+                self.fallbacks.append(op)
         return y
 
     def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, shortcut_ws: str = "input + output",
@@ -85,9 +100,10 @@ class Schedule:
         return out
 
 
-def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256, 512, 512), layers: int = 2) -> None:
+def vae_encoder(seg: CachingAllocator, H: int, W: int, ws_rule: str, channels=(128, 256, 512, 512), layers: int = 2,
+                fallbacks: list | None = None) -> None:
     """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
-    s = Schedule(seg, ws_rule, 1)
+    s = Schedule(seg, ws_rule, 1, fallbacks)
     h, w = H, W
     sample = s.conv(None, 3, channels[0], 3, h, w, ws="weight")   # channels-last image (probe)
     c_prev = channels[0]
@@ -99,7 +115,7 @@ def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256,
                 s.free(x)
             x = y
         if i == 0:
-            p = s._alloc(nbytes(1, c, h + 1, w + 1))  # F.pad(x, (0, 1, 0, 1))
+            p = s._alloc(nbytes(1, c, h + 1, w + 1), f"F.pad ({c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
             y = s.conv(p, c, c, 3, h, w, stride=2, ws="weight")
             s.free(p, x)
             x = y
@@ -110,9 +126,10 @@ def vae_encoder(seg: Segments, H: int, W: int, ws_rule: str, channels=(128, 256,
     s.free(sample)
 
 
-def vae_decoder(seg: Segments, b: int, H: int, W: int, ws_rule: str, channels=(512, 512, 256, 128), layers: int = 3) -> None:
+def vae_decoder(seg: CachingAllocator, b: int, H: int, W: int, ws_rule: str, channels=(512, 512, 256, 128),
+                layers: int = 3, fallbacks: list | None = None) -> None:
     """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image."""
-    s = Schedule(seg, ws_rule, b)
+    s = Schedule(seg, ws_rule, b, fallbacks)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
     u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
@@ -181,13 +198,13 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
     return out
 
 
-def unet(seg: Segments, B: int, levels: list[tuple[int, int]], ws_rule: str,
-         channels=(320, 640, 1280, 1280), layers: int = 2) -> None:
+def unet(seg: CachingAllocator, B: int, levels: list[tuple[int, int]], ws_rule: str,
+         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None) -> None:
     """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
-    s = Schedule(seg, ws_rule, B)
+    s = Schedule(seg, ws_rule, B, fallbacks)
     sample = s.conv(None, 4, channels[0], 3, *levels[0], ws="0")   # conv_in: no workspace (probe)
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]

@@ -74,26 +74,37 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
-}
-_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# Binary units (KiB, MiB, GiB, TiB; K, M, G, T as nvidia-smi and `free` mean them) and decimal
+# ones (kB, MB, GB, TB: 10^3 steps, as card boxes and disk makers write them).
+_UNITS = {"b": (1, "bytes")}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS[_p] = _UNITS[_p + "ib"] = _UNITS[_p + "i"] = (1 << (10 * _i), f"{_p.upper()}iB, 2^{10 * _i} B")
+    _UNITS[_p + "b"] = (10 ** (3 * _i), f"{'k' if _p == 'k' else _p.upper()}B, 10^{3 * _i} B")
+_BUDGET_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{0,9})?|\.\d{1,9})\s*([a-zA-Z]*)\s*$")
+_MAX_BUDGET = 1 << 50   # 1 PiB: far beyond any GPU
 
 
-def parse_budget(text: str) -> int:
-    """'8GiB', '8 GiB', '8192MiB', '8G', '7.5GB' or plain bytes -> bytes (binary units:
-    G, GB and GiB all mean 2**30, as GPU vendors' '8 GB' cards hold 8 GiB)."""
+def parse_budget(text: str) -> tuple[int, str]:
+    """'8GiB', '8 GiB', '8192MiB', '8G' (binary), '8GB' (decimal) or a byte count of at least
+    1 MiB -> (bytes, how the unit was read)."""
     m = _BUDGET_RE.match(text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"malformed memory budget {text!r}: expected e.g. 8GiB, 8192MiB, 8G or a number of bytes")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in _UNITS):
+        raise InputError(f"malformed memory budget {text!r}: expected e.g. 8GiB, 8GB, 8192MiB or a number of bytes")
+    if float(m.group(1)) == 0:
+        raise InputError(f"the memory budget must be positive, got {text!r}")
+    if not unit:
+        if float(m.group(1)) < 1 << 20:
+            raise InputError(f"memory budget {text!r} has no unit and would be {m.group(1)} bytes: "
+                             f"write e.g. {m.group(1)}GiB or {m.group(1)}GB")
+        unit = "b"
+    scale, read_as = _UNITS[unit]
+    value = int(float(m.group(1)) * scale)
     if value < 1:
         raise InputError(f"the memory budget must be positive, got {text!r}")
-    return int(value)
+    if value > _MAX_BUDGET:
+        raise InputError(f"a memory budget of {text!r} is beyond any GPU (more than 1 PiB)")
+    return value, read_as
 
 
 def parse_aspect(text: str) -> tuple[int, int]:
@@ -233,6 +244,8 @@ def fmt_bytes(n: float) -> str:
     """Binary units with the unit: 1.23 GiB, 456.7 MiB, 12.0 KiB, 512 B."""
     sign = "-" if n < 0 else ""
     n = abs(n)
+    if n >= 1 << 40:
+        return f"{sign}{n / (1 << 40):.2f} TiB"
     if n >= 1 << 30:
         return f"{sign}{n / (1 << 30):.2f} GiB"
     if n >= 1 << 20:
@@ -394,7 +407,11 @@ def cmd_estimate(args) -> int:
     opts = {**case.get("options", {}), **_option_kwargs(args)}
     options = Options(**opts)  # validates before the equation runs
     prompt = _prompt_kwargs(args, case)
-    est = equation.estimate(case["height"], case["width"], **prompt, **opts)
+    vram, read_as = parse_budget(args.vram) if args.vram is not None else (None, "")
+    budget = {} if vram is None else {"vram": vram}
+    est = equation.estimate(case["height"], case["width"], **prompt, **budget, **opts)
+    fixes = (equation.suggestions(case["height"], case["width"], vram, **prompt, **opts)
+             if est.boundary is not None and est.boundary.verdict != "fits" else [])
     warning = _truncation_warning(est)
     if warning:
         print(warning, file=sys.stderr)
@@ -402,10 +419,17 @@ def cmd_estimate(args) -> int:
         import json
 
         d = est.to_dict()
+        if vram is not None:
+            d["boundary"]["vram_read_as"] = read_as
+            d["suggestions"] = [{"change": how, "peak_device_bytes": e.peak_device, "peak_allocated_bytes": e.peak_allocated}
+                                for how, e in fixes]
         if args.compare:
             d["compare"] = {r["name"]: r["bytes"] for r in compare_rows(est, options, prompt.get("prompt_length"))}
         print(json.dumps(d, indent=2))
         return 0
+    if est.boundary is not None:
+        print(format_verdict(est, read_as, fixes))
+        print()
     print(format_estimate(est, case["source"], options))
     if args.compare:
         print()
@@ -414,32 +438,73 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-def cmd_max_size(args) -> int:
-    from sd_vram.formula import equation
-    from sd_vram.formula.maxsize import max_size, width_for
+def format_verdict(est, read_as: str, fixes) -> str:
+    """The answer under a budget, first: fits, fits with fallbacks, or where it runs out."""
+    b = est.boundary
+    of = f"of {fmt_bytes(b.vram)} (read as {read_as})"
+    context = est.peak_device - est.peak_reserved
+    if b.verdict == "fits" and not b.retries:
+        lines = [f"fits: needs {fmt_bytes(est.peak_device)} {of}"]
+    elif b.verdict == "fits":
+        lines = [f"fits: needs {fmt_bytes(b.peak_reserved + context)} {of} once the caching allocator releases its "
+                 f"cached segments ({b.retries} time{'s' if b.retries > 1 else ''}), as PyTorch does before it "
+                 f"runs out; {fmt_bytes(est.peak_device)} on a larger card"]
+    elif b.verdict == "fits-with-fallback":
+        lo, hi = b.allocated_range
+        ops = "; ".join(sorted({f"{st}: {op}" for st, op in b.fallbacks}))
+        lines = [f"fits only with cuDNN fallbacks (slower) at {ops}",
+                 f"  {fmt_bytes(lo)} to {fmt_bytes(hi)} allocated {of}: cuDNN runs those convolutions with a "
+                 "smaller or no workspace (which engine is not measured)"]
+    else:
+        o = b.oom
+        lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
+                 f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}"]
+        if o.message:
+            lines.append(f"  PyTorch would say: {o.message}")
+    if b.verdict != "fits":
+        if fixes:
+            lines.append("makes it fit at full speed, each alone:")
+            lines += [f"  {how}: needs {fmt_bytes(e.peak_device)}" for how, e in fixes]
+        else:
+            lines.append("no single option of " + ", ".join(h for _, _, h in _REMEDY_NAMES()) +
+                         " makes it fit at full speed")
+    return "\n".join(lines)
 
-    budget = parse_budget(args.vram)
+
+def _REMEDY_NAMES():
+    from sd_vram.formula.equation import REMEDIES
+
+    return REMEDIES
+
+
+def cmd_max_size(args) -> int:
+    from sd_vram.formula.maxsize import search
+
+    budget, read_as = parse_budget(args.vram)
     aspect = parse_aspect(args.aspect)
     opts = _option_kwargs(args)
-    Options(**opts)
-    width, height = max_size(budget, aspect=aspect, quantity=args.quantity, **opts)
-    attr = {"allocated": "peak_allocated", "reserved": "peak_reserved", "device": "peak_device"}[args.quantity]
-    peak = getattr(equation.estimate(height, width, **opts), attr)
-    nh = height + 8
-    nw = width_for(nh, aspect)
-    next_peak = getattr(equation.estimate(nh, nw, **opts), attr)
+    options = Options(**opts)
+    found = search(budget, aspect=aspect, quantity=args.quantity, **opts)
+    fallback = None if found.fallback_height is None else {"width": found.fallback_width, "height": found.fallback_height}
     if args.json:
         import json
 
-        print(json.dumps({"width": width, "height": height, "aspect": list(aspect), "quantity": args.quantity,
-                          "budget_bytes": budget, "peak_bytes": peak,
-                          "next": {"width": nw, "height": nh, "peak_bytes": next_peak}}, indent=2))
+        print(json.dumps({"width": found.width, "height": found.height, "aspect": list(aspect),
+                          "quantity": args.quantity, "budget_bytes": budget, "budget_read_as": read_as,
+                          "peak_bytes": found.peak,
+                          "next": {"width": found.next_width, "height": found.next_height,
+                                   "peak_bytes": found.next_peak},
+                          "with_fallbacks": fallback, "gpu_profile": options.gpu,
+                          "options": options.to_dict()}, indent=2))
         return 0
-    print(f"{width}x{height}")
+    print(f"{found.width}x{found.height}")
     print(f"the largest {aspect[0]}:{aspect[1]} image (sides multiples of 8) whose predicted peak {args.quantity} memory "
-          f"fits {_exact(budget)}:")
-    print(f"  {width}x{height} needs {_exact(peak)}")
-    print(f"  the next step, {nw}x{nh}, needs {_exact(next_peak)}")
+          f"fits {_exact(budget)} ({read_as}) at full speed (GPU profile {options.gpu}):")
+    print(f"  {found.width}x{found.height} needs {_exact(found.peak)}")
+    print(f"  the next step, {found.next_width}x{found.next_height}, needs {_exact(found.next_peak)}")
+    if fallback is not None and found.fallback_height > found.height:
+        print(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
+              "workspaces (slower; derived, not measured)")
     return 0
 
 
@@ -539,13 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help=image_help)
     _add_prompt(p)
     _add_options(p)
+    p.add_argument("--vram", metavar="BUDGET", help="the card's memory: 8GiB or 8G (2^30 B), 8GB (10^9 B), "
+                   "8192MiB; answers fits / fits with fallbacks / out of memory at an operation first")
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     p.add_argument("--compare", action="store_true", help="also show the baseline estimators for the same input")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("max-size", help="largest image that fits a memory budget",
                        description="Largest image (sides multiples of 8) whose predicted peak fits the budget.")
-    p.add_argument("--vram", required=True, metavar="BUDGET", help="budget: 8GiB, 8 GiB, 8192MiB, 8G (= GiB) or bytes")
+    p.add_argument("--vram", required=True, metavar="BUDGET", help="budget: 8GiB or 8G (2^30 B), 8GB (10^9 B), 8192MiB, or bytes")
     p.add_argument("--aspect", default="1:1", metavar="W:H", help="aspect ratio, width:height (default 1:1)")
     p.add_argument("--quantity", choices=["allocated", "reserved", "device"], default="device",
                    help="which peak must fit: torch allocated, torch reserved, or the device as NVML sees it (default device)")

@@ -3,12 +3,12 @@
 ``simulate(height, width, ...)`` runs the real StableDiffusionImg2ImgPipeline.__call__ on
 fake CUDA tensors (core.py), records every storage allocation and free (recorder.py), picks
 the SDPA kernels the GPU would pick (sdpa.py) and replays the stream through a model of
-PyTorch's CUDA caching allocator (allocator.py).
+PyTorch's CUDA caching allocator (the equation's own: sd_vram.formula.allocator).
 """
 
 from __future__ import annotations
 
-from .allocator import CachingAllocator, get_allocation_size, replay, round_size
+from sd_vram.formula.allocator import CachingAllocator, get_allocation_size, replay, round_size
 from .profile import DEFAULT_PROFILE, GPUProfile, get_profile
 from .result import LiveTensor, SimResult, StageSim
 
@@ -17,7 +17,8 @@ __all__ = ["simulate", "SimResult", "StageSim", "LiveTensor", "GPUProfile", "DEF
 
 
 def simulate(height: int, width: int, prompt: str | None = None, prompt_length: int | None = None,
-             *, profile: GPUProfile | None = None, steps="auto", history=(), **options) -> SimResult:
+             *, profile: GPUProfile | None = None, steps="auto", history=(), vram: int | None = None,
+             **options) -> SimResult:
     """Simulate one img2img call on an image of height x width pixels.
 
     options: fields of sd_vram.formula.options.Options (guidance_scale, strength,
@@ -28,6 +29,8 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     steps: "auto" (the fewest UNet evaluations that reach the same peak), "full", or an int.
     history: the GPU suite's earlier model moves before this call, e.g. ("-safety_checker",
     "+safety_checker") after a case without the safety checker (core.resident_setup).
+    vram: the card's memory in bytes: the replay runs under vram less the profile's CUDA
+    context, with PyTorch's OOM path (SimResult.fallbacks, num_alloc_retries, oom).
     The call starts from the state the GPU suite measures from: cuBLAS/cuBLASLt workspaces
     kept from its probes, the weights as sd_vram.models.build_pipeline("cuda") allocates them.
     """
@@ -47,5 +50,6 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
 
     recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,
                                                  profile=prof, steps=steps, history=tuple(history))
+    capacity = None if vram is None else vram - prof.cuda_context
     return build_result(recorder, start, end, info, height=h, width=w, options=opts, profile=prof,
-                        expandable_segments=opts.expandable_segments)
+                        expandable_segments=opts.expandable_segments, capacity=capacity)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from sd_vram.stages import STAGES
 
-from .allocator import CachingAllocator, round_size
+from sd_vram.formula.allocator import CachingAllocator, OutOfMemoryError, apply, round_size
 
 
 @dataclass
@@ -62,6 +62,11 @@ class SimResult:
     # NVML's view: peak_reserved + the profile's CUDA context and library handles (not
     # simulated; the H200 archive measured 697-715 MiB above torch's reserved memory)
     peak_device: int = 0
+    # under a capacity (simulate(..., vram=...)): convolutions run without their workspace
+    # (stage, module), cached segments released, and where the call ran out of memory
+    fallbacks: list = field(default_factory=list)
+    num_alloc_retries: int = 0
+    oom: dict | None = None
 
     # -- diagnosis ----------------------------------------------------------------------
     def live_at(self, index: int) -> list[LiveTensor]:
@@ -153,13 +158,17 @@ class SimResult:
 
 
 def build_result(recorder, start, end, info, *, height, width, options, profile,
-                 expandable_segments=False) -> SimResult:
+                 expandable_segments=False, capacity: int | None = None) -> SimResult:
     """Replay the events through the allocator model and read the peaks as the GPU suite
     does (plugin/gpu.py measure): reset_peak_memory_stats() before the call and at every
-    stage boundary, so a stage's peak starts from the level at its boundary."""
+    stage boundary, so a stage's peak starts from the level at its boundary.
+
+    capacity: the bytes the allocator may reserve. A cuDNN workspace that cannot be had is
+    skipped (the next engine of cuDNN's list, down to none: Conv_v8.cpp try_configs); any
+    other allocation that fails ends the replay there (SimResult.oom)."""
     events = recorder.events[:end]
-    alloc = CachingAllocator(expandable_segments, profile.total_memory)
-    blocks = {}
+    alloc = CachingAllocator(expandable_segments, profile.total_memory, capacity)
+    blocks: dict = {}
     a_series, r_series = [], []
     stage_peak: dict[str, list] = {}
     peak_a, peak_i, peak_r = -1, -1, 0
@@ -167,6 +176,9 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
     weight_keys: set = set()
     weights_bytes = 0
     prev_stage = None
+    skipped: set = set()          # workspaces cuDNN ran without (their free is skipped too)
+    fallbacks: list[tuple[str, str]] = []
+    oom = None
     for i, ev in enumerate(events):
         if i == start:
             resident = (alloc.stats.allocated, alloc.stats.reserved)
@@ -179,16 +191,24 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
                 sp[0], sp[2] = a0, max(i - 1, 0)
             sp[1] = max(sp[1], r0)
             prev_stage = ev.stage
-        if ev.kind == "alloc":
-            blocks[ev.key] = b = alloc.malloc(ev.nbytes)
-            ev.block = b.size
-            if i < start and ev.op.startswith("weights:") and not ev.op.endswith(":arange"):
-                weight_keys.add(ev.key)
-        elif ev.kind == "free":
-            alloc.free(blocks.pop(ev.key))
-            weight_keys.discard(ev.key)
+        if ev.kind == "free" and ev.key in skipped:
+            skipped.discard(ev.key)
         else:
-            alloc.empty_cache()
+            try:
+                block = apply(alloc, blocks, ev)
+            except OutOfMemoryError as e:
+                if ev.op != "cudnn_convolution:workspace":
+                    oom = (ev, e)
+                    break
+                skipped.add(ev.key)       # Conv_v8.cpp try_configs: the next engine, none at last
+                fallbacks.append((ev.stage, ev.module))
+                block = None
+            if block is not None:
+                ev.block = block.size
+                if i < start and ev.op.startswith("weights:") and not ev.op.endswith(":arange"):
+                    weight_keys.add(ev.key)
+            elif ev.kind == "free":
+                weight_keys.discard(ev.key)
         a, r = alloc.stats.allocated, alloc.stats.reserved
         a_series.append(a)
         r_series.append(r)
@@ -202,7 +222,7 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
             sp[1] = max(sp[1], r)
     if start >= len(events):
         resident = (alloc.stats.allocated, alloc.stats.reserved)
-        weights_bytes = sum(blocks[k].size for k in weight_keys)
+        weights_bytes = sum(blocks[k] for k in weight_keys)
     stages = {}
     for name in STAGES:
         if name in stage_peak:
@@ -219,7 +239,12 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
         unet_evals=info.get("unet_evals", 0), seconds=info.get("seconds", 0.0),
         expandable_segments=expandable_segments, events=events, allocated_series=a_series,
         reserved_series=r_series, call_start=start, resident_allocated=resident[0],
-        resident_reserved=resident[1], peak_device=peak_r + (getattr(profile, "cuda_context", 0) or 0))
+        resident_reserved=resident[1], peak_device=peak_r + (getattr(profile, "cuda_context", 0) or 0),
+        fallbacks=fallbacks, num_alloc_retries=alloc.stats.num_alloc_retries)
+    if oom is not None:
+        ev, e = oom
+        res.oom = {"stage": ev.stage, "operation": ev.op, "module": ev.module, "requested_bytes": e.requested,
+                   "allocated_bytes": e.allocated, "reserved_bytes": e.reserved}
     if peak_i >= 0:
         res.live_at_peak = res.live_at(peak_i)
     return res

@@ -307,7 +307,7 @@ def test_specific_error_messages(tmp_path, capsys):
     assert "not allowed with argument --prompt" in call(capsys, "estimate", "640x427", "--prompt", "x",
                                                          "--prompt-length", "1")[2]
     assert "zero side" in call(capsys, "max-size", "--vram", "8GiB", "--aspect", "3:0")[2]
-    assert "weights and fixed overheads alone" in call(capsys, "max-size", "--vram", "1GiB")[2]
+    assert "the weights and CUDA context alone need" in call(capsys, "max-size", "--vram", "1GiB")[2]
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,13 +315,40 @@ def test_specific_error_messages(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 
 def test_parse_budget():
-    assert parse_budget("8GiB") == parse_budget("8 GiB") == parse_budget("8G") == parse_budget("8gb") == 8 * 2**30
-    assert parse_budget("8192MiB") == 8 * 2**30
-    assert parse_budget("7.5GiB") == int(7.5 * 2**30)
-    assert parse_budget("123456789") == 123_456_789
-    for bad in ("abc", "-8GiB", "8XB", "0", "", "GiB", "8 G i B"):
+    gib = (8 * 2**30, "GiB, 2^30 B")
+    assert parse_budget("8GiB") == parse_budget("8 GiB") == parse_budget("8G") == parse_budget("8gi") == gib
+    assert parse_budget("8GB") == parse_budget("8gb") == (8 * 10**9, "GB, 10^9 B")   # decimal, as card boxes
+    assert parse_budget("8192MiB")[0] == 8 * 2**30 and parse_budget("8000MB")[0] == 8 * 10**9
+    assert parse_budget("7.5GiB")[0] == int(7.5 * 2**30)
+    assert parse_budget("123456789") == (123_456_789, "bytes")        # a bare byte count of >= 1 MiB
+    for bad in ("abc", "-8GiB", "8XB", "0", "0GiB", "", "GiB", "8 G i B", "8.5.5G", "2PiB", "9" * 5000):
         with pytest.raises(InputError):
             parse_budget(bad)
+
+
+def test_a_budget_without_a_unit_is_refused_with_a_hint(capsys):
+    """`--vram 8` used to mean 8 bytes, silently."""
+    rc, out, err = call(capsys, "max-size", "--vram", "8")
+    assert rc == 2 and "has no unit and would be 8 bytes: write e.g. 8GiB or 8GB" in err
+
+
+def test_budgets_beyond_any_card_or_the_named_one_are_refused(capsys):
+    rc, _, err = call(capsys, "estimate", "balloon", "--vram", "2048TiB")
+    assert rc == 2 and "beyond any GPU" in err
+    rc, _, err = call(capsys, "estimate", "balloon", "--gpu-profile", "h200", "--vram", "200GiB")
+    assert rc == 2 and "more than the NVIDIA H200's 150,109,880,320 B" in err and len(err.splitlines()) == 1
+
+
+def test_small_budgets_print_their_unit(capsys):
+    """`--vram 1KiB` used to report "0.0 MiB", and any failure was blamed on the weights."""
+    rc, _, err = call(capsys, "max-size", "--vram", "1048576")
+    assert rc == 2 and "1.00 MiB" in err and "the weights and CUDA context alone need" in err
+    # a budget the weights fit but the smallest image does not (CUDA context + weights ~ 3.3 GiB)
+    from sd_vram.formula import estimate
+
+    small = estimate(8, 8)
+    rc, _, err = call(capsys, "max-size", "--vram", str(small.peak_device - 1))
+    assert rc == 2 and "the smallest image, 8x8, needs" in err
 
 
 def test_parse_size_and_aspect():
@@ -368,7 +395,7 @@ def test_max_size_options_matter():
 
 
 def test_max_size_budget_below_weights():
-    with pytest.raises(InputError, match="weights and fixed overheads alone"):
+    with pytest.raises(InputError, match="weights and CUDA context alone"):
         max_size(2**30)
 
 

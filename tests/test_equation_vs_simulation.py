@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 
 from sd_vram.formula import estimate, gpu_profiles, schedule  # noqa: E402
 from sd_vram.formula.activations import Shape  # noqa: E402
-from sd_vram.formula.allocator import SMALL_SIZE, Segments, round_size  # noqa: E402
+from sd_vram.formula.allocator import CachingAllocator, kSmallSize, round_size  # noqa: E402
 from sd_vram.simulation import simulate  # noqa: E402
 
 ALLOCATED_BAND, RESERVED_BAND = 0.01, 0.03
@@ -77,7 +77,7 @@ class _OrderLog:
         self._allocs = 0
 
     def alloc(self, key, nbytes: int) -> None:
-        if round_size(nbytes) > SMALL_SIZE:
+        if round_size(nbytes) > kSmallSize:
             self._number[key] = self._allocs
             self.log.append(("alloc", round_size(nbytes), self._allocs))
             self._allocs += 1
@@ -87,21 +87,21 @@ class _OrderLog:
             self.log.append(("free", 0, self._number.pop(key)))
 
 
-class _RecordingSegments(Segments):
+class _RecordingAllocator(CachingAllocator):
     """The equation's allocator model, logging what it is asked for (_OrderLog)."""
 
     def __init__(self):
         super().__init__()
         self.order = _OrderLog()
 
-    def alloc_one(self, n):
-        b = super().alloc_one(n)
+    def malloc(self, n):
+        b = super().malloc(n)
         self.order.alloc(id(b), n)
         return b
 
-    def free_one(self, b):
+    def free(self, b):
         self.order.free(id(b))
-        super().free_one(b)
+        super().free(b)
 
 
 def _unet_order(events) -> list[tuple[str, int, int]]:
@@ -121,7 +121,7 @@ def test_unet_schedule_follows_simulation():
     the segments). 1024 x 1040: levels 128x130, 64x65, 32x33, 16x17 test the ceil and the
     upsamplers' target sizes; every level's maps are above 1 MiB."""
     sim = simulate(1024, 1040, prompt_length=20, steps=1, **PROFILE)
-    seg = _RecordingSegments()
+    seg = _RecordingAllocator()
     levels = [Shape(H=1024, W=1040, n=1, B=2, cfg=True).level(i) for i in range(4)]
     schedule.unet(seg, 2, levels, gpu_profiles.get("h200").conv_workspace_rule)
     expected = _unet_order(sim.events)

@@ -4,111 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sd_vram.simulation.allocator import (CachingAllocator, get_allocation_size, kLargeBuffer,
-                                          kSmallBuffer, replay, round_size)
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-# --------------------------------------------------------------------------------------
-# allocator model: hand-worked cases from CUDACachingAllocator.cpp's rules
-# --------------------------------------------------------------------------------------
-
-def test_round_size_and_segment_sizes():
-    assert round_size(1) == 512 and round_size(512) == 512 and round_size(513) == 1024
-    assert get_allocation_size(512) == 2 * MiB            # small pool: 2 MiB segment
-    assert get_allocation_size(1 * MiB) == 2 * MiB         # 1 MiB is still "small"
-    assert get_allocation_size(1 * MiB + 512) == 20 * MiB  # 1-10 MiB: kLargeBuffer
-    assert get_allocation_size(10 * MiB) == 10 * MiB       # >= 10 MiB: own segment
-    assert get_allocation_size(11 * MiB + 1) == 12 * MiB   # rounded up to 2 MiB
-
-
-def test_small_requests_share_a_2mib_segment():
-    a = CachingAllocator()
-    x = a.malloc(100)
-    y = a.malloc(700)
-    assert (a.allocated, a.reserved) == (512 + 1024, 2 * MiB)
-    assert y.ptr == x.ptr + 512                            # split front-to-back
-    a.free(x)
-    z = a.malloc(200)                                      # best fit: x's 512 B block
-    assert z.ptr == x.ptr and a.reserved == 2 * MiB
-
-
-def test_medium_request_splits_a_20mib_segment():
-    a = CachingAllocator()
-    a.malloc(int(1.5 * MiB))
-    a.malloc(int(1.5 * MiB))
-    assert a.reserved == 20 * MiB
-    assert a.allocated == 3 * MiB
-
-
-def test_large_unsplit_remainder_counts_as_allocated():
-    a = CachingAllocator()
-    a.malloc(int(19.5 * MiB))            # segment 20 MiB; remainder 0.5 MiB <= 1 MiB: no split
-    assert a.reserved == 20 * MiB
-    assert a.allocated == 20 * MiB
-
-
-def test_large_split_when_remainder_above_1mib_and_best_fit():
-    a = CachingAllocator()
-    b = a.malloc(int(18.5 * MiB))        # 20 MiB segment, remainder 1.5 MiB > 1 MiB: split
-    assert a.allocated == int(18.5 * MiB)
-    c = a.malloc(int(1.2 * MiB))         # fits the 1.5 MiB remainder; 0.3 MiB left: no split
-    assert c.ptr == b.ptr + int(18.5 * MiB)
-    assert a.allocated == 20 * MiB and a.reserved == 20 * MiB
-
-
-def test_best_fit_prefers_smallest_cached_block():
-    a = CachingAllocator()
-    x = a.malloc(12 * MiB)
-    y = a.malloc(14 * MiB)
-    a.free(x)
-    a.free(y)
-    z = a.malloc(11 * MiB)               # 12 MiB block fits best; 1 MiB left is not > 1 MiB
-    assert z.ptr == x.ptr and z.size == 12 * MiB
-    assert a.reserved == 26 * MiB
-
-
-def test_free_blocks_coalesce():
-    a = CachingAllocator()
-    blocks = [a.malloc(2 * MiB) for _ in range(3)]   # one 20 MiB segment
-    a.free(blocks[0])
-    a.free(blocks[1])                                # merges with blocks[0]
-    big = a.malloc(4 * MiB)
-    assert big.ptr == blocks[0].ptr
-    assert a.reserved == 20 * MiB and a.allocated == 6 * MiB
-
-
-def test_freed_memory_is_cached_not_returned():
-    a = CachingAllocator()
-    x = a.malloc(100 * MiB)
-    a.free(x)
-    assert a.allocated == 0 and a.reserved == 100 * MiB
-    a.malloc(50 * MiB)                               # reuses the cached segment (split)
-    assert a.reserved == 100 * MiB
-
-
-def test_expandable_segments_map_pages_on_demand():
-    a = CachingAllocator(expandable_segments=True, total_memory=80 << 30)
-    a.malloc(100)
-    assert a.reserved == kSmallBuffer                # one 2 MiB page of the small segment
-    a.malloc(int(1.5 * MiB))
-    assert a.reserved == kSmallBuffer + kLargeBuffer  # one 20 MiB page of the large segment
-    a.malloc(25 * MiB)                               # 18.5 MiB free in the page + 1 new page
-    assert a.reserved == kSmallBuffer + 2 * kLargeBuffer
-    assert a.allocated == 512 + int(1.5 * MiB) + 25 * MiB
-    # without expandable segments the 25 MiB request gets its own 26 MiB segment
-    b = CachingAllocator()
-    b.malloc(100), b.malloc(int(1.5 * MiB)), b.malloc(25 * MiB)
-    assert b.reserved == kSmallBuffer + kLargeBuffer + 26 * MiB
-
-
-def test_replay_counts_peak_from_start():
-    events = [("alloc", 1, 100 * MiB), ("free", 1, 100 * MiB), ("alloc", 2, 10 * MiB),
-              ("alloc", 3, 20 * MiB), ("free", 3, 20 * MiB)]
-    r = replay(events, start=2)
-    assert r.peak_allocated == 30 * MiB and r.peak_index == 3
-    assert r.peak_reserved == 100 * MiB              # the 100 MiB segment was reused
 
 
 # --------------------------------------------------------------------------------------
@@ -339,37 +236,6 @@ def test_feature_extractor_substitute_matches_clip_processor():
 # --------------------------------------------------------------------------------------
 # empty_cache, GPU profiles, cuDNN conv workspaces, host-to-device copies
 # --------------------------------------------------------------------------------------
-
-def test_empty_cache_releases_whole_free_segments_only():
-    a = CachingAllocator()
-    x = a.malloc(100 * MiB)                          # own 100 MiB segment
-    y = a.malloc(30 * MiB)
-    a.free(y)
-    z = a.malloc(20 * MiB)                           # splits y's 30 MiB segment (10 MiB left)
-    s = a.malloc(100)                                # small pool, 2 MiB
-    a.free(x)
-    a.empty_cache()
-    assert a.reserved == 30 * MiB + 2 * MiB          # x's segment went back to the driver
-    a.free(z), a.free(s)
-    a.empty_cache()
-    assert (a.allocated, a.reserved) == (0, 0)
-
-
-def test_empty_cache_unmaps_whole_free_pages_of_expandable_segments():
-    a = CachingAllocator(expandable_segments=True, total_memory=80 << 30)
-    x = a.malloc(50 * MiB)                           # pages 0-2 (60 MiB)
-    base = x.ptr
-    y = a.malloc(30 * MiB)                           # [50, 80): page 3 more
-    assert a.reserved == 80 * MiB
-    a.free(x)
-    a.empty_cache()                                  # [0, 50) free: pages 0 and 1 only
-    assert (a.allocated, a.reserved) == (30 * MiB, 40 * MiB)
-    z = a.malloc(45 * MiB)                           # remaps from the lowest unmapped block
-    assert a.reserved == 80 * MiB and z.ptr == base
-    a.free(y), a.free(z)
-    a.empty_cache()
-    assert a.reserved == 0
-
 
 def test_profiles_are_the_equations():
     from sd_vram.formula import gpu_profiles
