@@ -65,7 +65,7 @@ class FakeBackend:
         total = g.get("total_memory_bytes", 80 * GiB)
         self.gpu = {"name": name, "slug": gpu_slug(name), "uuid": g.get("uuid", "GPU-00000000-fake"),
                     "total_memory_bytes": total, "compute_capability": g.get("compute_capability", "0.0")}
-        self._capacity = self.spec.get("capacity_bytes", total - 2 * GiB)
+        self._capacity = self._full_capacity = self.spec.get("capacity_bytes", total - 2 * GiB)
         self.environment = {"backend": "fake", **versions(), "env": env_vars(),
                             "driver": None, "cuda": None, "cudnn": None, "gpu": dict(self.gpu)}
         self.hardware = self.spec.get("hardware", {
@@ -80,6 +80,10 @@ class FakeBackend:
 
     def capacity(self) -> int | None:
         return self._capacity
+
+    def limit(self, capacity: int | None) -> None:
+        """What set_per_process_memory_fraction does on a GPU: at most `capacity` bytes reserved."""
+        self._capacity = self._full_capacity if capacity is None else min(capacity, self._full_capacity)
 
     def _model(self, case, height, width) -> dict:
         """A crude size model: weights, plus per-pixel VAE and UNet costs, plus math attention's N^2."""

@@ -342,6 +342,14 @@ class CudaBackend:
         free, _total = cuda.mem_get_info()
         return free + cuda.memory_reserved()
 
+    def limit(self, capacity: int | None) -> None:
+        """At most `capacity` bytes for the caching allocator (None: the whole card), as
+        set_per_process_memory_fraction sets allowed_memory_maximum = fraction x total."""
+        cuda = self.torch.cuda
+        cuda.empty_cache()
+        total = cuda.get_device_properties(self.device).total_memory
+        cuda.set_per_process_memory_fraction(1.0 if capacity is None else min(capacity / total, 1.0), self.device)
+
     def _configure(self, opts):
         pipe = self.pipe
         if opts.safety_checker:

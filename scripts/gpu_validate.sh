@@ -21,12 +21,16 @@
 #                                                                     -> results/<gpu>/*memhistory*
 #   C  (EXPANDABLE=1 only) A's catalogue again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 #   D  (+BUDGET) the full calls A had no time for, in a fresh process, if D_MIN_S (120) seconds are left
+#   M  (BUDGET_CASES only, first, until +M_AT) each of BUDGET_CASES under memory budgets around its
+#             boundary (set_per_process_memory_fraction; plugin/device_tasks.py budgets)
+#                                                                     -> results/<gpu>/*_budgets.json
 # Then the archives are compared in the log.
 #
 # Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (default 310), DRY=1,
 # RESULTS_DIR (default results; DRY: a temporary folder), PROBE_SIZES, FULL_CALLS (the seed cases
 # whose full call A tries), A_FULL_CALL (A's --full-call; "cheapest" leaves the big ones to D),
-# SNAPSHOT_CASES, EXPANDABLE=1, P_AT/A_AT/B_AT (deadlines), D_MIN_S.
+# SNAPSHOT_CASES, EXPANDABLE=1, P_AT/A_AT/B_AT/M_AT (deadlines), D_MIN_S, BUDGET_CASES, SKIP (steps
+# not to run, e.g. SKIP=P,B,D).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -44,6 +48,9 @@ FULL_CALLS=${FULL_CALLS:-balloon-640x427,bench-3840x2560,truck-4032x3024}
 A_FULL_CALL=${A_FULL_CALL:-$FULL_CALLS}
 SNAPSHOT_CASES=${SNAPSHOT_CASES:-balloon-640x427,truck-4032x3024,images2-1024x1024}
 EXPANDABLE=${EXPANDABLE:-0}
+BUDGET_CASES=${BUDGET_CASES:-}
+M_AT=${M_AT:-150}
+SKIP=${SKIP:-}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # No third-party pytest plugins (the GPU image has no pytest-benchmark, which addopts names);
@@ -105,6 +112,11 @@ SHIM
 # it (and never later than BUDGET + TAIL), then copies what it wrote to $OUT.
 run_step() {
     local name=$1 offset=$2; shift 2
+    if [[ ",$SKIP," == *",$name,"* ]]; then
+        log "step $name: skipped (SKIP=$SKIP)"
+        STEPS+=("$name:skipped")
+        return 0
+    fi
     local deadline=$(( START + (offset < BUDGET ? offset : BUDGET) ))
     local now; now=$(date +%s)
     if [ "$now" -ge "$deadline" ]; then
@@ -177,6 +189,10 @@ EOF
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,uuid,memory.used,memory.total,driver_version --format=csv
 
     STEPS=()
+    if [ -n "$BUDGET_CASES" ]; then
+        run_step M "$M_AT" "$PY" -m sd_vram.plugin.device_tasks budgets "${TASK_BACKEND[@]}" \
+            --cases "$BUDGET_CASES" --results-dir "$RESULTS_DIR"
+    fi
     run_step P "$P_AT" "$PY" -m sd_vram.plugin.conv_probe "${TASK_BACKEND[@]}" --sizes "$PROBE_SIZES" \
         --results-dir "$RESULTS_DIR"
     run_step A "$A_AT" "${PYTEST[@]}" --full-call "$A_FULL_CALL"
@@ -201,7 +217,7 @@ EOF
     collect
     local runs=() f
     for f in "${NEW[@]}"; do
-        case "$f" in *_memhistory_*|*_conv_probe.json) ;; *) runs+=("$f") ;; esac
+        case "$f" in *_memhistory_*|*_conv_probe.json|*_budgets.json) ;; *) runs+=("$f") ;; esac
     done
     if [ ${#runs[@]} -gt 0 ]; then
         "$PY" -m sd_vram.plugin.compare "${runs[@]}" || log "compare failed"

@@ -103,3 +103,34 @@ def test_the_verdict_matches_the_simulation(below):
     if sim.oom:
         assert eq.oom.stage == sim.oom["stage"]
         assert eq.oom.requested_bytes // MiB == sim.oom["requested_bytes"] // MiB
+
+
+# ------------------------------------------------------------------------------------------
+# archived GPU budget runs (results/<gpu>/*_budgets.json; scripts/gpu_validate.sh step M)
+# ------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from sd_vram.plugin import budgets  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@pytest.mark.parametrize("label, run, profile", budgets.archived_runs(RESULTS),
+                         ids=[label for label, _, _ in budgets.archived_runs(RESULTS)])
+def test_archived_budget_runs(label, run, profile):
+    assert budgets.check(run, profile) == []
+
+
+def test_the_budget_check_reads_pytorch_and_catches_a_wrong_verdict():
+    msg = ("CUDA out of memory. Tried to allocate 72.00 MiB. GPU 0 has a total capacity of 3.61 GiB of which "
+           "7.19 MiB is free.")
+    assert budgets.tried_to_allocate(msg) == 72 * MiB
+    assert budgets.measured_verdict({"status": "ok", "num_ooms": 2}) == "fits-with-fallback"
+    full = estimate(**BALLOON)
+    run = {"height": BALLOON["height"], "width": BALLOON["width"], "prompt": None, "options": {},
+           "capacity_bytes": full.peak_reserved + 64 * MiB,
+           "measurement": {"status": "oom", "error": msg, "num_ooms": 1}}
+    assert budgets.check(run, "h200") == ["verdict: predicted fits, measured oom"]
+    run["measurement"] = {"status": "ok", "num_ooms": 0, "peak_allocated_bytes": full.peak_allocated}
+    assert budgets.check(run, "h200") == []
