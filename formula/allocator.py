@@ -45,6 +45,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from .allocconf import NATIVE, AllocConf
+
 kMinBlockSize = 512
 kSmallSize = 1 << 20
 kSmallBuffer = 2 << 20
@@ -56,11 +58,26 @@ _SEGMENT_ALIGN = kRoundLarge  # cudaMalloc returns addresses aligned far beyond 
 _BASE_ADDRESS = 1 << 32
 
 
-def round_size(size: int) -> int:
-    """CUDACachingAllocator round_size (roundup_power2_divisions not set)."""
+def round_size(size: int, conf: AllocConf = NATIVE) -> int:
+    """CUDACachingAllocator round_size: 512 B steps, or with roundup_power2_divisions N (for
+    sizes above N x 512 B) the next of N equal steps between two powers of two."""
     if size < kMinBlockSize:
         return kMinBlockSize
+    divisions = conf.divisions(size)
+    if divisions > 1 and size > kMinBlockSize * divisions:
+        return _roundup_power2_next_division(size, divisions)
     return kMinBlockSize * ((size + kMinBlockSize - 1) // kMinBlockSize)
+
+
+def _roundup_power2_next_division(size: int, divisions: int) -> int:
+    if size & (size - 1) == 0:
+        return size
+    floor = 1 << (size.bit_length() - 1)
+    step = floor >> (divisions.bit_length() - 1)
+    if step == 0:
+        return floor << 1
+    rounded = size & ~(step - 1)
+    return size if rounded == size else rounded + step
 
 
 def get_allocation_size(size: int) -> int:
@@ -106,9 +123,10 @@ class OutOfMemoryError(Exception):
 
 
 class Block:
-    __slots__ = ("ptr", "size", "allocated", "prev", "next", "pool", "segment", "mapped")
+    __slots__ = ("ptr", "size", "allocated", "prev", "next", "pool", "segment", "mapped", "gc_base")
 
     def __init__(self, ptr, size, pool, segment=None, mapped=True):
+        self.gc_base = 0            # the pool's get_free_block count when it was cached
         self.ptr = ptr
         self.size = size
         self.allocated = False
@@ -126,13 +144,15 @@ class _SortedBlocks:
     """std::set<Block*> ordered by a key: (size, ptr) for free blocks, ptr for unmapped ones.
     Kept as one sorted list of (key..., block); keys are unique, so blocks never compare."""
 
-    __slots__ = ("by_size", "items")
+    __slots__ = ("by_size", "items", "calls")
 
     def __init__(self, by_size: bool):
         self.by_size = by_size
         self.items: list[tuple] = []
+        self.calls = 0              # get_free_blocks_call_count (counted with garbage collection on)
 
     def insert(self, b):
+        b.gc_base = self.calls      # insert_into_blocks: the block's age starts now
         bisect.insort(self.items, (b.size, b.ptr, b) if self.by_size else (b.ptr, b))
 
     def erase(self, b):
@@ -187,11 +207,20 @@ class CachingAllocator:
     """Replays malloc/free like DeviceCachingAllocator on one device and one stream.
 
     capacity: the bytes the allocator may reserve (None: unlimited), the card's memory less
-    what the process holds beside it, or set_per_process_memory_fraction's allowance."""
+    what the process holds beside it, or set_per_process_memory_fraction's allowance.
+    conf: the PYTORCH_CUDA_ALLOC_CONF settings (allocconf.parse); `expandable_segments` is
+    the shorthand for conf=AllocConf(expandable_segments=True)."""
 
     def __init__(self, expandable_segments: bool = False, total_memory: int = 80 << 30,
-                 capacity: int | None = None):
-        self.expandable_segments = expandable_segments
+                 capacity: int | None = None, conf: AllocConf | None = None):
+        if conf is None:
+            conf = AllocConf(expandable_segments=True) if expandable_segments else NATIVE
+        elif expandable_segments and not conf.expandable_segments:
+            raise ValueError("expandable_segments=True contradicts conf")
+        self.conf = conf
+        self.expandable_segments = conf.expandable_segments
+        # garbage_collection_threshold acts only under a memory fraction (set_fraction)
+        self._gc = conf.garbage_collection_threshold > 0 and capacity is not None
         self.total_memory = total_memory
         self.capacity = capacity
         self.small = _Pool(True)
@@ -202,11 +231,15 @@ class CachingAllocator:
 
     # -- public -----------------------------------------------------------------------
     def malloc(self, orig_size: int) -> Block:
-        size = round_size(orig_size)
+        size = round_size(orig_size, self.conf)
         pool = self.small if size <= kSmallSize else self.large
         block = self._get_free_block(pool, size)
         if block is None:
+            if self._gc:
+                self._garbage_collect()
             block = self._alloc_block(pool, size, retry=False)
+            if block is None and self._release_available(pool, size):
+                block = self._alloc_block(pool, size, retry=False)
             if block is None:                       # the OOM path: release, retry, raise
                 self.empty_cache()
                 block = self._alloc_block(pool, size, retry=True)
@@ -215,7 +248,8 @@ class CachingAllocator:
                     raise OutOfMemoryError(get_allocation_size(size), size, self.stats.allocated,
                                            self.stats.reserved, self.capacity)
         remaining = block.size - size
-        if remaining >= kMinBlockSize and (pool.is_small or self.expandable_segments or remaining > kSmallSize):
+        if remaining >= kMinBlockSize and (pool.is_small or self.expandable_segments or
+                                           (remaining > kSmallSize and self._below_max_split(size))):
             block = self._split(block, size)        # should_split
         block.allocated = True
         self._active.add(block)
@@ -248,9 +282,7 @@ class CachingAllocator:
                 if b.segment is not None:
                     to_unmap.append(b)
                 elif b.prev is None and b.next is None:
-                    pool.blocks.erase(b)
-                    self.stats.reserved -= b.size
-                    self.stats.segments -= 1
+                    self._release_block(b)
             for b in to_unmap:
                 self._unmap_block(b)
 
@@ -295,16 +327,18 @@ class CachingAllocator:
                 else:
                     parts.append([head.ptr, head.size, state])
                 head = head.next
+            if all(state == "a" for _, _, state in parts):
+                continue        # wholly pinned: only its bytes in the stats can matter again
             seg = b.segment
             segments.append((b.pool.is_small, (seg.base, seg.page, seg.max_pages) if seg else None,
                              tuple(tuple(p) for p in parts)))
-        return (self.expandable_segments, self.total_memory, self._next_address,
+        return (self.conf, self.total_memory, self._next_address,
                 AllocatorStats(**vars(self.stats)), tuple(segments))
 
     @classmethod
     def restore(cls, snap, capacity: int | None = None) -> "CachingAllocator":
-        expandable, total, next_address, stats, segments = snap
-        a = cls(expandable, total, capacity)
+        conf, total, next_address, stats, segments = snap
+        a = cls(total_memory=total, capacity=capacity, conf=conf)
         a._next_address = next_address
         a.stats = AllocatorStats(**vars(stats))
         for is_small, seg_args, parts in segments:
@@ -324,10 +358,66 @@ class CachingAllocator:
         return a
 
     # -- internals (names follow the C++) ----------------------------------------------
+    def _below_max_split(self, size: int) -> bool:
+        return self.conf.max_split_size is None or size < self.conf.max_split_size
+
+    def _release_block(self, b: Block) -> None:
+        """cudaFree of a whole free segment."""
+        b.pool.blocks.erase(b)
+        self.stats.reserved -= b.size
+        self.stats.segments -= 1
+
+    def _release_available(self, pool: _Pool, size: int) -> bool:
+        """release_available_cached_blocks: with max_split_size set, free the smallest
+        oversize cached block that holds the request, else oversize ones largest first
+        until as many bytes are free."""
+        limit = self.conf.max_split_size
+        if limit is None or not len(pool.blocks):
+            return False
+        want = max(size, limit)
+        i = pool.blocks.lower_bound((want, -1))
+        if i < len(pool.blocks):
+            if pool.blocks[i].segment is not None:
+                return False
+            self._release_block(pool.blocks[i])
+            return True
+        released = 0
+        for b in reversed(pool.blocks.blocks):
+            if released >= want or b.size < limit:
+                break
+            if b.segment is None:
+                self._release_block(b)
+                released += b.size
+        return released >= want
+
+    def _garbage_collect(self) -> None:
+        """garbage_collect_cached_blocks: past threshold x capacity, release unsplit cached
+        large blocks whose age (get_free_block calls since they were cached) is at least
+        the average, until reserved is back under the threshold."""
+        threshold = int(self.conf.garbage_collection_threshold * self.capacity)
+        if self.stats.reserved <= threshold:
+            return
+        target, reclaimed = self.stats.reserved - threshold, 0
+        pool = self.large
+        age = lambda b: pool.blocks.calls - b.gc_base  # noqa: E731
+        freeable = [b for b in pool.blocks.blocks if b.prev is None and b.next is None]
+        total, count, freed = sum(age(b) for b in freeable), len(freeable), True
+        while reclaimed < target and freed and count > 0:
+            mean, freed = total / count, False
+            for b in list(pool.blocks.blocks):
+                if b.prev is None and b.next is None and b.segment is None and age(b) >= mean:
+                    freed, reclaimed, total, count = True, reclaimed + b.size, total - age(b), count - 1
+                    self._release_block(b)
+
     def _get_free_block(self, pool: _Pool, size: int):
         blocks = pool.blocks
+        if self._gc:
+            blocks.calls += 1
         i = blocks.lower_bound((size, -1))
         if i >= len(blocks):
+            return None
+        limit = self.conf.max_split_size
+        if limit is not None and self._oversize_refused(blocks[i].size, size, limit):
             return None
         if self.expandable_segments and blocks[i].segment is not None:
             # "for the purposes of best fit we consider its size to be the size it can
@@ -344,6 +434,13 @@ class CachingAllocator:
         block = blocks[i]
         del blocks.items[i]
         return block
+
+    def _oversize_refused(self, block_size: int, size: int, limit: int) -> bool:
+        """get_free_block with max_split_size: no oversize block for a small request, and an
+        oversize request takes one at most max_non_split_rounding larger."""
+        if size < limit <= block_size:
+            return True
+        return size >= limit and block_size >= size + self.conf.max_non_split_rounding
 
     def _fits(self, nbytes: int) -> bool:
         return self.capacity is None or self.stats.reserved + nbytes <= self.capacity

@@ -20,7 +20,8 @@ from math import prod
 from . import activations as act
 from . import architecture as arch
 from . import gpu_profiles, schedule
-from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize
+from .allocconf import NATIVE, AllocConf
+from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import InputError, Options
 from .result import OOM, Boundary, Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
@@ -35,12 +36,12 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 
 @lru_cache(maxsize=None)
-def _resident(safety_checker: bool, cublas: int, cublaslt: int, expandable: bool = False,
+def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
               total_memory: int = 80 << 30):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
-    alloc = CachingAllocator(expandable, total_memory)
+    alloc = CachingAllocator(total_memory=total_memory, conf=conf)
     out = {}
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
@@ -102,6 +103,12 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
             stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
         else:
             stages["vae_decode"].append(act.merge(prompt, latents, act.postprocess(s)))
+    if any(o.allocator.roundup_power2_divisions):
+        # the allocator counts whole blocks: with roundup_power2_divisions every tensor's block
+        # is its size rounded up to a division (allocator.round_size), allocated bytes too
+        for cands in stages.values():
+            for p in cands:
+                p.terms = [(c, t, round_size(size, o.allocator)) for c, t, size in p.terms]
     return stages
 
 
@@ -241,8 +248,7 @@ def _setup(height, width, prompt, prompt_length, options: dict, profile=None):
     profile = profile or gpu_profiles.get(o.gpu)
     s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
     resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,
-                                               profile.cublaslt_workspace, o.expandable_segments,
-                                               profile.total_memory)
+                                               profile.cublaslt_workspace, o.allocator, profile.total_memory)
     return H, W, tokens, o, profile, s, resident_parts, resident_state, _stage_candidates(s, o, profile)
 
 
@@ -255,7 +261,7 @@ def peak_allocated(height, width, _profile=None, **options) -> int:
 def _loading_oom(o: Options, profile, capacity: int, vram: int) -> tuple[OOM, int]:
     """The weight whose allocation fails in pipe.to("cuda") (or the cuBLAS workspace at the
     text encoder's first matmul), and the retries."""
-    alloc = CachingAllocator(o.expandable_segments, profile.total_memory, capacity)
+    alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
     tensors += [("text_encoder", "the first matmul: cuBLAS workspace", profile.cublas_workspace),
@@ -283,7 +289,8 @@ def _boundary(est: Estimate, vram: int, s, o: Options, profile, resident: int, r
               candidates) -> Boundary:
     """The call under a capacity of vram less the CUDA context: PyTorch's OOM path."""
     capacity = vram - profile.cuda_context
-    if est.peak_reserved <= capacity:   # no segment request ever fails
+    gc = o.allocator.garbage_collection_threshold
+    if est.peak_reserved <= capacity * (gc or 1):   # no segment request fails (nor collects garbage)
         return Boundary(vram=vram, capacity=capacity, verdict="fits")
     alloc = CachingAllocator.restore(resident_state, capacity)
     replay = _Replay(alloc, profile, capacity)

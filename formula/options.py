@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from . import allocconf
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -30,7 +32,8 @@ class Options:
     safety_checker: bool = True          # loaded (True) or safety_checker=None
     output_type: str = "pil"             # "latent" skips the VAE decode and the safety checker
     gpu: str = "default"                 # GPU profile (formula/profiles/); see gpu_profiles.py
-    expandable_segments: bool = False    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    expandable_segments: bool = False    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (shorthand)
+    alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -48,7 +51,21 @@ class Options:
         need(self.attention_slicing in (None, "auto", "max") or (_is_int(self.attention_slicing) and self.attention_slicing >= 1),
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
         need(isinstance(self.expandable_segments, bool), "expandable_segments must be True or False")
+        need(isinstance(self.alloc_conf, str), f"alloc_conf must be text, got {self.alloc_conf!r}")
+        try:
+            conf = allocconf.parse(self.alloc_conf)
+        except allocconf.AllocConfError as e:
+            raise InputError(str(e)) from None
+        need(not (self.expandable_segments and "expandable_segments:False" in self.alloc_conf.replace(" ", "")),
+             "expandable_segments=True contradicts alloc_conf's expandable_segments:False")
+        object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
+                                                  or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+
+    @property
+    def allocator(self) -> allocconf.AllocConf:
+        """The caching allocator's settings: alloc_conf, with the expandable_segments shorthand."""
+        return self._conf
 
     @property
     def cfg(self) -> bool:

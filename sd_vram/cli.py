@@ -293,6 +293,8 @@ def _options_line(o: Options) -> str:
         parts.append("VAE tiling")
     parts.append("safety checker" if o.safety_checker else "no safety checker")
     parts.append(f"output {o.output_type}")
+    if o.alloc_conf or o.expandable_segments:
+        parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     return ", ".join(parts)
 
 
@@ -383,6 +385,8 @@ def _option_kwargs(args) -> dict:
         kw["safety_checker"] = False
     if getattr(args, "expandable_segments", False):
         kw["expandable_segments"] = True
+    if getattr(args, "alloc_conf", None):
+        kw["alloc_conf"] = args.alloc_conf
     if getattr(args, "gpu_profile", None) is not None:
         kw["gpu"] = args.gpu_profile
     return kw
@@ -580,7 +584,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-type", choices=["pil", "np", "pt", "latent"],
                    help="latent skips the VAE decode and the safety checker (default pil)")
     g.add_argument("--expandable-segments", action="store_true",
-                   help="the process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+                   help="shorthand for --alloc-conf expandable_segments:True")
+    g.add_argument("--alloc-conf", metavar="CONF",
+                   help="PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
+                        "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
+                        "CUDACachingAllocator.cpp, not yet measured on a GPU")
     g.add_argument("--gpu-profile", metavar="NAME", help="GPU profile for workspaces and the CUDA context (default: default)")
 
 

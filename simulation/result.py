@@ -167,7 +167,7 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
     skipped (the next engine of cuDNN's list, down to none: Conv_v8.cpp try_configs); any
     other allocation that fails ends the replay there (SimResult.oom)."""
     events = recorder.events[:end]
-    alloc = CachingAllocator(expandable_segments, profile.total_memory, capacity)
+    alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=options.allocator)
     blocks: dict = {}
     a_series, r_series = [], []
     stage_peak: dict[str, list] = {}

@@ -237,3 +237,84 @@ def test_a_restored_state_allocates_as_the_original(expandable):
             assert (x.ptr, x.size) == (y.ptr, y.size)
             live_a.append(x), live_b.append(y)
         assert (b.allocated, b.reserved) == (a.allocated, a.reserved)
+
+
+# --------------------------------------------------------------------------------------
+# PYTORCH_CUDA_ALLOC_CONF (formula/allocconf.py): parsing as c10 parses it, and each rule
+# --------------------------------------------------------------------------------------
+
+from sd_vram.formula.allocconf import AllocConf, AllocConfError, parse  # noqa: E402
+
+
+def test_alloc_conf_parses_as_pytorch():
+    c = parse(" max_split_size_mb:512 , expandable_segments:True,garbage_collection_threshold:0.6")
+    assert (c.max_split_size, c.expandable_segments, c.garbage_collection_threshold) == (512 * MiB, True, 0.6)
+    assert parse("roundup_power2_divisions:4").roundup_power2_divisions == (4,) * 16
+    # the first interval also covers those below it; ">" covers the ones after the last
+    assert parse("roundup_power2_divisions:[256:4,512:2,>:1]").roundup_power2_divisions == (4,) * 9 + (2,) + (1,) * 6
+    assert parse("release_lock_on_cudamalloc:True").ignored == ("release_lock_on_cudamalloc",)
+    assert parse("") == parse(None) == AllocConf()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("foo:1", "Unrecognized CachingAllocator option: foo"),
+    ("max_split_size_mb:20", "max_split_size_mb too small, must be > 20"),
+    ("expandable_segments:yes", "Expected a single True/False argument for expandable_segments"),
+    ("roundup_power2_divisions:3", "the divisions has to be power of 2"),
+    ("roundup_power2_divisions:[300:4]", "the intervals have to be power of 2"),
+    ("garbage_collection_threshold:1.0", "must be in (0, 1)"),
+    ("backend:cudaMallocAsync", "not modelled"),
+    ("max_split_size_mb", "expected ':'"),
+])
+def test_alloc_conf_refusals(text, message):
+    with pytest.raises(AllocConfError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(text)
+
+
+def test_roundup_power2_divisions_round_to_a_division():
+    four = parse("roundup_power2_divisions:4")
+    assert round_size(1_363_149, four) == 1_572_864        # 1.3 MiB -> 1.5 MiB (steps of 256 KiB)
+    assert round_size(MiB, four) == MiB                    # a power of two stays
+    assert round_size(1500, four) == 1536                  # not above 512 x 4: plain 512-B steps
+    a = CachingAllocator(conf=four)
+    assert a.malloc(1_363_149).size == 1_572_864 == a.allocated   # allocated counts the block
+
+
+def test_max_split_size_keeps_oversize_blocks_whole():
+    conf = parse("max_split_size_mb:100")
+    a = CachingAllocator(conf=conf)
+    a.free(a.malloc(200 * MiB))
+    a.malloc(50 * MiB)                     # a small request never takes an oversize block
+    assert a.reserved == 250 * MiB
+    b = CachingAllocator()
+    b.free(b.malloc(200 * MiB))
+    b.malloc(50 * MiB)                     # without the option the cached block is split
+    assert b.reserved == 200 * MiB
+    c = CachingAllocator(conf=conf)
+    c.free(c.malloc(200 * MiB))
+    x = c.malloc(190 * MiB)                # within max_non_split_rounding (20 MiB): taken whole
+    assert (x.size, c.reserved) == (200 * MiB, 200 * MiB)
+    c.free(x)
+    c.malloc(150 * MiB)                    # 200 >= 150 + 20: refused, a segment of its own
+    assert c.reserved == 350 * MiB
+
+
+def test_max_split_size_releases_an_oversize_block_before_the_retry():
+    a = CachingAllocator(capacity=300 * MiB, conf=parse("max_split_size_mb:100"))
+    a.free(a.malloc(200 * MiB))
+    a.malloc(150 * MiB)                    # refused the 200, no room: release_available_cached_blocks
+    assert a.reserved == 150 * MiB and a.stats.num_alloc_retries == 0
+
+
+def test_garbage_collection_releases_old_cached_blocks_past_the_threshold():
+    conf = parse("garbage_collection_threshold:0.5")
+    a = CachingAllocator(capacity=1000 * MiB, conf=conf)
+    x, y = a.malloc(300 * MiB), a.malloc(300 * MiB)
+    a.free(x), a.free(y)
+    a.malloc(400 * MiB)                    # 600 MiB reserved > 0.5 x 1000: both cached blocks go
+    assert a.reserved == 400 * MiB
+    b = CachingAllocator(conf=conf)        # no capacity (no memory fraction): no collection
+    x, y = b.malloc(300 * MiB), b.malloc(300 * MiB)
+    b.free(x), b.free(y)
+    b.malloc(400 * MiB)
+    assert b.reserved == 1000 * MiB

@@ -40,6 +40,8 @@ CASES = [
     ("slicing-auto-512", 512, 512, {"attention_slicing": "auto"}),
     ("slicing-max-768", 768, 768, {"attention_slicing": "max"}),
     ("vae-tiling-1024", 1024, 1024, {"vae_tiling": True}),
+    ("max-split-512-1024", 1024, 1024, {"alloc_conf": "max_split_size_mb:512"}),   # PYTORCH_CUDA_ALLOC_CONF
+    ("roundup-4-768", 768, 768, {"alloc_conf": "roundup_power2_divisions:4"}),
     ("vae-tiling-1536", 1536, 1536, {"vae_tiling": True}),
     # the UNet's order decides the segments; the second evaluation adds one (DERIVATION.md 8)
     ("vae-tiling-2048", 2048, 2048, {"vae_tiling": True}),
