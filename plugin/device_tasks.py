@@ -11,8 +11,10 @@ on the device by memhistory.reduce_snapshot (the raw pickle is far too large to 
 `budgets` runs each case under torch.cuda.set_per_process_memory_fraction at four capacities
 the equation places around its boundary (DERIVATION.md section 11, BUDGET_POINTS): just above
 the full-speed reserved peak, just above its allocated peak, between the no-workspace floor
-and the full-speed peak, and just below the floor; largest first, so that a convolution plan cuDNN caches after a fallback is
-never reused at a larger budget. It writes DIR/<gpu-model>/<UTC time>_<commit>_budgets.json
+and the full-speed peak, and just below the floor; largest first. Run it with
+TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT=-1 (scripts/gpu_validate.sh does): cuDNN then caches no
+convolution plan, so a plan chosen after a workspace fallback never runs at another budget.
+It writes DIR/<gpu-model>/<UTC time>_<commit>_budgets.json
 with each run's measurement (status, the OOM message, num_ooms, num_alloc_retries, peaks) and
 the equation's verdict for it at the time.
 """

@@ -190,7 +190,9 @@ EOF
 
     STEPS=()
     if [ -n "$BUDGET_CASES" ]; then
-        run_step M "$M_AT" "$PY" -m sd_vram.plugin.device_tasks budgets "${TASK_BACKEND[@]}" \
+        # no cuDNN plan cache: a plan cached after a workspace fallback would run again at a
+        # larger budget ("a negative value for no caching", PyTorch's environment variables)
+        TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT=-1 run_step M "$M_AT" "$PY" -m sd_vram.plugin.device_tasks budgets "${TASK_BACKEND[@]}" \
             --cases "$BUDGET_CASES" --results-dir "$RESULTS_DIR"
     fi
     run_step P "$P_AT" "$PY" -m sd_vram.plugin.conv_probe "${TASK_BACKEND[@]}" --sizes "$PROBE_SIZES" \
