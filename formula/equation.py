@@ -83,7 +83,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     """Candidate peak live sets per stage, with what the pipeline carries into each stage."""
     be = {k: profile.sdpa_backend(o.attention, d) for k, d in HEAD_DIM.items()}
     prompt = act.prompt_state(s)
-    history = min(4, max(1, _unet_evaluations(o)))  # PNDM keeps the last 4 model outputs
+    history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
@@ -126,7 +126,7 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
         # next one can start from other free blocks: replay evaluations until they repeat.
         levels = [s.level(i) for i in range(4)]
         before = seg.snapshot()
-        for _ in range(_unet_evaluations(o)):
+        for _ in range(o.unet_evaluations):
             schedule.unet(seg, s.B, levels, profile.conv_workspace_rule)
             after = seg.snapshot()
             if after == before:
@@ -140,13 +140,6 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
         seg.free_all()
 
 
-def _unet_evaluations(o: Options) -> int:
-    """img2img runs int(steps * strength) steps; PNDM (skip_prk_steps) evaluates the UNet one
-    extra time on its first step (the progress bar shows one fewer)."""
-    steps = min(int(o.num_inference_steps * o.strength), o.num_inference_steps)
-    return steps + 1 if steps > 1 else steps
-
-
 def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident."""
     H, W = _size(height, "height"), _size(width, "width")
@@ -155,9 +148,6 @@ def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estim
         o = Options(**options)
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
-    if int(o.num_inference_steps * o.strength) < 1:
-        raise InputError(f"strength {o.strength} x {o.num_inference_steps} steps leaves no denoising step "
-                         "(diffusers raises ValueError)")
     profile = gpu_profiles.get(o.gpu)
     s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
     resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,

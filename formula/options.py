@@ -49,6 +49,13 @@ class Options:
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
         need(isinstance(self.expandable_segments, bool), "expandable_segments must be True or False")
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        need(self.unet_evaluations >= 1,
+             f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
+             "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
+
+    @property
+    def unet_evaluations(self) -> int:
+        return unet_evaluations(self.num_inference_steps, self.strength)
 
     @property
     def cfg(self) -> bool:
@@ -65,6 +72,19 @@ class Options:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def unet_evaluations(num_inference_steps: int, strength: float) -> int:
+    """UNet evaluations of one img2img call, as diffusers 0.42.1 counts them.
+
+    PNDMScheduler (skip_prk_steps) makes n + 1 timesteps for n >= 2 steps (it repeats the
+    second to last; the progress bar shows n) and 1 for n = 1. get_timesteps keeps the last
+    init = min(int(n * strength), n) steps: it drops the first n - init timesteps, so
+    strength 0 still runs one evaluation when n >= 2, and none when n = 1 and strength < 1.
+    """
+    n = num_inference_steps
+    timesteps = n + 1 if n >= 2 else n
+    return timesteps - (n - min(int(n * strength), n))
 
 
 def _is_int(x) -> bool:

@@ -99,8 +99,8 @@ def test_selection():
     ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\n[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8', "duplicate name"),
     ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { attention = "fast" }', "attention must be one of"),
     ('[[case]]\nname = "a-8x8"\nwidth = 4\nheight = 8', "width and height must be integers >= 8"),
-    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { strength = 0.1, num_inference_steps = 5 }',
-     "strength x num_inference_steps must be >= 1"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { strength = 0.5, num_inference_steps = 1 }',
+     "leaves no denoising step"),
 ])
 def test_bad_catalogue(tmp_path, body, message):
     p = tmp_path / "c.toml"
