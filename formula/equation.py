@@ -71,6 +71,10 @@ def prompt_tokens(prompt, prompt_length) -> int | None:
     if prompt is not None:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be text, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (os.fsdecode)
+            raise InputError("the prompt is not valid UTF-8 text") from None
         return count_tokens(prompt)
     if prompt_length is not None:
         if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:

@@ -59,6 +59,7 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_MAX_SIDE_DIGITS = 9  # a side of a billion pixels is past any GPU; int() refuses 4,300 digits
 _SIZE_LIKE_RE = re.compile(r"^[\s\d.+\-eE]*[xX*×][\s\d.+\-eE]*$|^[\s\d.+\-]+$")
 
 
@@ -67,6 +68,9 @@ def parse_size(text: str) -> tuple[int, int]:
     m = _SIZE_RE.match(text)
     if not m:
         raise InputError(f"malformed size {text!r}: expected WIDTHxHEIGHT with whole numbers, e.g. 640x427")
+    for name, digits in (("width", m.group(1)), ("height", m.group(2))):
+        if len(digits.lstrip("0")) > _MAX_SIDE_DIGITS:
+            raise InputError(f"{name} has {len(digits.lstrip('0'))} digits: more than {_MAX_SIDE_DIGITS} is no image size")
     width, height = int(m.group(1)), int(m.group(2))
     for name, v in (("width", width), ("height", height)):
         if v < 8:
@@ -233,6 +237,8 @@ def fmt_bytes(n: float) -> str:
     """Binary units with the unit: 1.23 GiB, 456.7 MiB, 12.0 KiB, 512 B."""
     sign = "-" if n < 0 else ""
     n = abs(n)
+    if n >= 1 << 40:
+        return f"{sign}{n / (1 << 40):,.2f} TiB"
     if n >= 1 << 30:
         return f"{sign}{n / (1 << 30):.2f} GiB"
     if n >= 1 << 20:
@@ -271,7 +277,7 @@ def _label(key: str) -> str:
 def _options_line(o: Options) -> str:
     cfg = f"CFG on, UNet batch {o.unet_batch}" if o.cfg else "CFG off"
     parts = [f"guidance {o.guidance_scale:g} ({cfg})", f"{o.num_images_per_prompt} image(s)",
-             f"strength {o.strength:g}", f"{o.num_inference_steps} steps", f"attention {o.attention}"]
+             f"strength {o.strength:g}", _plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
     if o.attention_slicing is not None:
         parts.append(f"attention slicing {o.attention_slicing}")
     if o.vae_slicing:
@@ -281,6 +287,10 @@ def _options_line(o: Options) -> str:
     parts.append("safety checker" if o.safety_checker else "no safety checker")
     parts.append(f"output {o.output_type}")
     return ", ".join(parts)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def format_estimate(est, source: str, options: Options) -> str:
@@ -296,7 +306,8 @@ def format_estimate(est, source: str, options: Options) -> str:
     for name, s in est.stages.items():
         mark = "<- peak" if name == est.peak_stage else ""
         rows.append([name, fmt_bytes(s.allocated), fmt_bytes(s.reserved), s.operation or "", mark])
-    out.append(_table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", ""], right={1, 2}))
+    out.append(_table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", "call peak"],
+                      right={1, 2}))
     out.append("")
     out.append(f"breakdown at the peak ({est.peak_stage}):")
     alloc, res, dev = est.peak_allocated, est.peak_reserved, est.peak_device
@@ -451,10 +462,12 @@ def cmd_simulate(args) -> int:
     try:
         from sd_vram.simulation import simulate
     except ImportError as e:
-        missing = getattr(e, "name", None) or ""
-        if missing.split(".")[0] in ("torch", "diffusers", "transformers", "accelerate"):
-            raise CliError(f"the simulation needs torch and diffusers ({missing} is missing): pip install 'sd-vram[sim]'", 1)
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        if missing and missing != "sd_vram":  # any of the sim extra's packages (torch, numpy, ...)
+            raise CliError(f"the simulation needs the sim extra ({missing} is missing): pip install 'sd-vram[sim]'", 1)
         raise CliError(f"the simulation is not available in this install ({e})", 1)
+    if args.timeline:
+        _check_timeline(args.timeline)
     result = simulate(case["height"], case["width"], **prompt, **opts)
     d = result.to_dict()
     if args.timeline:
@@ -471,6 +484,28 @@ def cmd_simulate(args) -> int:
     if args.timeline:
         print(f"timeline written to {args.timeline}")
     return 0
+
+
+def _check_timeline(path: str) -> None:
+    """Before the simulation runs (it takes seconds to minutes): where the plot will go."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"--timeline {path} is a directory: give a file name such as timeline.png")
+    if not folder.is_dir():
+        raise InputError(f"--timeline {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(f"--timeline {path}: not writable")
+    try:
+        import matplotlib
+    except ImportError:
+        raise CliError("the timeline plot needs matplotlib: pip install 'sd-vram[sim]'", 1) from None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if target.suffix.lower().lstrip(".") not in kinds:
+        raise InputError(f"--timeline {path}: the file name must end in one of "
+                         + ", ".join("." + k for k in sorted(kinds)))
 
 
 def cmd_compare(args) -> int:
@@ -516,7 +551,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="latent skips the VAE decode and the safety checker (default pil)")
     g.add_argument("--expandable-segments", action="store_true",
                    help="the process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-    g.add_argument("--gpu-profile", metavar="NAME", help="GPU profile for workspaces and the CUDA context (default: default)")
+    from sd_vram.formula import gpu_profiles
+
+    g.add_argument("--gpu-profile", metavar="NAME",
+                   help="GPU profile for workspaces and the CUDA context: "
+                        f"{', '.join(sorted(gpu_profiles.profiles()))} (default: default)")
 
 
 def _add_prompt(p: argparse.ArgumentParser) -> None:
@@ -576,11 +615,34 @@ def _version() -> str:
     return __version__
 
 
+def _attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--prompt "-5 apples"` -> `--prompt=-5 apples`: argparse would read a value that starts
+    with '-' (a prompt, -1e3) as an option; attached with '=', it is the option's value."""
+    takes_value = set()
+    for p in [parser, *(sub for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                        for sub in a.choices.values())]:
+        for a in p._actions:
+            if a.option_strings and a.nargs is None and not isinstance(a, argparse._VersionAction):
+                takes_value.update(a.option_strings)
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        if a in takes_value and i + 1 < len(argv):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
     """Entry point of the ``sd-vram`` console script; returns the exit status."""
     parser = build_parser()
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        argv = _attach_values(parser, sys.argv[1:] if argv is None else list(argv))
         for a in argv:
             if re.match(r"^-\d", a) and not re.match(r"^-\d+(\.\d*)?$", a):
                 raise InputError(f"{a!r} is negative: sizes and memory budgets must be positive")
