@@ -1,6 +1,6 @@
 """Device-side tasks of scripts/gpu_validate.sh that are not pytest runs.
 
-    python3 -m sd_vram.plugin.device_tasks snapshot --cases balloon-640x427,truck-4032x3024 --results-dir DIR
+    python3 -m sd_vram.plugin.device_tasks snapshot --cases balloon-396x380,bench-2048x2048 --results-dir DIR
 
 `snapshot` runs each case once under torch.cuda.memory._record_memory_history and writes
 DIR/<gpu-model>/<UTC time>_<commit>_memhistory_<case>.json: the measurement (same code path as `pytest --gpu`) and the snapshot reduced

@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sd_vram.formula import InputError, Options
+from sd_vram.formula.report import SEEDS
 
 PROG = "sd-vram"
 MAX_PROMPT_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
@@ -28,12 +29,7 @@ MAX_PROMPT_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 # The four seed cases (width x height as image tools write it). Their prompts live in
 # cases/catalogue.toml; without it the CLI knows only the sizes and the seed prompts' CLIP
 # token counts (tests/test_tokenizer.py checks them), which is all the memory depends on.
-SEED_CASES = {
-    "balloon": {"width": 640, "height": 427, "prompt_length": 53},
-    "groceries": {"width": 800, "height": 533, "prompt_length": 64},
-    "bench": {"width": 3840, "height": 2560, "prompt_length": 62},
-    "truck": {"width": 4032, "height": 3024, "prompt_length": 41},
-}
+SEED_CASES = {name: {"width": w, "height": h, "prompt_length": n} for name, w, h, n in SEEDS}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
 _OPTION_FIELDS = {f.name for f in fields(Options)}
 _DEFAULTS = Options()
@@ -138,6 +134,14 @@ def _catalogue_path() -> Path | None:
         path = folder / "cases" / "catalogue.toml"
         if path.is_file():
             return path
+    # an installed sd-vram carries the catalogue as sd_vram.cases (pyproject.toml), a folder without __init__.py
+    from importlib.util import find_spec
+
+    spec = find_spec("sd_vram.cases")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        path = Path(folder) / "catalogue.toml"
+        if path.is_file():
+            return path
     return None
 
 
@@ -175,7 +179,7 @@ def _load_catalogue() -> dict[str, dict]:
 
 
 def _catalogue_case(name: str, catalogue: dict[str, dict]) -> dict | None:
-    """A case by its catalogue name, or a seed by its short name (balloon -> balloon-640x427)."""
+    """A case by its catalogue name, or a seed by its short name (balloon -> balloon-396x380)."""
     if name in catalogue:
         return catalogue[name]
     if name in SEED_CASES:

@@ -197,3 +197,38 @@ def test_simulate_without_the_sim_extra_says_how_to_install(capsys, monkeypatch)
     monkeypatch.setitem(sys.modules, "sd_vram.simulation", mod)
     rc, _, err = call(capsys, "simulate", "64x64")
     assert one_line_error(rc, err, status=1) and "pip install 'sd-vram[sim]'" in err and "numpy" in err
+
+
+# --- install ----------------------------------------------------------------------------------
+
+def test_case_names_work_after_a_non_editable_install(tmp_path):
+    """The catalogue ships in the wheel (sd_vram.cases): `sd-vram estimate square-512x512` outside a checkout."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    for name in ("sd_vram", "formula", "plugin", "simulation"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (src / "cases").mkdir()
+    shutil.copy2(REPO / "cases" / "catalogue.toml", src / "cases")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert "sd_vram/cases/catalogue.toml" in z.namelist()
+        z.extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    boot = f"import sys; sys.path.insert(0, {str(site)!r}); from sd_vram.cli import main; sys.exit(main(sys.argv[1:]))"
+    for name, size in (("square-512x512", (512, 512)), ("truck", (1800, 1200)), ("groceries-800x534", (800, 528))):
+        r = subprocess.run([sys.executable, "-I", "-c", boot, "estimate", name, "--json"], capture_output=True,
+                           text=True, timeout=60, cwd=str(work))
+        assert r.returncode == 0, (name, r.stderr)
+        d = json.loads(r.stdout)
+        assert (d["width"], d["height"]) == size
+        assert d["prompt_tokens"] is not None
