@@ -152,7 +152,7 @@ def validation_summary(*paths: str) -> str:
     for path in paths:
         files += sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
     table = validation(*files)
-    rows = [line for line in table.splitlines() if line.startswith("| ")][2:]  # after the header rows
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header ("|---|" is not "| ")
     gpus = sorted({line.split("|")[1].strip() for line in rows})
     return f"{len(rows)} measured cases on {', '.join(gpus)}; " + table.splitlines()[-1]
 

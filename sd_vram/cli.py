@@ -513,22 +513,9 @@ def _check_timeline(path: str) -> None:
 
 
 def cmd_compare(args) -> int:
-    try:
-        from sd_vram.plugin import compare as compare_mod
-    except ImportError as e:
-        raise CliError(f"comparing archived results is not available in this install ({e})", 1)
-    for p in args.paths:
-        if not os.path.exists(p):
-            raise InputError(f"no such results folder or file: {p}")
-    if hasattr(compare_mod, "main"):
-        argv = list(args.paths) + (["--png", args.png] if args.png else [])
-        return int(compare_mod.main(argv) or 0)
-    if hasattr(compare_mod, "compare"):
-        out = compare_mod.compare(args.paths, png=args.png)
-        if out is not None:
-            print(out)
-        return 0
-    raise CliError("sd_vram.plugin.compare offers neither main() nor compare()", 1)
+    from sd_vram.plugin import compare as compare_mod
+
+    return compare_mod.run(args, prog=PROG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,10 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", metavar="FILE.png", help="write the memory timeline plot to this file")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("compare", help="compare archived GPU results across GPUs",
-                       description="Compare archived GPU suite results (results/<gpu-model>/).")
-    p.add_argument("paths", nargs="+", metavar="RESULTS", help="results folders or files")
-    p.add_argument("--png", metavar="FILE", help="also write a plot to this file")
+    from sd_vram.plugin import compare as compare_mod
+
+    p = sub.add_parser("compare", help="compare archived GPU results across GPUs, against the current equation",
+                       description="Archived GPU suite results (results/<gpu-model>/), GPUs side by side.")
+    compare_mod.add_arguments(p)
     p.set_defaults(func=cmd_compare)
     return parser
 

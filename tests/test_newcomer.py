@@ -232,3 +232,73 @@ def test_case_names_work_after_a_non_editable_install(tmp_path):
         d = json.loads(r.stdout)
         assert (d["width"], d["height"]) == size
         assert d["prompt_tokens"] is not None
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+def test_compare_agrees_with_the_readme_validation_line(capsys):
+    """`sd-vram compare results/H200` re-predicts with today's equation, as the README's line does."""
+    from sd_vram.formula.report import validation_summary
+
+    rc, out, err = call(capsys, "compare", str(REPO / "results" / "H200"))
+    assert rc == 0, err
+    assert out.rstrip().splitlines()[-1] == validation_summary(str(REPO / "results" / "H200"))
+    rc, out, _ = call(capsys, "compare", str(REPO / "results"))
+    readme = (REPO / "README.md").read_text()
+    assert out.rstrip().splitlines()[-1] in readme
+
+
+def _archive(tmp_path, **change):
+    src = sorted((REPO / "results" / "H200").glob("*Z_nogit.json"))[-1]
+    data = json.loads(src.read_text())
+    case = data["cases"][0]
+    for where, value in change.items():
+        *path, key = where.split("__")
+        node = data if path[:1] != ["case"] else case
+        for k in path[1:] if path[:1] == ["case"] else path:
+            node = node[k]
+        if value is KeyError:
+            del node[key]
+        else:
+            node[key] = value
+    out = tmp_path / "run.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("change", [
+    {"case__inputs": KeyError}, {"case__id": KeyError}, {"gpu": "H200"}, {"environment": [1]},
+    {"case__measurement__peak_allocated_bytes": 0}, {"case__measurement__peak_device_bytes": "3 GiB"},
+    {"case__inputs__width": "wide"}, {"case__prediction": 7}, {"cases": {}},
+])
+def test_broken_archives_are_one_line(capsys, tmp_path, change):
+    path = _archive(tmp_path, **change)
+    for as_recorded in ([], ["--as-recorded"]):
+        rc, out, err = call(capsys, "compare", str(path), *as_recorded)
+        assert one_line_error(rc, err) and str(path) in err, (change, err)
+
+
+def test_not_json_is_one_line(capsys, tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    rc, _, err = call(capsys, "compare", str(tmp_path))
+    assert one_line_error(rc, err) and "not valid JSON" in err
+
+
+def test_compare_png_without_matplotlib_keeps_the_table(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc, out, err = call(capsys, "compare", str(REPO / "results" / "H200"), "--png", str(tmp_path / "p.png"))
+    assert rc == 1 and "largest |error|" in out and "matplotlib" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_compare_plot_has_both_panels_with_readable_log_ticks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sd_vram.plugin import compare
+
+    assert compare._nice_ticks(2.5, 45) == [3, 5, 10, 20, 30]
+    png = tmp_path / "p.png"
+    compare.compare_runs([REPO / "results" / "H200", REPO / "results" / "H100-80GB-HBM3"], png=png)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 1.8 * im.size[1]    # two panels side by side
