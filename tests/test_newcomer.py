@@ -302,3 +302,17 @@ def test_compare_plot_has_both_panels_with_readable_log_ticks(tmp_path):
 
     with Image.open(png) as im:
         assert im.size[0] > 1.8 * im.size[1]    # two panels side by side
+
+
+def test_simulate_is_quiet_on_stderr(tmp_path):
+    """No transformers or diffusers notices (torchvision fallback, fp32 modules) in a normal run."""
+    pytest.importorskip("diffusers")
+    r = subprocess.run([sys.executable, "-m", "sd_vram.cli", "simulate", "64x64", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_estimate_of_a_seed_image_is_quiet(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sd_vram.cli", "estimate", str(REPO / "cases" / "images" /
+                        "truck--high-res.jpg")], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "" and "1800x1200" in r.stdout, r.stderr
