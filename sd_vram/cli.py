@@ -608,12 +608,14 @@ def _version() -> str:
 
 
 def _attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """`--prompt "-5 apples"` -> `--prompt=-5 apples`: argparse would read a value that starts
-    with '-' (a prompt, -1e3) as an option; attached with '=', it is the option's value."""
-    takes_value = set()
+    """`--prompt "-5 apples"` -> `--prompt=-5 apples`: argparse reads a value that starts with
+    '-' (a prompt, -1e3) as an option and stops; attached with '=' it is the option's value.
+    A value that is itself an option (`--prompt --json`) stays apart, for argparse to refuse."""
+    options, takes_value = set(), set()
     for p in [parser, *(sub for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                         for sub in a.choices.values())]:
         for a in p._actions:
+            options.update(a.option_strings)
             if a.option_strings and a.nargs is None and not isinstance(a, argparse._VersionAction):
                 takes_value.update(a.option_strings)
     out, i = [], 0
@@ -621,8 +623,10 @@ def _attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
         a = argv[i]
         if a == "--":
             return out + argv[i:]
-        if a in takes_value and i + 1 < len(argv):
-            out.append(f"{a}={argv[i + 1]}")
+        full = {a} if a in options else {o for o in options if a.startswith("--") and len(a) > 2 and o.startswith(a)}
+        full &= takes_value                      # the option, or the one it abbreviates
+        if len(full) == 1 and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in options:
+            out.append(f"{full.pop()}={argv[i + 1]}")
             i += 2
             continue
         out.append(a)

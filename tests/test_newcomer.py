@@ -47,6 +47,13 @@ def test_negative_guidance_scale_is_cfg_off(capsys):
     assert json.loads(out)["options"]["guidance_scale"] == -1000.0
 
 
+def test_attached_values_keep_argparse_rules(capsys):
+    rc, out, err = call(capsys, "estimate", "64x64", "--guid", "-2", "--json")      # an abbreviation
+    assert rc == 0 and json.loads(out)["options"]["guidance_scale"] == -2.0, err
+    rc, _, err = call(capsys, "estimate", "64x64", "--prompt", "--json")            # an option is no value
+    assert one_line_error(rc, err) and "expected one argument" in err
+
+
 def test_negative_strength_is_out_of_range_not_a_negative_size(capsys):
     rc, _, err = call(capsys, "estimate", "64x64", "--strength", "-1e-3")
     assert one_line_error(rc, err) and "strength must be in [0, 1]" in err
