@@ -312,10 +312,10 @@ def test_compare_plot_has_both_panels_with_readable_log_ticks(tmp_path):
 
 
 def test_simulate_is_quiet_on_stderr(tmp_path):
-    """No transformers or diffusers notices (torchvision fallback, fp32 modules) in a normal run."""
+    """No transformers or diffusers notices (torchvision fallback, fp32 modules, one image for two) in a normal run."""
     pytest.importorskip("diffusers")
-    r = subprocess.run([sys.executable, "-m", "sd_vram.cli", "simulate", "64x64", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "sd_vram.cli", "simulate", "64x64", "--steps", "2",
+                        "--num-images-per-prompt", "2"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
