@@ -74,6 +74,10 @@ def prompt_tokens(prompt, prompt_length) -> int | None:
     if prompt is not None:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be text, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (os.fsdecode)
+            raise InputError("the prompt is not valid UTF-8 text") from None
         return count_tokens(prompt)
     if prompt_length is not None:
         if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 0:
@@ -86,7 +90,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     """Candidate peak live sets per stage, with what the pipeline carries into each stage."""
     be = {k: profile.sdpa_backend(o.attention, d) for k, d in HEAD_DIM.items()}
     prompt = act.prompt_state(s)
-    history = min(4, max(1, _unet_evaluations(o)))  # PNDM keeps the last 4 model outputs
+    history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
@@ -166,7 +170,7 @@ class _Replay:
                 # until they repeat.
                 levels = [s.level(i) for i in range(4)]
                 before = self.alloc.free_blocks()
-                for _ in range(_unet_evaluations(o)):
+                for _ in range(o.unet_evaluations):
                     schedule.unet(self.alloc, s.B, levels, ws_rule, fallbacks=fallbacks)
                     after = self.alloc.free_blocks()
                     if after == before:
@@ -180,13 +184,6 @@ class _Replay:
                 self.release()
         finally:
             self.fallbacks += [(name, op) for op in fallbacks or ()]
-
-
-def _unet_evaluations(o: Options) -> int:
-    """img2img runs int(steps * strength) steps; PNDM (skip_prk_steps) evaluates the UNet one
-    extra time on its first step (the progress bar shows one fewer)."""
-    steps = min(int(o.num_inference_steps * o.strength), o.num_inference_steps)
-    return steps + 1 if steps > 1 else steps
 
 
 def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, _profile=None, **options) -> Estimate:
@@ -242,9 +239,6 @@ def _setup(height, width, prompt, prompt_length, options: dict, profile=None):
         o = Options(**options)
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
-    if int(o.num_inference_steps * o.strength) < 1:
-        raise InputError(f"strength {o.strength} x {o.num_inference_steps} steps leaves no denoising step "
-                         "(diffusers raises ValueError)")
     profile = profile or gpu_profiles.get(o.gpu)
     s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
     resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,

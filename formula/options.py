@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from . import allocconf
@@ -40,7 +41,7 @@ class Options:
             if not cond:
                 raise InputError(msg)
 
-        need(_is_number(self.guidance_scale), f"guidance_scale must be a number, got {self.guidance_scale!r}")
+        need(_is_number(self.guidance_scale), f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         need(_is_int(self.num_images_per_prompt) and self.num_images_per_prompt >= 1,
              f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}")
         need(_is_number(self.strength) and 0 <= self.strength <= 1, f"strength must be in [0, 1], got {self.strength!r}")
@@ -50,7 +51,10 @@ class Options:
              f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         need(self.attention_slicing in (None, "auto", "max") or (_is_int(self.attention_slicing) and self.attention_slicing >= 1),
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
-        need(isinstance(self.expandable_segments, bool), "expandable_segments must be True or False")
+        for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+        need(isinstance(self.gpu, str), f"gpu must be a GPU profile name, got {self.gpu!r}")
         need(isinstance(self.alloc_conf, str), f"alloc_conf must be text, got {self.alloc_conf!r}")
         try:
             conf = allocconf.parse(self.alloc_conf)
@@ -61,6 +65,13 @@ class Options:
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        need(self.unet_evaluations >= 1,
+             f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
+             "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
+
+    @property
+    def unet_evaluations(self) -> int:
+        return unet_evaluations(self.num_inference_steps, self.strength)
 
     @property
     def allocator(self) -> allocconf.AllocConf:
@@ -84,9 +95,23 @@ class Options:
         return asdict(self)
 
 
+def unet_evaluations(num_inference_steps: int, strength: float) -> int:
+    """UNet evaluations of one img2img call, as diffusers 0.42.1 counts them.
+
+    PNDMScheduler (skip_prk_steps) makes n + 1 timesteps for n >= 2 steps (it repeats the
+    second to last; the progress bar shows n) and 1 for n = 1. get_timesteps keeps the last
+    init = min(int(n * strength), n) steps: it drops the first n - init timesteps, so
+    strength 0 still runs one evaluation when n >= 2, and none when n = 1 and strength < 1.
+    """
+    n = num_inference_steps
+    timesteps = n + 1 if n >= 2 else n
+    return timesteps - (n - min(int(n * strength), n))
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (NaN and infinity are no call's value, and JSON cannot carry them)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd_vram.formula.options import InputError, Options
+from sd_vram.formula.options import InputError, Options, unet_evaluations
 
 try:
     import tomllib                      # Python 3.11+
@@ -50,9 +50,7 @@ class Case:
 
     @property
     def unet_evals(self) -> int:
-        """UNet evaluations of PNDM (skip_prk_steps) img2img: int(steps * strength) + 1."""
-        n = self.options["num_inference_steps"]
-        return min(int(n * self.options["strength"]), n) + 1
+        return unet_evaluations(self.options["num_inference_steps"], self.options["strength"])
 
     @property
     def cost(self) -> float:
@@ -201,7 +199,5 @@ def load_catalogue(path: str | Path) -> Catalogue:
             raise CatalogueError(f"{where}: tags must be simple words")
         case = Case(name=name, width=w, height=h, prompt=prompt, options=opts,
                     tags=tuple(tags), image=raw.get("image"))
-        if case.options["strength"] * case.options["num_inference_steps"] < 1:
-            raise CatalogueError(f"{where}: strength x num_inference_steps must be >= 1 (diffusers runs no step otherwise)")
         cases.append(case)
     return Catalogue(path=path, cases=cases)

@@ -1,6 +1,6 @@
 """Device-side tasks of scripts/gpu_validate.sh that are not pytest runs.
 
-    python3 -m sd_vram.plugin.device_tasks snapshot --cases balloon-640x427,truck-4032x3024 --results-dir DIR
+    python3 -m sd_vram.plugin.device_tasks snapshot --cases balloon-396x380,bench-2048x2048 --results-dir DIR
 
     python3 -m sd_vram.plugin.device_tasks budgets --cases balloon,truck --results-dir DIR
 

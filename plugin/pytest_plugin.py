@@ -59,7 +59,7 @@ def pytest_addoption(parser):
     g.addoption("--full-call", default="cheapest", metavar="CASES",
                 help="seed cases also run with the full default call (strength 0.8, 50 steps) and must reach the "
                      "short run's peak: names/globs, 'all' (every seed case), 'none', or 'cheapest' (default: "
-                     "the cheapest selected seed case, balloon-640x427 in the catalogue)")
+                     "the cheapest selected seed case, balloon-396x380 in the catalogue)")
     g.addoption("--catalogue", default=None, metavar="PATH", help="case catalogue (default <rootdir>/cases/catalogue.toml)")
     g.addoption("--results-dir", default=None, metavar="DIR", help="archive folder (default <rootdir>/results)")
     g.addoption("--no-archive", action="store_true", default=False, help="do not write the run's archive")

@@ -11,13 +11,14 @@
 # after every step, so a killed step or command keeps what it measured.
 #   P  (+45)  conv-workspace probe at 7 sizes, a process of its own (it resets the peak counters
 #             at every convolution)                                   -> results/<gpu>/*_conv_probe.json
-#   A  (+245) pytest --gpu over the whole catalogue, then the full default call (strength 0.8,
-#             50 steps) of balloon, bench and truck, each only if the time foreseen from its
-#             short run's UNet stage fits before A's deadline         -> results/<gpu>/<run>.json
+#   A  (+245) pytest --gpu over the whole catalogue (the four seed images' short call among it),
+#             then the full default call (guidance 5.0, strength 0.8, 50 steps) of the four seed
+#             images, each only if the time foreseen from its short run's UNet stage fits before
+#             A's deadline                                            -> results/<gpu>/<run>.json
 #             (the full calls run here because they reuse the short runs already measured in
 #             this process: a process of its own costs ~28 s of setup plus the short run again)
-#   B  (+305) memory-history snapshots of SNAPSHOT_CASES: balloon and truck (the issue's small
-#             and large seed), then images2-1024x1024 (batch-2 decoder workspaces, unprobed)
+#   B  (+305) memory-history snapshots of SNAPSHOT_CASES: balloon and bench (the smallest and
+#             largest seed image), then images2-1024x1024 (batch-2 decoder workspaces, unprobed)
 #                                                                     -> results/<gpu>/*memhistory*
 #   C  (EXPANDABLE=1 only) A's catalogue again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 #   D  (+BUDGET) the full calls A had no time for, in a fresh process, if D_MIN_S (120) seconds are left
@@ -44,9 +45,9 @@ A_AT=${A_AT:-245}
 B_AT=${B_AT:-305}
 D_MIN_S=${D_MIN_S:-120}   # a fresh process needs ~28 s of setup and the short run before a full call
 PROBE_SIZES=${PROBE_SIZES:-64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048}
-FULL_CALLS=${FULL_CALLS:-balloon-640x427,bench-3840x2560,truck-4032x3024}
+FULL_CALLS=${FULL_CALLS:-balloon-396x380,groceries-800x534,bench-2048x2048,truck-1800x1200}
 A_FULL_CALL=${A_FULL_CALL:-$FULL_CALLS}
-SNAPSHOT_CASES=${SNAPSHOT_CASES:-balloon-640x427,truck-4032x3024,images2-1024x1024}
+SNAPSHOT_CASES=${SNAPSHOT_CASES:-balloon-396x380,bench-2048x2048,images2-1024x1024}
 EXPANDABLE=${EXPANDABLE:-0}
 BUDGET_CASES=${BUDGET_CASES:-}
 M_AT=${M_AT:-150}

@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sd_vram.formula import InputError, Options
+from sd_vram.formula.report import SEEDS
 
 PROG = "sd-vram"
 MAX_PROMPT_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
@@ -28,12 +29,7 @@ MAX_PROMPT_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 # The four seed cases (width x height as image tools write it). Their prompts live in
 # cases/catalogue.toml; without it the CLI knows only the sizes and the seed prompts' CLIP
 # token counts (tests/test_tokenizer.py checks them), which is all the memory depends on.
-SEED_CASES = {
-    "balloon": {"width": 640, "height": 427, "prompt_length": 53},
-    "groceries": {"width": 800, "height": 533, "prompt_length": 64},
-    "bench": {"width": 3840, "height": 2560, "prompt_length": 62},
-    "truck": {"width": 4032, "height": 3024, "prompt_length": 41},
-}
+SEED_CASES = {name: {"width": w, "height": h, "prompt_length": n} for name, w, h, n in SEEDS}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
 _OPTION_FIELDS = {f.name for f in fields(Options)}
 _DEFAULTS = Options()
@@ -59,6 +55,7 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_MAX_SIDE_DIGITS = 9  # a side of a billion pixels is past any GPU; int() refuses 4,300 digits
 _SIZE_LIKE_RE = re.compile(r"^[\s\d.+\-eE]*[xX*×][\s\d.+\-eE]*$|^[\s\d.+\-]+$")
 
 
@@ -67,6 +64,9 @@ def parse_size(text: str) -> tuple[int, int]:
     m = _SIZE_RE.match(text)
     if not m:
         raise InputError(f"malformed size {text!r}: expected WIDTHxHEIGHT with whole numbers, e.g. 640x427")
+    for name, digits in (("width", m.group(1)), ("height", m.group(2))):
+        if len(digits.lstrip("0")) > _MAX_SIDE_DIGITS:
+            raise InputError(f"{name} has {len(digits.lstrip('0'))} digits: more than {_MAX_SIDE_DIGITS} is no image size")
     width, height = int(m.group(1)), int(m.group(2))
     for name, v in (("width", width), ("height", height)):
         if v < 8:
@@ -145,6 +145,14 @@ def _catalogue_path() -> Path | None:
         path = folder / "cases" / "catalogue.toml"
         if path.is_file():
             return path
+    # an installed sd-vram carries the catalogue as sd_vram.cases (pyproject.toml), a folder without __init__.py
+    from importlib.util import find_spec
+
+    spec = find_spec("sd_vram.cases")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        path = Path(folder) / "catalogue.toml"
+        if path.is_file():
+            return path
     return None
 
 
@@ -182,7 +190,7 @@ def _load_catalogue() -> dict[str, dict]:
 
 
 def _catalogue_case(name: str, catalogue: dict[str, dict]) -> dict | None:
-    """A case by its catalogue name, or a seed by its short name (balloon -> balloon-640x427)."""
+    """A case by its catalogue name, or a seed by its short name (balloon -> balloon-396x380)."""
     if name in catalogue:
         return catalogue[name]
     if name in SEED_CASES:
@@ -245,7 +253,7 @@ def fmt_bytes(n: float) -> str:
     sign = "-" if n < 0 else ""
     n = abs(n)
     if n >= 1 << 40:
-        return f"{sign}{n / (1 << 40):.2f} TiB"
+        return f"{sign}{n / (1 << 40):,.2f} TiB"
     if n >= 1 << 30:
         return f"{sign}{n / (1 << 30):.2f} GiB"
     if n >= 1 << 20:
@@ -284,7 +292,7 @@ def _label(key: str) -> str:
 def _options_line(o: Options) -> str:
     cfg = f"CFG on, UNet batch {o.unet_batch}" if o.cfg else "CFG off"
     parts = [f"guidance {o.guidance_scale:g} ({cfg})", f"{o.num_images_per_prompt} image(s)",
-             f"strength {o.strength:g}", f"{o.num_inference_steps} steps", f"attention {o.attention}"]
+             f"strength {o.strength:g}", _plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
     if o.attention_slicing is not None:
         parts.append(f"attention slicing {o.attention_slicing}")
     if o.vae_slicing:
@@ -296,6 +304,10 @@ def _options_line(o: Options) -> str:
     if o.alloc_conf or o.expandable_segments:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     return ", ".join(parts)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def format_estimate(est, source: str, options: Options) -> str:
@@ -311,7 +323,8 @@ def format_estimate(est, source: str, options: Options) -> str:
     for name, s in est.stages.items():
         mark = "<- peak" if name == est.peak_stage else ""
         rows.append([name, fmt_bytes(s.allocated), fmt_bytes(s.reserved), s.operation or "", mark])
-    out.append(_table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", ""], right={1, 2}))
+    out.append(_table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", "call peak"],
+                      right={1, 2}))
     out.append("")
     out.append(f"breakdown at the peak ({est.peak_stage}):")
     alloc, res, dev = est.peak_allocated, est.peak_reserved, est.peak_device
@@ -520,10 +533,12 @@ def cmd_simulate(args) -> int:
     try:
         from sd_vram.simulation import simulate
     except ImportError as e:
-        missing = getattr(e, "name", None) or ""
-        if missing.split(".")[0] in ("torch", "diffusers", "transformers", "accelerate"):
-            raise CliError(f"the simulation needs torch and diffusers ({missing} is missing): pip install 'sd-vram[sim]'", 1)
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        if missing and missing != "sd_vram":  # any of the sim extra's packages (torch, numpy, ...)
+            raise CliError(f"the simulation needs the sim extra ({missing} is missing): pip install 'sd-vram[sim]'", 1)
         raise CliError(f"the simulation is not available in this install ({e})", 1)
+    if args.timeline:
+        _check_timeline(args.timeline)
     result = simulate(case["height"], case["width"], **prompt, **opts)
     d = result.to_dict()
     if args.timeline:
@@ -542,23 +557,32 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
+def _check_timeline(path: str) -> None:
+    """Before the simulation runs (it takes seconds to minutes): where the plot will go."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"--timeline {path} is a directory: give a file name such as timeline.png")
+    if not folder.is_dir():
+        raise InputError(f"--timeline {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(f"--timeline {path}: not writable")
     try:
-        from sd_vram.plugin import compare as compare_mod
-    except ImportError as e:
-        raise CliError(f"comparing archived results is not available in this install ({e})", 1)
-    for p in args.paths:
-        if not os.path.exists(p):
-            raise InputError(f"no such results folder or file: {p}")
-    if hasattr(compare_mod, "main"):
-        argv = list(args.paths) + (["--png", args.png] if args.png else [])
-        return int(compare_mod.main(argv) or 0)
-    if hasattr(compare_mod, "compare"):
-        out = compare_mod.compare(args.paths, png=args.png)
-        if out is not None:
-            print(out)
-        return 0
-    raise CliError("sd_vram.plugin.compare offers neither main() nor compare()", 1)
+        import matplotlib
+    except ImportError:
+        raise CliError("the timeline plot needs matplotlib: pip install 'sd-vram[sim]'", 1) from None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if target.suffix.lower().lstrip(".") not in kinds:
+        raise InputError(f"--timeline {path}: the file name must end in one of "
+                         + ", ".join("." + k for k in sorted(kinds)))
+
+
+def cmd_compare(args) -> int:
+    from sd_vram.plugin import compare as compare_mod
+
+    return compare_mod.run(args, prog=PROG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +613,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
                         "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
                         "CUDACachingAllocator.cpp, not yet measured on a GPU")
-    g.add_argument("--gpu-profile", metavar="NAME", help="GPU profile for workspaces and the CUDA context (default: default)")
+    from sd_vram.formula import gpu_profiles
+
+    g.add_argument("--gpu-profile", metavar="NAME",
+                   help="GPU profile for workspaces and the CUDA context: "
+                        f"{', '.join(sorted(gpu_profiles.profiles()))} (default: default)")
 
 
 def _add_prompt(p: argparse.ArgumentParser) -> None:
@@ -637,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", metavar="FILE.png", help="write the memory timeline plot to this file")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("compare", help="compare archived GPU results across GPUs",
-                       description="Compare archived GPU suite results (results/<gpu-model>/).")
-    p.add_argument("paths", nargs="+", metavar="RESULTS", help="results folders or files")
-    p.add_argument("--png", metavar="FILE", help="also write a plot to this file")
+    from sd_vram.plugin import compare as compare_mod
+
+    p = sub.add_parser("compare", help="compare archived GPU results across GPUs, against the current equation",
+                       description="Archived GPU suite results (results/<gpu-model>/), GPUs side by side.")
+    compare_mod.add_arguments(p)
     p.set_defaults(func=cmd_compare)
     return parser
 
@@ -651,11 +680,38 @@ def _version() -> str:
     return __version__
 
 
+def _attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--prompt "-5 apples"` -> `--prompt=-5 apples`: argparse reads a value that starts with
+    '-' (a prompt, -1e3) as an option and stops; attached with '=' it is the option's value.
+    A value that is itself an option (`--prompt --json`) stays apart, for argparse to refuse."""
+    options, takes_value = set(), set()
+    for p in [parser, *(sub for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                        for sub in a.choices.values())]:
+        for a in p._actions:
+            options.update(a.option_strings)
+            if a.option_strings and a.nargs is None and not isinstance(a, argparse._VersionAction):
+                takes_value.update(a.option_strings)
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        full = {a} if a in options else {o for o in options if a.startswith("--") and len(a) > 2 and o.startswith(a)}
+        full &= takes_value                      # the option, or the one it abbreviates
+        if len(full) == 1 and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in options:
+            out.append(f"{full.pop()}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
     """Entry point of the ``sd-vram`` console script; returns the exit status."""
     parser = build_parser()
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        argv = _attach_values(parser, sys.argv[1:] if argv is None else list(argv))
         for a in argv:
             if re.match(r"^-\d", a) and not re.match(r"^-\d+(\.\d*)?$", a):
                 raise InputError(f"{a!r} is negative: sizes and memory budgets must be positive")

@@ -8,6 +8,7 @@ at them (`load_pipeline(path_or_id)`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 from importlib import resources
@@ -77,12 +78,35 @@ def build_tokenizer():
     return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' and diffusers' notices while the pipeline is built (the torchvision-less
+    CLIPImageProcessor fallback, an empty list of fp32 modules on .to(fp16)) say nothing about
+    memory: they stay off stderr. Errors still show."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+
+
 def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0):
     """StableDiffusionImg2ImgPipeline from the bundled config with random weights.
 
     device="meta" builds without memory (for the simulation, which moves it to fake CUDA);
     a CUDA device gets random fp16 weights drawn on the GPU itself (fast, no host copy).
     """
+    with quiet_libraries():
+        return _build_pipeline(device, dtype, safety_checker, seed)
+
+
+def _build_pipeline(device, dtype, safety_checker: bool, seed: int):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     with torch.device("meta"):

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -680,6 +681,10 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
             info["memo"] = memo
 
         es.enter_context(stage_hooks(pipe, recorder.set_stage))
+        # num_images_per_prompt > 1: diffusers warns that it repeats the one image (FutureWarning,
+        # the real call's own behaviour, nothing about memory); keep it off the user's stderr
+        es.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=r"You have passed \d+ text prompts", category=FutureWarning)
         start = len(recorder.events)
         with recorder:
             out = pipe(prompt, image=Image.new("RGB", (8, 8)), strength=options.strength,

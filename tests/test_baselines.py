@@ -1,6 +1,6 @@
 """Each baseline estimator against figures worked out by hand from its published formula.
 
-The input is the balloon seed image, 640 wide and 427 high: the pipeline sees 640x424
+The input is 640 wide and 427 high (the size first guessed for the balloon seed image): the pipeline sees 640x424
 (each side rounded down to a multiple of 8), latents 80 x 53. Every expected figure below
 is written out from the source's formula, not taken from the code under test.
 """

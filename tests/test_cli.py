@@ -172,10 +172,10 @@ def test_seed_case_by_name(capsys):
     rc, out, err = call(capsys, "estimate", "truck", "--json")
     assert rc == 0, err
     d = json.loads(out)
-    assert (d["width"], d["height"]) == (4032, 3024)
+    assert (d["width"], d["height"]) == (1800, 1200)   # truck--high-res.jpg, 1800 x 1200
     rc, out, err = call(capsys, "estimate", "balloon", "--json")
     d = json.loads(out)
-    assert (d["width"], d["height"]) == (640, 424)
+    assert (d["width"], d["height"]) == (392, 376)     # balloon--low-res.jpeg, 396 x 380, rounded down
     assert d["prompt_tokens"] == 53   # the balloon prompt (catalogue) or its token count (built-in table)
 
 

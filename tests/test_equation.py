@@ -133,7 +133,7 @@ def test_bad_sizes_are_input_errors(bad):
 
 @pytest.mark.parametrize("options", [
     {"guidance": 5.0}, {"attention": "xformers"}, {"num_images_per_prompt": 0},
-    {"strength": 1.5}, {"strength": 0.01}, {"output_type": "jpeg"}, {"gpu": "no-such-gpu"},
+    {"strength": 1.5}, {"strength": 0.8, "num_inference_steps": 1}, {"output_type": "jpeg"}, {"gpu": "no-such-gpu"},
     {"attention_slicing": 0},
 ])
 def test_bad_options_are_input_errors(options):
@@ -163,3 +163,44 @@ def test_estimate_imports_neither_torch_nor_diffusers():
 def test_estimate_speed(benchmark):
     result = benchmark(estimate, 427, 640, prompt_length=53)
     assert result.peak_allocated > 0
+
+
+# (steps, strength) at the edges of diffusers' img2img schedule
+EDGES = [(50, 0.8), (50, 0.0), (50, 0.01), (2, 0.5), (2, 0.0), (1, 1.0), (1, 0.5), (3, 0.8), (4, 0.3), (10, 1.0)]
+
+
+def _diffusers_evaluations(steps: int, strength: float) -> int:
+    """The timesteps diffusers 0.42.1's own get_timesteps leaves, on the SD1.5 scheduler."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from sd_vram.models import build_scheduler
+
+    sched = build_scheduler()
+    sched.set_timesteps(steps, device="cpu")
+    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+    return len(timesteps)
+
+
+@pytest.mark.parametrize("steps, strength", EDGES)
+def test_unet_evaluations_follow_diffusers(steps, strength):
+    from sd_vram.formula.options import unet_evaluations
+
+    assert unet_evaluations(steps, strength) == _diffusers_evaluations(steps, strength)
+
+
+@pytest.mark.parametrize("strength", [0, 0.01])
+def test_low_strength_runs_one_step(strength):
+    """diffusers 0.42 runs strength 0 and 0.01 (one UNet evaluation); the equation answers."""
+    e = estimate(512, 512, strength=strength)
+    assert e.peak_allocated > 0 and e.options["strength"] == strength
+
+
+def test_no_timestep_left_is_refused():
+    """1 step at strength < 1 leaves diffusers no timestep: it then decodes an empty batch and fails."""
+    assert _diffusers_evaluations(1, 0.5) == 0
+    with pytest.raises(InputError, match="leaves no denoising step"):
+        estimate(512, 512, num_inference_steps=1, strength=0.5)
+    assert estimate(512, 512, num_inference_steps=1, strength=1.0).peak_allocated > 0

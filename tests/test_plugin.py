@@ -199,7 +199,7 @@ def test_predictions_get_the_case_inputs(suite, calls):
     assert calls == [{"height": 64, "width": 64, "prompt": "a cat", "guidance_scale": 5.0,
                       "num_images_per_prompt": 1, "strength": 0.8, "num_inference_steps": 5, "attention": "auto",
                       "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
-                      "safety_checker": True, "output_type": "pil", "expandable_segments": False}]
+                      "safety_checker": True, "output_type": "pil", "expandable_segments": False, "alloc_conf": ""}]
 
 
 def test_archive_is_written_with_its_schema(suite, calls):
@@ -416,17 +416,21 @@ def test_compare_runs_side_by_side(suite, calls, tmp_path):
     lines = text.splitlines()
     head = next(ln for ln in lines if ln.startswith("case ") and "H100-80GB-HBM3" in ln)
     assert head.index("Test-GPU-24GB") < head.index("H100-80GB-HBM3")
+    assert head.split()[-3:] == ["H100-80GB-HBM3", "vs", "Test-GPU-24GB"]
     seed = next(ln for ln in lines if ln.startswith("seed-64x64 "))           # first table: peak_allocated
-    assert seed.split() == ["seed-64x64", "1,000.0", "(+2.0%)", "1,010.0", "(+1.0%)"]
+    # measured on each GPU with the current equation's error, then the second GPU against the first
+    assert seed.split() == ["seed-64x64", "1,000.0", "(+2.00%)", "1,010.0", "(+0.99%)", "+1.0%"]
     assert any(ln.split() == ["big-192x192", "OOM", "OOM"] for ln in lines)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # --current re-predicts with the equation of today.
+    # the default is the equation of today; --as-recorded shows the prediction stored with the run
     PRED[(64, 64)], old = (1111 * MiB, 1100 * MiB, 1600 * MiB, "unet"), PRED[(64, 64)]
     try:
-        cur = compare.compare_runs([results / "Test-GPU-24GB"], current=True)
+        cur = compare.compare_runs([results / "Test-GPU-24GB"])
+        stored = compare.compare_runs([results / "Test-GPU-24GB"], as_recorded=True)
     finally:
         PRED[(64, 64)] = old
-    assert next(ln for ln in cur.splitlines() if ln.startswith("seed-64x64 ")).split()[2] == "(+11.1%)"
+    assert next(ln for ln in cur.splitlines() if ln.startswith("seed-64x64 ")).split()[2] == "(+11.10%)"
+    assert next(ln for ln in stored.splitlines() if ln.startswith("seed-64x64 ")).split()[2] == "(+2.00%)"
 
 
 def test_compare_cli(suite, calls, capsys):

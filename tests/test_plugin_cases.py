@@ -15,22 +15,22 @@ from sd_vram.plugin.cases import Case, CatalogueError, load_catalogue, synthetic
 ROOT = Path(__file__).resolve().parents[1]
 CAT = load_catalogue(ROOT / "cases" / "catalogue.toml")
 
-SEEDS = {  # the issue's images, stand-in sizes (width x height) and prompts, verbatim
-    "balloon": ("balloon--low-res.jpeg", 640, 427,
+SEEDS = {  # the issue's images, their sizes (width x height, ../shared/seed-images/README.md) and prompts, verbatim
+    "balloon": ("balloon--low-res.jpeg", 396, 380,
                 "aerial view, colorful hot air balloon, lush green forest canopy, springtime, warm climate, vibrant "
                 "foliage, soft sunlight, gentle shadow, white birds flying alongside, harmony, freedom, bright natural "
                 "colors, serene atmosphere, highly detailed, realistic, photorealistic, cinematic lighting"),
-    "bench": ("bench--high-res.jpg", 3840, 2560,
+    "bench": ("bench--high-res.jpg", 2048, 2048,
               "photorealistic, high resolution, realistic lighting, natural shadows, detailed textures, lush green "
               "grass, wooden bench with grain detail, expansive valley, agricultural fields, blue-toned mountains, "
               "fluffy cumulus clouds, wispy cirrus clouds, bright blue sky, clear sunny day, soft sunlight, tranquil "
               "atmosphere, cinematic realism"),
-    "groceries": ("groceries--low-res.jpg", 800, 533,
+    "groceries": ("groceries--low-res.jpg", 800, 534,
                   "cartoon style, bold outlines, simplified shapes, vibrant colors, playful atmosphere, exaggerated "
                   "proportions, stylized SUV trunk, whimsical paper grocery bags, fresh produce with bright highlights, "
                   "baguette with cartoon detail, cheerful parking area, greenery with simplified textures, sunny day, "
                   "lighthearted mood, 2D illustration, animated landscape aesthetic"),
-    "truck": ("truck--high-res.jpg", 4032, 3024,
+    "truck": ("truck--high-res.jpg", 1800, 1200,
               "Michelangelo style, Renaissance painting, classical composition, rich earthy tones, detailed brushwork, "
               "divine atmosphere, expressive lighting, monumental presence, artistic grandeur, fresco-inspired "
               "texture, high contrast shadows, timeless aesthetic"),
@@ -46,6 +46,25 @@ def test_seed_cases_verbatim():
         assert c.name == f"{c.name.split('-')[0]}-{w}x{h}"
         # The issue's call: guidance_scale 5.0, no negative prompt, output as PIL through the safety checker.
         assert c.options["guidance_scale"] == 5.0 and c.options["output_type"] == "pil" and c.options["safety_checker"]
+
+
+def test_seed_images_are_the_provided_files():
+    """cases/images/ holds the four files; the catalogue's sizes are theirs (EXIF applied)."""
+    from PIL import Image
+
+    for c in (c for c in CAT.cases if "seed" in c.tags):
+        path = c.image_path(CAT.images_dir)
+        assert path is not None, f"{c.image} missing from cases/images/"
+        with Image.open(path) as im:
+            assert im.getexif().get(0x0112, 1) == 1 and im.mode == "RGB"
+        assert c.size(CAT.images_dir) == (c.height, c.width)
+
+
+def test_stand_in_sizes_stay_as_synthetic_cases():
+    """The sizes first guessed for the seeds: archived runs measured them under these names."""
+    for name in ("balloon-640x427", "groceries-800x533", "bench-3840x2560", "truck-4032x3024"):
+        c = CAT.get(name)
+        assert c.image is None and "seed" not in c.tags and "stand-in" in c.tags
 
 
 def test_every_case_is_valid_and_named_by_its_size():
@@ -82,13 +101,13 @@ def test_catalogue_covers_the_issue():
 def test_short_runs_reach_pndm_steady_state():
     # PNDM holds 4 past noise predictions from the 5th UNet evaluation on; the suite runs 5.
     assert {c.unet_evals for c in CAT.cases} == {5}
-    full = CAT.get("balloon-640x427").full_call()
-    assert full.unet_evals == 41 and full.id == "balloon-640x427/full-call"   # diffusers: 40 steps + 1
+    full = CAT.get("balloon-396x380").full_call()
+    assert full.unet_evals == 41 and full.id == "balloon-396x380/full-call"   # diffusers: 40 steps + 1
     assert (full.options["num_inference_steps"], full.options["strength"]) == (50, 0.8)
 
 
 def test_selection():
-    assert [c.name for c in CAT.select("balloon-*")] == ["balloon-640x427"]
+    assert [c.name for c in CAT.select("balloon-*")] == ["balloon-396x380", "balloon-640x427"]
     assert {c.name for c in CAT.select(None, "seed")} == {c.name for c in CAT.cases if "seed" in c.tags}
     assert [c.name for c in CAT.select("square-6*,odd-5*")] == ["square-64x64", "odd-517x389"]
     assert CAT.select("nothing-*") == []
@@ -99,8 +118,8 @@ def test_selection():
     ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\n[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8', "duplicate name"),
     ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { attention = "fast" }', "attention must be one of"),
     ('[[case]]\nname = "a-8x8"\nwidth = 4\nheight = 8', "width and height must be integers >= 8"),
-    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { strength = 0.1, num_inference_steps = 5 }',
-     "strength x num_inference_steps must be >= 1"),
+    ('[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\noptions = { strength = 0.5, num_inference_steps = 1 }',
+     "leaves no denoising step"),
 ])
 def test_bad_catalogue(tmp_path, body, message):
     p = tmp_path / "c.toml"

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SEED_IMAGES = {"balloon-396x380": (396, 380), "groceries-800x534": (800, 534), "bench-2048x2048": (2048, 2048),
+               "truck-1800x1200": (1800, 1200)}   # ../shared/seed-images/README.md
 NEEDED = ["sd_vram", "formula", "plugin", "simulation", "cases", "scripts", "conftest.py", "pyproject.toml",
           "tests/test_plugin_suite.py"]
 
@@ -74,15 +76,24 @@ def test_dry_run_makes_every_output(repo, tmp_path):
     assert [c["size"] for c in pr["calls"]] == "64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048".split(",")
     assert {c["status"] for c in pr["calls"]} == {"ok"} and len(pr["rows"]) > 600
     assert "[in+out+weight] at every input shape probed" in log       # the probe's summary
-    assert {s["case"] for s in snaps} == {"balloon-640x427", "truck-4032x3024", "images2-1024x1024"}
+    assert {s["case"] for s in snaps} == {"balloon-396x380", "bench-2048x2048", "images2-1024x1024"}
     assert all(s["schema"] == "sd-vram/memhistory/1" and s["summary"]["events"] > 0 for s in snaps)
     a = runs[0]
     assert a["run"]["allocator"] == "default"
     ids = [x["id"] for x in a["cases"]]
-    assert {"balloon-640x427/full-call", "bench-3840x2560/full-call", "truck-4032x3024/full-call"} <= set(ids)
-    assert "groceries-800x533/full-call" not in ids and "truck-4032x3024" in ids
+    # the four seed images, each with the short call and the full default call, from their files
+    by_id = {x["id"]: x for x in a["cases"]}
+    for seed, (w, h) in SEED_IMAGES.items():
+        short, full = by_id[seed], by_id[seed + "/full-call"]
+        for rec in (short, full):
+            assert (rec["inputs"]["width"], rec["inputs"]["height"]) == (w, h)
+            assert rec["inputs"]["image"] == {"source": "file", "file": rec["inputs"]["image"]["file"]}
+            assert rec["inputs"]["options"]["guidance_scale"] == 5.0 and rec["inputs"]["options"]["strength"] == 0.8
+        assert short["inputs"]["options"]["num_inference_steps"] == 5
+        assert full["inputs"]["options"]["num_inference_steps"] == 50 and full["inputs"]["unet_evals"] == 41
+    assert not any(i.endswith("/full-call") for i in ids if i.split("/")[0] not in SEED_IMAGES)
     # full calls after every short run: they reuse them
-    assert ids.index("bench-3840x2560/full-call") > ids.index("truck-4032x3024")
+    assert ids.index("bench-2048x2048/full-call") > ids.index("truck-4032x3024")
     # the copies in $OUT are the files in the results folder
     assert sorted(f.name for f in (tmp_path / "results").rglob("*.json")) == sorted(Path(f).name for f in files[1:])
     assert "Measured MiB" in log                      # the comparison at the end
@@ -92,19 +103,21 @@ def test_full_calls_left_to_step_d_and_expandable_segments(repo, tmp_path):
     p, log = run_script(repo, tmp_path, A_FULL_CALL="cheapest", EXPANDABLE="1", PROBE_SIZES="64x64")
     assert p.returncode == 0, log[-3000:]
     assert re.search(r"steps: P:0 A:[01] B:0 C:[01] D:[01]$", log, re.M), log[-3000:]
-    assert "--cases bench-3840x2560,truck-4032x3024 --full-call all" in log
+    assert "--cases groceries-800x534,bench-2048x2048,truck-1800x1200 --full-call all" in log
     out = tmp_path / "out"
     files = files_in(out)
     assert len(files) == 8, files  # log, probe, 3 snapshots, runs A, C, D
     runs = [json.loads((out / f).read_text()) for f in files if f.endswith(".json")]
     runs = [r for r in runs if r["schema"] == "sd-vram/results/1"]
     a, c, d = runs
-    assert [x["id"] for x in a["cases"] if x["variant"] == "full"] == ["balloon-640x427/full-call"]
+    assert [x["id"] for x in a["cases"] if x["variant"] == "full"] == ["balloon-396x380/full-call"]
     assert c["run"]["allocator"] == "expandable_segments"
     assert c["environment"]["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert {x["id"] for x in c["cases"]} == {x["id"] for x in a["cases"]} - {"balloon-640x427/full-call"}
-    assert [x["id"] for x in d["cases"]] == ["bench-3840x2560", "bench-3840x2560/full-call",
-                                             "truck-4032x3024", "truck-4032x3024/full-call"]
+    assert {x["id"] for x in c["cases"]} == {x["id"] for x in a["cases"]} - {"balloon-396x380/full-call"}
+    d_ids = [x["id"] for x in d["cases"]]
+    big = ("groceries-800x534", "bench-2048x2048", "truck-1800x1200")
+    assert sorted(d_ids) == sorted([*big, *(c + "/full-call" for c in big)])
+    assert all(d_ids.index(c + "/full-call") > d_ids.index(c) for c in big)   # each after its short run
 
 
 def test_no_time_left_skips_every_step(repo, tmp_path):
@@ -112,5 +125,5 @@ def test_no_time_left_skips_every_step(repo, tmp_path):
     assert p.returncode == 0
     assert log.count("skipped, its deadline passed") == 3 and "no archive was written" in log
     assert re.search(r"step D: skipped, -?\d+s left < D_MIN_S=120s for the full calls of "
-                     r"balloon-640x427,bench-3840x2560,truck-4032x3024", log)
+                     r"balloon-396x380,groceries-800x534,bench-2048x2048,truck-1800x1200", log)
     assert re.search(r"steps: P:skipped A:skipped B:skipped D:skipped$", log, re.M)

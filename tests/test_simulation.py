@@ -311,3 +311,13 @@ def test_conv_workspace_off():
     r = simulate(64, 64, steps=1, strength=0.5, num_inference_steps=2,
                  profile=get_profile("default").with_(conv_workspace="none"))
     assert not any(e.op == "cudnn_convolution:workspace" for e in r.events)
+
+
+@pytest.mark.parametrize("steps, strength", [(2, 0.5), (1, 1.0), (50, 0.0), (3, 0.8)])
+def test_unet_evaluations_match_the_simulation(steps, strength):
+    """The equation's count of UNet evaluations is the one the real pipeline code runs."""
+    from sd_vram.formula.options import unet_evaluations
+    from sd_vram.simulation import simulate
+
+    r = simulate(64, 64, steps="full", num_inference_steps=steps, strength=strength)
+    assert r.unet_evals == unet_evaluations(steps, strength)

@@ -123,7 +123,7 @@ def _seed_prompts():
 
     def walk(node):
         if isinstance(node, dict):
-            short = str(node.get("name", "")).split("-")[0]   # balloon-640x427 -> balloon
+            short = str(node.get("name", "")).split("-")[0]   # balloon-396x380 -> balloon
             if short in SEED_TOKENS and node.get("prompt") and "seed" in node.get("tags", ["seed"]):
                 found[short] = node["prompt"]
             for v in node.values():
