@@ -17,14 +17,17 @@ simulation replays its recorded event streams through it. Rules, named as in the
   with expandable segments: remaining >= kMinBlockSize in both pools. An unsplit block keeps
   its whole size, and allocated_bytes counts ``block->size``.
 - free_block: try_merge_blocks with prev and next when they are free (and equally mapped).
-- The OOM path (malloc): when alloc_block fails (here: the segment would take reserved memory
-  past ``capacity``, as ``set_per_process_memory_fraction``'s check
-  ``total_allocated_memory + alloc_size > allowed_memory_maximum`` does, or as cudaMalloc
-  fails on a full card), release_available_cached_blocks does nothing (max_split_size
-  unlimited), then release_cached_blocks frees every cached block that is a whole segment
-  (expandable segments: unmaps their free pages) and alloc_block runs again with
-  isRetry=true (``num_alloc_retries += 1``). If that fails too, ``num_ooms += 1`` and malloc
-  raises OutOfMemoryError "CUDA out of memory. Tried to allocate <alloc_size>. ...".
+- The OOM path (malloc): when alloc_block fails, release_available_cached_blocks frees
+  oversize cached blocks (only with max_split_size_mb), then release_cached_blocks frees every
+  cached block that is a whole segment (expandable segments: unmaps their free pages) and
+  alloc_block runs again with isRetry=true (``num_alloc_retries += 1``). If that fails too,
+  ``num_ooms += 1`` and malloc raises OutOfMemoryError "CUDA out of memory. Tried to allocate
+  <alloc_size>. ...". alloc_block fails in one of two ways (``limit``):
+  "card": cudaMalloc (expandable segments: cuMemCreate for each page) finds the card full,
+  i.e. reserved memory would pass ``capacity``; "fraction": set_per_process_memory_fraction's
+  check ``total_allocated_memory + alloc_size > allowed_memory_maximum``, made with
+  get_allocation_size(size) before any expandable mapping, and only then does
+  garbage_collection_threshold act (``set_fraction``).
 - expandable_segments:True: one segment per pool reserves 1 1/8 x total GPU memory of
   address space; pages of kSmallBuffer (small pool) or kLargeBuffer (large pool) are mapped
   on demand (ExpandableSegment::map rounds the range out to whole pages).
@@ -111,14 +114,18 @@ class OutOfMemoryError(Exception):
         self.allocated, self.reserved, self.capacity = allocated, reserved, capacity
         super().__init__(self.message())
 
-    def message(self, total: int | None = None, used_outside: int = 0) -> str:
-        """PyTorch's text. total: the card's memory (cudaMemGetInfo); used_outside: what the
-        process holds beside the allocator (CUDA context, library handles)."""
+    def message(self, total: int | None = None, used_outside: int = 0, allowed: int | None = None) -> str:
+        """PyTorch's text (the fixed tail left out). total: the card's memory (cudaMemGetInfo);
+        used_outside: what the process holds beside the allocator (CUDA context, library
+        handles: NVML's "this process has ... in use" adds it to reserved memory); allowed:
+        set_per_process_memory_fraction's allowance, when the limit is a fraction."""
         total = self.capacity + used_outside if total is None else total
         free = max(total - used_outside - self.reserved, 0)
+        allowed_info = f"{format_size(allowed)} allowed; " if allowed is not None else ""
         return (f"CUDA out of memory. Tried to allocate {format_size(self.requested)}. GPU 0 has a total "
-                f"capacity of {format_size(total)} of which {format_size(free)} is free. Of the allocated "
-                f"memory {format_size(self.allocated)} is allocated by PyTorch, and "
+                f"capacity of {format_size(total)} of which {format_size(free)} is free. Including non-PyTorch "
+                f"memory, this process has {format_size(self.reserved + used_outside)} memory in use. "
+                f"{allowed_info}Of the allocated memory {format_size(self.allocated)} is allocated by PyTorch, and "
                 f"{format_size(self.reserved - self.allocated)} is reserved by PyTorch but unallocated.")
 
 
@@ -206,21 +213,25 @@ class AllocatorStats:
 class CachingAllocator:
     """Replays malloc/free like DeviceCachingAllocator on one device and one stream.
 
-    capacity: the bytes the allocator may reserve (None: unlimited), the card's memory less
-    what the process holds beside it, or set_per_process_memory_fraction's allowance.
+    capacity: the bytes the allocator may reserve (None: unlimited): the card's memory less
+    what the process holds beside it (limit "card"), or set_per_process_memory_fraction's
+    allowance (limit "fraction"); the module docstring says how the two fail.
     conf: the PYTORCH_CUDA_ALLOC_CONF settings (allocconf.parse); `expandable_segments` is
     the shorthand for conf=AllocConf(expandable_segments=True)."""
 
     def __init__(self, expandable_segments: bool = False, total_memory: int = 80 << 30,
-                 capacity: int | None = None, conf: AllocConf | None = None):
+                 capacity: int | None = None, conf: AllocConf | None = None, limit: str = "card"):
+        if limit not in ("card", "fraction"):
+            raise ValueError(f"limit must be 'card' or 'fraction', got {limit!r}")
         if conf is None:
             conf = AllocConf(expandable_segments=True) if expandable_segments else NATIVE
         elif expandable_segments and not conf.expandable_segments:
             raise ValueError("expandable_segments=True contradicts conf")
         self.conf = conf
         self.expandable_segments = conf.expandable_segments
+        self.limit = limit
         # garbage_collection_threshold acts only under a memory fraction (set_fraction)
-        self._gc = conf.garbage_collection_threshold > 0 and capacity is not None
+        self._gc = conf.garbage_collection_threshold > 0 and capacity is not None and limit == "fraction"
         self.total_memory = total_memory
         self.capacity = capacity
         self.small = _Pool(True)
@@ -336,9 +347,9 @@ class CachingAllocator:
                 AllocatorStats(**vars(self.stats)), tuple(segments))
 
     @classmethod
-    def restore(cls, snap, capacity: int | None = None) -> "CachingAllocator":
+    def restore(cls, snap, capacity: int | None = None, limit: str = "card") -> "CachingAllocator":
         conf, total, next_address, stats, segments = snap
-        a = cls(total_memory=total, capacity=capacity, conf=conf)
+        a = cls(total_memory=total, capacity=capacity, conf=conf, limit=limit)
         a._next_address = next_address
         a.stats = AllocatorStats(**vars(stats))
         for is_small, seg_args, parts in segments:
@@ -416,9 +427,6 @@ class CachingAllocator:
         i = blocks.lower_bound((size, -1))
         if i >= len(blocks):
             return None
-        limit = self.conf.max_split_size
-        if limit is not None and self._oversize_refused(blocks[i].size, size, limit):
-            return None
         if self.expandable_segments and blocks[i].segment is not None:
             # "for the purposes of best fit we consider its size to be the size it can
             # expand to" (get_free_block): walk on while the next candidate is smaller.
@@ -431,6 +439,9 @@ class CachingAllocator:
                    and expandable_size(blocks[j]) < expandable_size(blocks[i])):
                 i = j
                 j += 1
+        limit = self.conf.max_split_size
+        if limit is not None and self._oversize_refused(blocks[i].size, size, limit):
+            return None
         block = blocks[i]
         del blocks.items[i]
         return block
@@ -449,9 +460,11 @@ class CachingAllocator:
         """A new segment (or mapped pages) for `size`, or None when it would exceed capacity."""
         if retry:
             self.stats.num_alloc_retries += 1
+        alloc_size = get_allocation_size(size)
+        if self.limit == "fraction" and not self._fits(alloc_size):
+            return None
         if self.expandable_segments:
             return self._try_allocate_expandable_block(pool, size)
-        alloc_size = get_allocation_size(size)
         if not self._fits(alloc_size):
             return None
         block = Block(self._reserve_address(alloc_size), alloc_size, pool)
@@ -593,7 +606,7 @@ class CachingAllocator:
                 need += self._pages(b, min(size - have, b.size))
             have += b.size
             b = b.next
-        if not self._fits(need):
+        if self.limit == "card" and not self._fits(need):   # a fraction was checked in _alloc_block
             return None
         if not cand.mapped:
             self._map_block(cand, min(cand.size, size))

@@ -5,10 +5,10 @@ lexArgs drops spaces and splits on ',', ':', '[' and ']'; then each option is `k
 separated by commas. The options that change memory:
 
 - expandable_segments:True|False
-- max_split_size_mb:N (N > 20): cached blocks of at least N MiB are never split, and a request
+- max_split_size_mb:N (N >= 20): cached blocks of at least N MiB are never split, and a request
   below N MiB never takes one (parseMaxSplitSize);
-- max_non_split_rounding_mb:N: how much larger than the request an unsplit oversize block may
-  be (default 20 MiB, kLargeBuffer);
+- max_non_split_rounding_mb:N (N >= 20): how much larger than the request an unsplit oversize
+  block may be (default 20 MiB, kLargeBuffer);
 - roundup_power2_divisions:N or [256:4,512:2,>:1]: requests round up to one of N divisions
   between two powers of two, per size interval of 1 MiB .. 64 GiB (N a power of two);
 - garbage_collection_threshold:T (0 < T < 1): with a memory fraction set, cached unsplit
@@ -27,9 +27,11 @@ from dataclasses import dataclass
 MiB = 1 << 20
 ROUNDUP_INTERVALS = 16            # kRoundUpPowerOfTwoIntervals: 1 MiB, 2 MiB, ... 32 GiB and above
 _LARGE_BUFFER_MB = 20             # kLargeBuffer / MiB: the floor of max_split_size_mb
-_NO_MEMORY_EFFECT = ("release_lock_on_cudamalloc", "pinned_use_cuda_host_register", "pinned_use_host_register",
-                     "pinned_num_register_threads", "pinned_use_background_threads",
-                     "pinned_reserve_segment_size_mb", "graph_capture_record_stream_reuse")
+# The limits follow the current c10/core/AllocatorConfig.cpp (older releases wanted > 20).
+_SWITCHES_WITHOUT_MEMORY_EFFECT = ("release_lock_on_cudamalloc", "pinned_use_cuda_host_register",
+                                   "pinned_use_host_register", "pinned_use_background_threads",
+                                   "graph_capture_record_stream_reuse")        # True or False
+_NUMBERS_WITHOUT_MEMORY_EFFECT = ("pinned_num_register_threads", "pinned_reserve_segment_size_mb")
 
 
 class AllocConfError(ValueError):
@@ -117,13 +119,10 @@ def parse(text: str | None) -> AllocConf:
             out["expandable_segments"] = v == "True"
         elif key in ("max_split_size_mb", "max_non_split_rounding_mb"):
             mb = _int(value(), key)
-            if key == "max_split_size_mb":
-                if mb <= _LARGE_BUFFER_MB:
-                    raise AllocConfError(f"PYTORCH_CUDA_ALLOC_CONF: CachingAllocator option max_split_size_mb too "
-                                         f"small, must be > {_LARGE_BUFFER_MB}")
-                out["max_split_size"] = mb * MiB
-            else:
-                out["max_non_split_rounding"] = max(mb, _LARGE_BUFFER_MB) * MiB
+            if mb < _LARGE_BUFFER_MB:
+                raise AllocConfError(f"PYTORCH_CUDA_ALLOC_CONF: CachingAllocator option {key} too small, "
+                                     f"must be >= {_LARGE_BUFFER_MB}")
+            out["max_split_size" if key == "max_split_size_mb" else "max_non_split_rounding"] = mb * MiB
         elif key == "garbage_collection_threshold":
             v = value()
             try:
@@ -176,8 +175,12 @@ def parse(text: str | None) -> AllocConf:
             if v != "native":
                 raise AllocConfError(f"PYTORCH_CUDA_ALLOC_CONF: Unknown allocator backend, options are native and "
                                      f"cudaMallocAsync, got {v!r}")
-        elif key in _NO_MEMORY_EFFECT:
-            value()
+        elif key in _SWITCHES_WITHOUT_MEMORY_EFFECT:
+            if value() not in ("True", "False"):
+                raise AllocConfError(f"PYTORCH_CUDA_ALLOC_CONF: Expected a single True/False argument for {key}")
+            ignored.append(key)
+        elif key in _NUMBERS_WITHOUT_MEMORY_EFFECT:
+            _int(value(), key)
             ignored.append(key)
         else:
             raise AllocConfError(f"Unrecognized CachingAllocator option: {key}")

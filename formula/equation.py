@@ -116,6 +116,9 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     return stages
 
 
+CONV_WORKSPACE = "cuDNN conv workspace"   # the live-set term cuDNN can run without (activations.py)
+
+
 class _Replay:
     """The call's allocations through one allocator model, stage by stage; under a capacity
     it follows PyTorch's OOM path (allocator.py) and cuDNN's workspace fallback
@@ -180,18 +183,21 @@ class _Replay:
                 terms = sorted(p.terms, key=lambda t: (t[0] == "workspace", -t[2]))
                 for comp, tensor, size in terms:
                     if size > kSmallSize:
-                        self.hold(size, f"{p.operation}: {tensor}", comp == "workspace", name)
+                        self.hold(size, f"{p.operation}: {tensor}", tensor == CONV_WORKSPACE, name)
                 self.release()
         finally:
             self.fallbacks += [(name, op) for op in fallbacks or ()]
 
 
-def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, _profile=None, **options) -> Estimate:
+def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit="card", _profile=None,
+             **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
 
     vram: the card's memory in bytes (what nvidia-smi shows as total). With it, the call is
     replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
-    estimate carries a verdict: "fits", "fits-with-fallback" or "oom"."""
+    estimate carries a verdict: "fits", "fits-with-fallback" or "oom". limit: "card" (a card of
+    that size), or "fraction" (torch.cuda.set_per_process_memory_fraction allowing vram less
+    the CUDA context on a larger card)."""
     H, W, tokens, o, profile, s, resident_parts, resident_state, candidates = _setup(
         height, width, prompt, prompt_length, options, _profile)
     resident = sum(resident_parts.values())
@@ -227,7 +233,7 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, _prof
         stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
     )
     if vram is not None:
-        est.boundary = _boundary(est, vram, s, o, profile, resident, resident_state, candidates)
+        est.boundary = _boundary(est, vram, limit, s, o, profile, resident, resident_state, candidates)
     return est
 
 
@@ -252,22 +258,22 @@ def peak_allocated(height, width, _profile=None, **options) -> int:
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
 
 
-def _loading_oom(o: Options, profile, capacity: int, vram: int) -> tuple[OOM, int]:
+def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundary:
     """The weight whose allocation fails in pipe.to("cuda") (or the cuBLAS workspace at the
-    text encoder's first matmul), and the retries."""
-    alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator)
+    text encoder's first matmul), as `oom(stage, operation, error)` reports it."""
+    alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
-    tensors += [("text_encoder", "the first matmul: cuBLAS workspace", profile.cublas_workspace),
-                ("text_encoder", "the first matmul: cuBLASLt workspace", profile.cublaslt_workspace)]
+    tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
+                (("cuBLAS", profile.cublas_workspace), ("cuBLASLt", profile.cublaslt_workspace)) if size]
     try:
         for *_, size in tensors:
             alloc.malloc(size)
     except OutOfMemoryError as e:
         stage, what, _ = tensors[len(alloc._active)]
-        return OOM(stage=stage, operation=what, requested_bytes=e.requested,
-                   allocated_bytes=e.allocated, reserved_bytes=e.reserved,
-                   message=e.message(total=vram, used_outside=profile.cuda_context)), alloc.stats.num_alloc_retries
+        boundary = oom(stage, what, e)
+        boundary.retries = alloc.stats.num_alloc_retries
+        return boundary
     raise AssertionError("the resident state fits its capacity")  # _boundary checked it does not
 
 
@@ -277,29 +283,39 @@ def _check_vram(vram, profile) -> None:
     if profile.name != "default" and vram > profile.total_memory:
         raise InputError(f"a budget of {vram:,} B is more than the {profile.gpu}'s {profile.total_memory:,} B "
                          f"(GPU profile {profile.name})")
+    if vram <= profile.cuda_context:
+        raise InputError(f"a budget of {vram:,} B leaves nothing beside the CUDA context and libraries "
+                         f"({profile.cuda_context:,} B on GPU profile {profile.name})")
 
 
-def _boundary(est: Estimate, vram: int, s, o: Options, profile, resident: int, resident_state,
+def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, resident: int, resident_state,
               candidates) -> Boundary:
     """The call under a capacity of vram less the CUDA context: PyTorch's OOM path."""
-    capacity = vram - profile.cuda_context
-    gc = o.allocator.garbage_collection_threshold
+    if limit not in ("card", "fraction"):
+        raise InputError(f"limit must be 'card' or 'fraction', got {limit!r}")
+    context = profile.cuda_context
+    capacity = vram - context
+    gc = o.allocator.garbage_collection_threshold if limit == "fraction" else 0
     if est.peak_reserved <= capacity * (gc or 1):   # no segment request fails (nor collects garbage)
-        return Boundary(vram=vram, capacity=capacity, verdict="fits")
-    alloc = CachingAllocator.restore(resident_state, capacity)
+        return Boundary(vram=vram, capacity=capacity, verdict="fits", limit=limit, peak_device=est.peak_device)
+    alloc = CachingAllocator.restore(resident_state, capacity, limit)
     replay = _Replay(alloc, profile, capacity)
+
+    def oom(stage, operation, e):
+        allowed = capacity if limit == "fraction" else None
+        return Boundary(vram=vram, capacity=capacity, verdict="oom", limit=limit, retries=alloc.stats.num_alloc_retries,
+                        fallbacks=replay.fallbacks, oom=OOM(
+                            stage=stage, operation=operation, requested_bytes=e.requested,
+                            allocated_bytes=e.allocated, reserved_bytes=e.reserved,
+                            message=e.message(total=vram, used_outside=context, allowed=allowed)))
+
     if alloc.reserved > capacity:
-        oom, retries = _loading_oom(o, profile, capacity, vram)
-        return Boundary(vram=vram, capacity=capacity, verdict="oom", retries=retries, oom=oom)
+        return _loading_oom(o, profile, capacity, limit, oom)
     for name, cands in candidates.items():
         try:
             replay.stage(name, s, o, cands)
         except OutOfMemoryError as e:
-            return Boundary(vram=vram, capacity=capacity, verdict="oom", retries=alloc.stats.num_alloc_retries,
-                            fallbacks=replay.fallbacks, oom=OOM(
-                                stage=name, operation=getattr(e, "operation", ""), requested_bytes=e.requested,
-                                allocated_bytes=e.allocated, reserved_bytes=e.reserved,
-                                message=e.message(total=vram, used_outside=profile.cuda_context)))
+            return oom(name, getattr(e, "operation", ""), e)
     allocated_range = None
     if replay.fallbacks:
         # Which engine cuDNN falls back to is unmeasured: between none and the full workspace.
@@ -309,8 +325,9 @@ def _boundary(est: Estimate, vram: int, s, o: Options, profile, resident: int, r
                  for k in est.stages)
         allocated_range = (lo, min(est.peak_allocated, capacity))
     return Boundary(vram=vram, capacity=capacity, verdict="fits-with-fallback" if replay.fallbacks else "fits",
-                    retries=alloc.stats.num_alloc_retries, fallbacks=replay.fallbacks,
-                    peak_reserved=alloc.stats.peak_reserved, allocated_range=allocated_range)
+                    limit=limit, retries=alloc.stats.num_alloc_retries, fallbacks=replay.fallbacks,
+                    peak_reserved=alloc.stats.peak_reserved, peak_device=alloc.stats.peak_reserved + context,
+                    allocated_range=allocated_range)
 
 
 # Options that lower the peak, cheapest first: no cost, then a slower or approximate call.
@@ -323,15 +340,22 @@ REMEDIES = (
 )
 
 
-def suggestions(height, width, vram, prompt=None, prompt_length=None, **options) -> list[tuple[str, Estimate]]:
+def suggestions(height, width, vram, prompt=None, prompt_length=None, limit="card", **options) -> list[tuple[str, Estimate]]:
     """The remedies (REMEDIES) that make the call fit `vram` at full speed, each alone, with
-    its estimate; a remedy already set, or that changes nothing, is left out."""
-    base = Options(**{k: v for k, v in options.items()})
+    its estimate; a remedy already in effect, or that changes nothing, is left out."""
+    base = Options(**options)
     out = []
     for field, value, how in REMEDIES:
-        if getattr(base, field) == value or (field == "vae_slicing" and base.num_images_per_prompt == 1):
+        if field == "expandable_segments":
+            if base.allocator.expandable_segments:
+                continue
+            # appended, so it wins over an earlier expandable_segments:False, as in PyTorch
+            change = {"alloc_conf": ",".join(filter(None, (base.alloc_conf, "expandable_segments:True")))}
+        elif getattr(base, field) == value or (field == "vae_slicing" and base.num_images_per_prompt == 1):
             continue
-        est = estimate(height, width, prompt, prompt_length, vram=vram, **{**options, field: value})
+        else:
+            change = {field: value}
+        est = estimate(height, width, prompt, prompt_length, vram=vram, limit=limit, **{**options, **change})
         if est.boundary.verdict == "fits":
             out.append((how, est))
     return out

@@ -6,9 +6,10 @@ The predicted peak is not monotone in the image size: the caching allocator's se
 step to the next, DERIVATION.md section 11), but the allocated peak is, and it bounds the peak
 from below (reserved >= allocated). So the search bisects the allocated peak for the last step
 that could fit, then walks down from it to the first step that does: that is the largest.
-The largest image that fits at all, with cuDNN's workspace fallbacks, is found the same way
-from the allocated peak without any convolution workspace, walking down with the capacity
-replay (estimate(..., vram=budget)).
+For a card (quantity "device") "fits" is the verdict of the budget replay (estimate(...,
+vram=budget)), which lets the allocator release cached segments as PyTorch does. The largest
+image that fits at all, with cuDNN's workspace fallbacks, is found the same way from the
+allocated peak without any convolution workspace.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def _peak(est, quantity: str) -> int:
 @dataclass
 class MaxSize:
     """The answer: the largest image that fits at full speed, the step after it, and (for
-    a card's memory, quantity "device") the largest that fits at all with fallbacks."""
+    a card's memory, quantity "device") the largest that fits only with cuDNN's fallbacks."""
 
     width: int
     height: int
-    peak: int
+    peak: int                # what must fit: for a card, under it (cached segments released)
     next_width: int
     next_height: int
-    next_peak: int
+    next_peak: int           # the next step's peak on a card without limit
     fallback_width: int | None = None
     fallback_height: int | None = None
 
@@ -94,25 +95,35 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     profile = gpu_profiles.get(Options(**options).gpu)
     fixed = profile.cuda_context if quantity == "device" else 0   # beside the allocated bytes
 
+    def under_budget(h: int):
+        """(fits at full speed, the figure that must fit): for a card (quantity "device") as
+        PyTorch runs it, releasing cached segments before it fails (estimate(..., vram=...))."""
+        if quantity == "device":
+            b = _estimate(h, options, aspect, vram=budget_bytes).boundary
+            return b.verdict == "fits", b.peak_device
+        peak = _peak(_estimate(h, options, aspect), quantity)
+        return peak <= budget_bytes, peak
+
     lo = smallest_height(aspect)
     first = _estimate(lo, options, aspect)
-    if _peak(first, quantity) > budget_bytes:
-        weights = sum(v for k, v in first.breakdown.items() if k.startswith("weights_") or k == "cublas_workspace")
+    weights = sum(v for k, v in first.breakdown.items() if k.startswith("weights_") or k == "cublas_workspace")
+    if weights + fixed > budget_bytes or not under_budget(lo)[0]:
         what = ("the weights and CUDA context alone need " + _human(weights + fixed)
                 if weights + fixed > budget_bytes else
                 f"the smallest image, {width_for(lo, aspect)}x{lo}, needs {_human(_peak(first, quantity))} ({quantity})")
         raise InputError(f"nothing fits a budget of {_human(budget_bytes)}: {what}")
 
     height = _walk_down(_last_step(lambda h: _allocated(h, options, aspect) + fixed <= budget_bytes, lo),
-                        lambda h: _peak(_estimate(h, options, aspect), quantity) <= budget_bytes, lo)
+                        lambda h: under_budget(h)[0], lo)
     nh = height + 8
-    out = MaxSize(width_for(height, aspect), height, _peak(_estimate(height, options, aspect), quantity),
+    out = MaxSize(width_for(height, aspect), height, under_budget(height)[1],
                   width_for(nh, aspect), nh, _peak(_estimate(nh, options, aspect), quantity))
     if quantity == "device" and profile.conv_workspace_rule != "none":
         floor = replace(profile, conv_workspace_rule="none")
         top = _last_step(lambda h: _allocated(h, options, aspect, floor) + fixed <= budget_bytes, height)
         h = _walk_down(top, lambda h: _estimate(h, options, aspect, vram=budget_bytes).boundary.verdict != "oom", height)
-        out.fallback_width, out.fallback_height = width_for(h, aspect), h
+        if h > height:    # above the full-speed answer, only with fallbacks
+            out.fallback_width, out.fallback_height = width_for(h, aspect), h
     return out
 
 

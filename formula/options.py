@@ -33,7 +33,7 @@ class Options:
     safety_checker: bool = True          # loaded (True) or safety_checker=None
     output_type: str = "pil"             # "latent" skips the VAE decode and the safety checker
     gpu: str = "default"                 # GPU profile (formula/profiles/); see gpu_profiles.py
-    expandable_segments: bool = False    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (shorthand)
+    expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
 
     def __post_init__(self):
@@ -60,8 +60,6 @@ class Options:
             conf = allocconf.parse(self.alloc_conf)
         except allocconf.AllocConfError as e:
             raise InputError(str(e)) from None
-        need(not (self.expandable_segments and "expandable_segments:False" in self.alloc_conf.replace(" ", "")),
-             "expandable_segments=True contradicts alloc_conf's expandable_segments:False")
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")

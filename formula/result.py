@@ -39,14 +39,17 @@ class Boundary:
     vram: int                    # the card's memory, bytes
     capacity: int                # what the caching allocator may reserve: vram less the CUDA context
     verdict: str                 # "fits", "fits-with-fallback" or "oom"
+    limit: str = "card"          # "card" or "fraction" (set_per_process_memory_fraction): allocator.py
     retries: int = 0             # num_alloc_retries: cached segments released to make room
     fallbacks: list = field(default_factory=list)    # (stage, convolution) run without workspace
     oom: OOM | None = None
     peak_reserved: int | None = None                 # under the capacity, when it differs
+    peak_device: int | None = None                   # what nvidia-smi would show at the peak, if it fits
     allocated_range: tuple[int, int] | None = None   # with fallbacks: [no workspace, full]
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "vram_bytes": self.vram, "capacity_bytes": self.capacity,
+        return {"verdict": self.verdict, "vram_bytes": self.vram, "capacity_bytes": self.capacity, "limit": self.limit,
+                "peak_device_bytes": self.peak_device,
                 "num_alloc_retries": self.retries,
                 "fallbacks": [{"stage": st, "operation": op} for st, op in self.fallbacks],
                 "oom": self.oom.to_dict() if self.oom else None,

@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 
 ALLOCATED_BAND = 0.01
-_TRIED = re.compile(r"Tried to allocate ([\d.]+) (bytes|KiB|MiB|GiB)")
-_UNIT = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_TRIED = re.compile(r"Tried to allocate ([\d.]+ (?:bytes|KiB|MiB|GiB))")
 
 
 def measured_verdict(m: dict) -> str:
@@ -23,22 +22,23 @@ def measured_verdict(m: dict) -> str:
     return "fits-with-fallback" if (m.get("num_ooms") or 0) > 0 else "fits"
 
 
-def tried_to_allocate(message: str) -> int | None:
-    """The bytes an OOM message says it tried to allocate (c10 format_size, two decimals)."""
+def tried_to_allocate(message: str) -> str | None:
+    """What an OOM message says it tried to allocate, as c10's format_size printed it."""
     m = _TRIED.search(message or "")
-    return round(float(m.group(1)) * _UNIT[m.group(2)]) if m else None
+    return m.group(1) if m else None
 
 
 def check(run: dict, profile: str) -> list[str]:
     """What the current equation gets wrong about one archived budget run (empty: all right)."""
     from sd_vram.formula import gpu_profiles
+    from sd_vram.formula.allocator import format_size
     from sd_vram.formula.equation import estimate
 
     m = run["measurement"]
     options = dict(run["options"])
     prof = gpu_profiles.get(profile)
     est = estimate(run["height"], run["width"], prompt=run.get("prompt"), vram=run["capacity_bytes"] + prof.cuda_context,
-                   **{**options, "gpu": profile})
+                   limit="fraction", **{**options, "gpu": profile})
     b, got = est.boundary, measured_verdict(m)
     problems = []
     if b.verdict != got:
@@ -52,9 +52,9 @@ def check(run: dict, profile: str) -> list[str]:
         if not lo * (1 - ALLOCATED_BAND) <= m["peak_allocated_bytes"] <= hi * (1 + ALLOCATED_BAND):
             problems.append(f"allocated {m['peak_allocated_bytes']:,} B outside [{lo:,}, {hi:,}]")
     elif got == "oom":
-        tried = tried_to_allocate(m.get("error", ""))
-        if tried is None or tried >> 20 != b.oom.requested_bytes >> 20:
-            problems.append(f"OOM at {tried} B, predicted {b.oom.requested_bytes:,} B ({b.oom.stage}: {b.oom.operation})")
+        tried, predicted = tried_to_allocate(m.get("error", "")), format_size(b.oom.requested_bytes)
+        if tried != predicted:   # compared as printed: two decimals of the unit
+            problems.append(f"OOM tried to allocate {tried}, predicted {predicted} ({b.oom.stage}: {b.oom.operation})")
     return problems
 
 

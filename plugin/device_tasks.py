@@ -85,7 +85,8 @@ def snapshot(args) -> int:
 
 BUDGET_POINTS = {  # capacity for the allocator, from the equation's full-speed and floor peaks
     "above-full-speed": lambda full, floor: full.peak_reserved + (64 << 20),      # no OOM path
-    "above-allocated": lambda full, floor: full.peak_allocated + (128 << 20),    # cached segments released
+    # cached segments released: halfway between the allocated and the reserved peak
+    "above-allocated": lambda full, floor: (full.peak_allocated + full.peak_reserved) // 2,
     "between-floor-and-full": lambda full, floor: (floor.peak_allocated + full.peak_allocated) // 2,
     "below-floor": lambda full, floor: floor.peak_allocated - (64 << 20),        # out of memory
 }
@@ -135,7 +136,7 @@ def budgets(args) -> int:
             if deadline is not None and time.time() > deadline:
                 print(f"budgets: {case.name} {label}: skipped, time budget exhausted", flush=True)
                 continue
-            pred = estimate(*size, prompt=case.prompt, vram=capacity + profile.cuda_context,
+            pred = estimate(*size, prompt=case.prompt, vram=capacity + profile.cuda_context, limit="fraction",
                             **{**case.options, "gpu": profile.name}).boundary
             backend.limit(capacity)
             try:

@@ -438,8 +438,8 @@ def cmd_estimate(args) -> int:
         d = est.to_dict()
         if vram is not None:
             d["boundary"]["vram_read_as"] = read_as
-            d["suggestions"] = [{"change": how, "peak_device_bytes": e.peak_device, "peak_allocated_bytes": e.peak_allocated}
-                                for how, e in fixes]
+            d["suggestions"] = [{"change": how, "peak_device_bytes": e.boundary.peak_device,
+                                 "peak_allocated_bytes": e.peak_allocated} for how, e in fixes]
         if args.compare:
             d["compare"] = {r["name"]: r["bytes"] for r in compare_rows(est, options, prompt.get("prompt_length"))}
         print(json.dumps(d, indent=2))
@@ -457,15 +457,16 @@ def cmd_estimate(args) -> int:
 
 def format_verdict(est, read_as: str, fixes) -> str:
     """The answer under a budget, first: fits, fits with fallbacks, or where it runs out."""
+    from sd_vram.formula.equation import REMEDIES
+
     b = est.boundary
     of = f"of {fmt_bytes(b.vram)} (read as {read_as})"
-    context = est.peak_device - est.peak_reserved
-    if b.verdict == "fits" and not b.retries:
-        lines = [f"fits: needs {fmt_bytes(est.peak_device)} {of}"]
-    elif b.verdict == "fits":
-        lines = [f"fits: needs {fmt_bytes(b.peak_reserved + context)} {of} once the caching allocator releases its "
-                 f"cached segments ({b.retries} time{'s' if b.retries > 1 else ''}), as PyTorch does before it "
-                 f"runs out; {fmt_bytes(est.peak_device)} on a larger card"]
+    if b.verdict == "fits":
+        lines = [f"fits: needs {fmt_bytes(b.peak_device)} {of}"]
+        if b.peak_device < est.peak_device:
+            lines.append(f"  the caching allocator releases its cached segments to make room (num_alloc_retries "
+                         f"{b.retries}), as PyTorch does before it runs out; {fmt_bytes(est.peak_device)} on a "
+                         "larger card")
     elif b.verdict == "fits-with-fallback":
         lo, hi = b.allocated_range
         ops = "; ".join(sorted({f"{st}: {op}" for st, op in b.fallbacks}))
@@ -475,23 +476,18 @@ def format_verdict(est, read_as: str, fixes) -> str:
     else:
         o = b.oom
         lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
-                 f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}"]
-        if o.message:
-            lines.append(f"  PyTorch would say: {o.message}")
+                 f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
+                 f"  PyTorch would say: {o.message}"]
     if b.verdict != "fits":
         if fixes:
             lines.append("makes it fit at full speed, each alone:")
-            lines += [f"  {how}: needs {fmt_bytes(e.peak_device)}" for how, e in fixes]
+            lines += [f"  {how}: needs {fmt_bytes(e.boundary.peak_device)}" for how, e in fixes]
         else:
-            lines.append("no single option of " + ", ".join(h for _, _, h in _REMEDY_NAMES()) +
+            lines.append("no single option of " + ", ".join(how for _, _, how in REMEDIES) +
                          " makes it fit at full speed")
+    if b.verdict != "fits" or b.peak_device < est.peak_device:
+        lines.append("  (derived from PyTorch's out-of-memory path and cuDNN's fallback; not yet measured on a GPU)")
     return "\n".join(lines)
-
-
-def _REMEDY_NAMES():
-    from sd_vram.formula.equation import REMEDIES
-
-    return REMEDIES
 
 
 def cmd_max_size(args) -> int:
@@ -518,8 +514,9 @@ def cmd_max_size(args) -> int:
     print(f"the largest {aspect[0]}:{aspect[1]} image (sides multiples of 8) whose predicted peak {args.quantity} memory "
           f"fits {_exact(budget)} ({read_as}) at full speed (GPU profile {options.gpu}):")
     print(f"  {found.width}x{found.height} needs {_exact(found.peak)}")
-    print(f"  the next step, {found.next_width}x{found.next_height}, needs {_exact(found.next_peak)}")
-    if fallback is not None and found.fallback_height > found.height:
+    print(f"  the next step, {found.next_width}x{found.next_height}, does not fit at full speed "
+          f"(its peak is {_exact(found.next_peak)} on a larger card)")
+    if fallback is not None:
         print(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
               "workspaces (slower; derived, not measured)")
     return 0

@@ -73,7 +73,7 @@ class SimResult:
         """Tensors alive just after event `index`, largest first."""
         live = {}
         for ev in self.events[: index + 1]:
-            if ev.kind == "alloc":
+            if ev.kind == "alloc" and ev.block != -1:   # -1: a workspace cuDNN ran without
                 live[ev.key] = ev
             elif ev.kind == "free":
                 live.pop(ev.key, None)
@@ -202,6 +202,7 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
                     break
                 skipped.add(ev.key)       # Conv_v8.cpp try_configs: the next engine, none at last
                 fallbacks.append((ev.stage, ev.module))
+                ev.block = -1             # run without: live_at leaves it out
                 block = None
             if block is not None:
                 ev.block = block.size
@@ -220,9 +221,11 @@ def build_result(recorder, start, end, info, *, height, width, options, profile,
             if a > sp[0]:
                 sp[0], sp[2] = a, i
             sp[1] = max(sp[1], r)
+    if oom is not None:
+        events = events[:i]           # the replay stopped at the failed allocation
     if start >= len(events):
         resident = (alloc.stats.allocated, alloc.stats.reserved)
-        weights_bytes = sum(blocks[k] for k in weight_keys)
+        weights_bytes = sum(blocks[k].size for k in weight_keys)
     stages = {}
     for name in STAGES:
         if name in stage_peak:

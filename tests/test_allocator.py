@@ -170,8 +170,9 @@ def test_out_of_memory_reports_what_pytorch_prints():
     assert a.stats.num_ooms == 1 and a.stats.num_alloc_retries == 1
     assert e.message() == (
         "CUDA out of memory. Tried to allocate 60.00 MiB. GPU 0 has a total capacity of 100.00 MiB "
-        "of which 50.00 MiB is free. Of the allocated memory 50.00 MiB is allocated by PyTorch, and "
-        "0 bytes is reserved by PyTorch but unallocated.")
+        "of which 50.00 MiB is free. Including non-PyTorch memory, this process has 50.00 MiB memory in use. "
+        "Of the allocated memory 50.00 MiB is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
+        "unallocated.")
     # the card's total and the context beside the allocator, as the suite's budgets have them
     # (c10 prints 1 GiB as "1024.00 MiB": it switches to GiB above 2^30 B)
     assert "total capacity of 1024.00 MiB of which 374.00 MiB is free" in e.message(total=GiB, used_outside=600 * MiB)
@@ -204,6 +205,17 @@ def test_expandable_segments_map_up_to_the_capacity():
     with pytest.raises(OutOfMemoryError):
         a.malloc(20 * MiB)
     assert a.stats.num_alloc_retries == 1 and a.reserved == 100 * MiB
+
+
+def test_a_memory_fraction_checks_the_whole_segment_size_first():
+    """set_per_process_memory_fraction: alloc_block compares get_allocation_size(size) with the
+    allowance before it maps any page, so expandable segments release and retry where a full
+    card would still map the one page missing (test above: 80 MiB with no retry)."""
+    a = CachingAllocator(expandable_segments=True, capacity=100 * MiB, limit="fraction")
+    a.free(a.malloc(50 * MiB))                       # 60 MiB mapped
+    a.malloc(70 * MiB)                               # 60 + 70 > 100: unmap, retry, map 80 MiB
+    assert a.reserved == 80 * MiB and a.stats.num_alloc_retries == 1
+    assert "100.00 MiB allowed; " in OutOfMemoryError(2, 2, 0, 0, 100 * MiB).message(allowed=100 * MiB)
 
 
 def test_format_size_follows_c10():
@@ -258,7 +270,9 @@ def test_alloc_conf_parses_as_pytorch():
 
 @pytest.mark.parametrize("text, message", [
     ("foo:1", "Unrecognized CachingAllocator option: foo"),
-    ("max_split_size_mb:20", "max_split_size_mb too small, must be > 20"),
+    ("max_split_size_mb:19", "max_split_size_mb too small, must be >= 20"),
+    ("max_non_split_rounding_mb:5", "max_non_split_rounding_mb too small, must be >= 20"),
+    ("release_lock_on_cudamalloc:1", "Expected a single True/False argument for release_lock_on_cudamalloc"),
     ("expandable_segments:yes", "Expected a single True/False argument for expandable_segments"),
     ("roundup_power2_divisions:3", "the divisions has to be power of 2"),
     ("roundup_power2_divisions:[300:4]", "the intervals have to be power of 2"),
@@ -308,12 +322,12 @@ def test_max_split_size_releases_an_oversize_block_before_the_retry():
 
 def test_garbage_collection_releases_old_cached_blocks_past_the_threshold():
     conf = parse("garbage_collection_threshold:0.5")
-    a = CachingAllocator(capacity=1000 * MiB, conf=conf)
+    a = CachingAllocator(capacity=1000 * MiB, conf=conf, limit="fraction")
     x, y = a.malloc(300 * MiB), a.malloc(300 * MiB)
     a.free(x), a.free(y)
     a.malloc(400 * MiB)                    # 600 MiB reserved > 0.5 x 1000: both cached blocks go
     assert a.reserved == 400 * MiB
-    b = CachingAllocator(conf=conf)        # no capacity (no memory fraction): no collection
+    b = CachingAllocator(capacity=1000 * MiB, conf=conf)   # a full card, no memory fraction: none
     x, y = b.malloc(300 * MiB), b.malloc(300 * MiB)
     b.free(x), b.free(y)
     b.malloc(400 * MiB)

@@ -125,7 +125,7 @@ def test_archived_budget_runs(label, run, profile):
 def test_the_budget_check_reads_pytorch_and_catches_a_wrong_verdict():
     msg = ("CUDA out of memory. Tried to allocate 72.00 MiB. GPU 0 has a total capacity of 3.61 GiB of which "
            "7.19 MiB is free.")
-    assert budgets.tried_to_allocate(msg) == 72 * MiB
+    assert budgets.tried_to_allocate(msg) == "72.00 MiB"
     assert budgets.measured_verdict({"status": "ok", "num_ooms": 2}) == "fits-with-fallback"
     full = estimate(**BALLOON)
     run = {"height": BALLOON["height"], "width": BALLOON["width"], "prompt": None, "options": {},
@@ -134,3 +134,40 @@ def test_the_budget_check_reads_pytorch_and_catches_a_wrong_verdict():
     assert budgets.check(run, "h200") == ["verdict: predicted fits, measured oom"]
     run["measurement"] = {"status": "ok", "num_ooms": 0, "peak_allocated_bytes": full.peak_allocated}
     assert budgets.check(run, "h200") == []
+    run["measurement"]["peak_allocated_bytes"] = int(full.peak_allocated * 1.05)   # the GPU needed 5 % more
+    assert budgets.check(run, "h200") == ["allocated -4.76%"]
+
+
+def test_suggestions_keep_the_users_alloc_conf():
+    """`--alloc-conf expandable_segments:False` used to crash the expandable remedy."""
+    full = estimate(**BALLOON)
+    fixes = suggestions(BALLOON["height"], BALLOON["width"], full.peak_device - 160 * MiB, prompt_length=20,
+                        gpu="h200", alloc_conf="expandable_segments:False,max_split_size_mb:512")
+    changed = [e.options["alloc_conf"] for how, e in fixes if how.startswith("PYTORCH_CUDA_ALLOC_CONF")]
+    assert changed in ([], ["expandable_segments:False,max_split_size_mb:512,expandable_segments:True"])
+
+
+def test_a_budget_needs_more_than_the_cuda_context():
+    with pytest.raises(InputError, match="leaves nothing beside the CUDA context"):
+        estimate(**BALLOON, vram=GiB // 2)
+
+
+def test_the_needed_figure_never_exceeds_the_budget():
+    full = estimate(**BALLOON)
+    for below in (0, 64, 128):
+        b = estimate(**BALLOON, vram=full.peak_device - below * MiB).boundary
+        if b.verdict == "fits":
+            assert b.peak_device <= b.vram
+
+
+def test_the_term_that_falls_back_is_the_convolution_workspace():
+    """_Replay lets only this term fall back: an OOM at any other scratch (the image upload's
+    staging copy, attention's fp32 accumulator) is an OOM, as nothing in PyTorch catches it."""
+    from sd_vram.formula import equation
+
+    assert equation.CONV_WORKSPACE == "cuDNN conv workspace"
+    from sd_vram.formula import activations as act
+
+    names = {t for p in act.vae_decode(act.Shape(H=512, W=512, n=1, B=2, cfg=True), "efficient", False, False,
+                                       "nchw_transpose") for c, t, _ in p.terms if c == "workspace"}
+    assert equation.CONV_WORKSPACE in names

@@ -25,28 +25,42 @@ def _device(h, aspect, **options):
     return estimate(h, width_for(h, aspect), **options).peak_device
 
 
+def _verdict(h, aspect, budget, **options):
+    return estimate(h, width_for(h, aspect), vram=budget, **options).boundary.verdict
+
+
 @pytest.mark.parametrize("budget, aspect, options", CASES, ids=["6GiB-tiling", "8GiB", "8GiB-slicing-max", "12GiB-3:2"])
 def test_no_larger_step_fits_up_to_twice_the_answer(budget, aspect, options):
+    """On a card of the budget's size, as estimate --vram decides (cached segments released)."""
     found = search(budget, aspect, **options)
-    assert _device(found.height, aspect, **options) == found.peak <= budget
+    assert _verdict(found.height, aspect, budget, **options) == "fits" and found.peak <= budget
     for h in range(found.height + 8, 2 * found.height + 1, 8):
-        assert _device(h, aspect, **options) > budget, f"{width_for(h, aspect)}x{h} fits too"
+        assert _verdict(h, aspect, budget, **options) != "fits", f"{width_for(h, aspect)}x{h} fits too"
+
+
+@pytest.mark.parametrize("budget, aspect, options", CASES[:2], ids=["6GiB-tiling", "8GiB"])
+def test_allocated_and_reserved_quantities_compare_the_peak(budget, aspect, options):
+    for quantity, attr in (("allocated", "peak_allocated"), ("reserved", "peak_reserved")):
+        found = search(budget, aspect, quantity, **options)
+        peak = lambda h: getattr(estimate(h, width_for(h, aspect), **options), attr)  # noqa: E731
+        assert peak(found.height) == found.peak <= budget
+        assert all(peak(h) > budget for h in range(found.height + 8, 2 * found.height + 1, 8))
 
 
 def test_the_tiled_answer_is_past_a_step_that_does_not_fit():
     """With VAE tiling the peak falls and rises again: a bisection of the peak stops early."""
-    found = search(6 * GiB, (1, 1), vae_tiling=True)
-    below = [h for h in range(found.height - 200, found.height, 8) if _device(h, (1, 1), vae_tiling=True) > 6 * GiB]
+    found = search(6 * GiB, (1, 1), "reserved", vae_tiling=True)
+    below = [h for h in range(found.height - 200, found.height, 8)
+             if estimate(h, h, vae_tiling=True).peak_reserved > 6 * GiB]
     assert below, "no smaller step above the budget: the case no longer shows what it is for"
 
 
 def test_the_largest_with_fallbacks_fits_only_with_them():
     found = search(8 * GiB, (1, 1))
     assert found.fallback_height > found.height
-    at = estimate(found.fallback_height, found.fallback_width, vram=8 * GiB).boundary
-    assert at.verdict == "fits-with-fallback"
+    assert _verdict(found.fallback_height, (1, 1), 8 * GiB) == "fits-with-fallback"
     for h in range(found.fallback_height + 8, found.fallback_height + 81, 8):
-        assert estimate(h, h, vram=8 * GiB).boundary.verdict == "oom"
+        assert _verdict(h, (1, 1), 8 * GiB) == "oom"
 
 
 def test_sliced_attention_scores_make_room_for_the_decoder():
