@@ -18,7 +18,7 @@ from math import prod
 
 from . import activations as act
 from . import architecture as arch
-from . import gpu_profiles, schedule
+from . import gpu_profiles, kernels, schedule
 from .allocator import SMALL_SIZE, Segments
 from .options import InputError, Options
 from .result import Estimate, StagePeak
@@ -79,22 +79,31 @@ def prompt_tokens(prompt, prompt_length) -> int | None:
     return None
 
 
-def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.Peak]]:
-    """Candidate peak live sets per stage, with what the pipeline carries into each stage."""
-    be = {k: profile.sdpa_backend(o.attention, d) for k, d in HEAD_DIM.items()}
+def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
+    """The SDPA kernel of each model's attention (kernels.sdpa_backend) at its peak call:
+    the UNet's self-attention at level 0, the VAE's mid-block, CLIP's 77 tokens."""
+    calls = {"unet": (s.B, act.UNET_HEADS, s.h * s.w), "vae": (1, 1, s.h * s.w), "clip": (1, 12, 77)}
+    return {k: profile.sdpa_backend(o.attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
+                                                                   d_qk=HEAD_DIM[k]))
+            for k, (b, n, t) in calls.items()}
+
+
+def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, list[act.Peak]]:
+    """Candidate peak live sets per stage, with what the pipeline carries into each stage.
+    `ws`: the convolution workspaces (profile.conv_workspace())."""
+    be = _backends(s, o, profile)
+    ws = profile.conv_workspace() if ws is None else ws
     prompt = act.prompt_state(s)
     history = min(4, max(1, _unet_evaluations(o)))  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
-        "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, profile.conv_workspace_rule)],
-        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing,
-                                                                  profile.conv_workspace_rule)],
+        "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
+        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)
-                                for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling,
-                                                        profile.conv_workspace_rule)]
+                                for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling, ws)]
         if o.safety_checker:
             stages["safety_checker"] = [act.merge(prompt, latents, p) for p in act.safety_checker(s, be["clip"])]
             stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
@@ -103,7 +112,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.P
     return stages
 
 
-def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, candidates) -> None:
+def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, ws, candidates) -> None:
     """Allocate and free one stage's tensors in the allocator model, in order: the VAE's
     maps in code order (schedule.py, which passes through every VAE candidate live set),
     the other stages' candidate live sets largest first. Tensors of 1 MiB or less live in
@@ -114,9 +123,9 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
     if name in ("vae_encode", "vae_decode"):
         H, W = act.vae_tile(s, o.vae_tiling, latent=False)
         if name == "vae_encode":
-            schedule.vae_encoder(seg, H, W, profile.conv_workspace_rule)
+            schedule.vae_encoder(seg, H, W, ws)
         else:
-            schedule.vae_decoder(seg, 1 if o.vae_slicing else s.n, H, W, profile.conv_workspace_rule)
+            schedule.vae_decoder(seg, 1 if o.vae_slicing else s.n, H, W, ws)
         seg.free_all()
         return
     seg.free_all()
@@ -127,7 +136,7 @@ def _replay_stage(seg: Segments, name: str, s: act.Shape, o: Options, profile, c
         levels = [s.level(i) for i in range(4)]
         before = seg.snapshot()
         for _ in range(_unet_evaluations(o)):
-            schedule.unet(seg, s.B, levels, profile.conv_workspace_rule)
+            schedule.unet(seg, s.B, levels, ws)
             after = seg.snapshot()
             if after == before:
                 break
@@ -160,8 +169,28 @@ def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estim
                          "(diffusers raises ValueError)")
     profile = gpu_profiles.get(o.gpu)
     s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
-    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,
-                                               profile.cublaslt_workspace, o.expandable_segments)
+    ws = profile.conv_workspace()
+    stages, peak_stage, peak_reserved = _call(s, o, profile, ws)
+    peak = stages[peak_stage]
+    breakdown = dict(peak.components)
+    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
+    breakdown["cuda_context"] = profile.cuda_context
+    source = "+".join(sorted(ws.used)) or "none"
+    return Estimate(
+        height=H, width=W, prompt_tokens=tokens,
+        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
+        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
+        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
+        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
+        conv_workspace=source if source != "rule" else f"rule {profile.conv_workspace_rule}",
+        bounds=_bounds(s, o, profile, ws, peak.allocated, peak_reserved),
+    )
+
+
+def _call(s: act.Shape, o: Options, profile, ws):
+    """(stage peaks, the peak stage, peak reserved) of one call with these conv workspaces."""
+    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace_bytes,
+                                               profile.cublaslt_workspace_bytes, o.expandable_segments)
     resident = sum(resident_parts.values())
 
     # Reserved memory only grows during a call: replay, stage by stage, what each stage
@@ -169,9 +198,9 @@ def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estim
     # working sets as their candidate live sets) through the allocator's pools.
     seg = Segments.from_snapshot(resident_state)
     stages: dict[str, StagePeak] = {}
-    for name, candidates in _stage_candidates(s, o, profile).items():
+    for name, candidates in _stage_candidates(s, o, profile, ws).items():
         peak = max(candidates, key=lambda p: p.total)
-        _replay_stage(seg, name, s, o, profile, candidates)
+        _replay_stage(seg, name, s, o, ws, candidates)
         allocated = resident + peak.total
         components = dict(resident_parts)
         for k, v in peak.components().items():
@@ -180,18 +209,36 @@ def estimate(height, width, prompt=None, prompt_length=None, **options) -> Estim
                                  components=components, operation=peak.operation)
 
     peak_stage = max(stages, key=lambda k: stages[k].allocated)
-    peak = stages[peak_stage]
-    peak_reserved = max(st.reserved for st in stages.values())
-    breakdown = dict(peak.components)
-    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
-    breakdown["cuda_context"] = profile.cuda_context
-    return Estimate(
-        height=H, width=W, prompt_tokens=tokens,
-        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
-        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
-        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
-        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
-    )
+    return stages, peak_stage, max(st.reserved for st in stages.values())
+
+
+# The equation's own accuracy where every hardware term is known: the bands a probed profile is
+# held to on the GPU (issue 9: allocated within 1 %, reserved and device within 3 %). A range
+# that claims to hold the measurement carries it (DERIVATION.md, "Bounds").
+ACCURACY = {"allocated": 0.01, "reserved": 0.03}
+
+
+def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int) -> dict[str, list[int]]:
+    """[lo, hi] of each quantity (DERIVATION.md, "Bounds"). Where the profile measured every
+    convolution workspace of the call and the CUDA context on its GPU, lo == hi == the point.
+    Otherwise lo is the call without the workspaces it did not measure and with the smallest
+    CUDA context on record, hi the call with the heaviest workspace rule set on record and the
+    largest context, each widened by ACCURACY."""
+    if "rule" not in ws.used and profile.cuda_context_measured:
+        return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,
+                "peak_device_bytes": [reserved + profile.cuda_context] * 2}
+    span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}
+    if "rule" in ws.used:
+        for variant in (profile.conv_workspace(floor=True), profile.conv_workspace(heaviest=True)):
+            stages, peak_stage, r = _call(s, o, profile, variant)
+            for key, v in (("allocated", stages[peak_stage].allocated), ("reserved", r)):
+                span[key] = [min(span[key][0], v), max(span[key][1], v)]
+    for key, band in ACCURACY.items():
+        span[key] = [int(span[key][0] * (1 - band)), -int(-span[key][1] * (1 + band) // 1)]
+    context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
+    lo_ctx, hi_ctx = min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
+    return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
+            "peak_device_bytes": [span["reserved"][0] + lo_ctx, span["reserved"][1] + hi_ctx]}
 
 
 def f(h, w, prompt_length=77, **kwargs) -> dict:

@@ -29,6 +29,11 @@ class Estimate:
     breakdown: dict[str, int]    # components alive at the peak, plus reserve, context
     options: dict
     gpu_profile: str
+    # where the convolution workspaces came from: "measured" (a probe, this exact shape),
+    # "rule <set>" (a rule fitted elsewhere), "measured+rule", "none" (the call has none)
+    conv_workspace: str = "none"
+    # [lo, hi] per quantity, lo == hi where every term is measured (equation._bounds)
+    bounds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -48,4 +53,6 @@ class Estimate:
             },
             "options": dict(self.options),
             "gpu_profile": self.gpu_profile,
+            "conv_workspace": self.conv_workspace,
+            "bounds": {k: list(v) for k, v in self.bounds.items()},
         }

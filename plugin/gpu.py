@@ -187,12 +187,21 @@ def sdpa_recorder(stage: dict):
 
 
 def attention_context(name: str):
-    """Force the SDPA backend a case asks for; "auto" leaves PyTorch's choice untouched."""
+    """The SDPA backend a case asks for, as formula/kernels.py defines it: that backend first,
+    PyTorch's order after it, every backend enabled (sdpa_kernel([FLASH_ATTENTION]) alone
+    would raise "No available kernel" for the VAE's head dim 512); "math" alone; "auto"
+    leaves PyTorch's choice untouched."""
     if name == "auto":
         return contextlib.nullcontext()
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, BACKENDS[name])])
+    first = getattr(SDPBackend, BACKENDS[name])
+    if name == "math":
+        return sdpa_kernel([first])
+    known = {int(getattr(SDPBackend, b)) for b in BACKENDS.values()}
+    rest = [SDPBackend(int(b)) for b in torch._C._get_sdp_priority_order() if int(b) in known and int(b) != int(first)]
+    return sdpa_kernel([first, *rest], set_priority=True)
 
 
 def preflight():
