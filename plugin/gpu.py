@@ -294,6 +294,7 @@ class CudaBackend:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "allocator_backend": _try(cuda.get_allocator_backend),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_enabled": torch.backends.cudnn.enabled,
             "sdp": {name: _try(lambda n=name: getattr(torch.backends.cuda, n)()) for name in (
                 "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
                 "fp16_bf16_reduction_math_sdp_allowed")},
