@@ -50,26 +50,26 @@ def load_runs(paths) -> list[tuple[str, Path, dict]]:
     return out
 
 
-def _prediction(rec: dict, data: dict, current: bool) -> dict | None:
+def _prediction(rec: dict, data: dict, current: bool, gpu_profile: str | None = None) -> dict | None:
     if not current:
         return rec.get("prediction")
     inp = rec["inputs"]
     try:
         return predict(inp["height"], inp["width"], inp["prompt"], inp["options"],
-                       match_profile(data.get("gpu", {}).get("name")),
+                       gpu_profile or match_profile(data.get("gpu", {}).get("name")),
                        allocator_variant(data.get("environment", {}).get("env", {})))
     except Exception:
         return None
 
 
-def _points(runs, current: bool):
+def _points(runs, current: bool, gpu_profile: str | None = None):
     """[(label, slug, case id, quantity, predicted, measured, stage_pred, stage_meas, status)]"""
     pts = []
     for label, _f, data in runs:
         slug = data.get("gpu", {}).get("slug", "?")
         for rec in data.get("cases", []):
             m = rec.get("measurement") or {}
-            p = _prediction(rec, data, current) or {}
+            p = _prediction(rec, data, current, gpu_profile) or {}
             for q in QUANTITIES:
                 pts.append((label, slug, rec["id"], q, p.get(q + "_bytes"), m.get(q + "_bytes"),
                             p.get("peak_stage"), m.get("peak_stage"), m.get("status")))
@@ -86,10 +86,18 @@ def _cell(pred, meas, status) -> str:
     return f"{mib(meas)} ({(pred - meas) / meas:+.1%})"
 
 
-def compare_runs(paths, png: str | Path | None = None, current: bool = False) -> str:
+def compare_runs(paths, png: str | Path | None = None, current: bool = False, gpu_profile: str | None = None) -> str:
     """Text report of the runs under `paths` (archive files or folders); writes a PNG if asked."""
     runs = load_runs(paths)
-    pts = _points(runs, current)
+    if gpu_profile:                      # a profile to predict with: the current equation
+        from sd_vram.formula import InputError, gpu_profiles
+
+        try:
+            gpu_profiles.get(gpu_profile)
+        except InputError as e:
+            raise CompareError(str(e)) from None
+        current = True
+    pts = _points(runs, current, gpu_profile)
     labels = [r[0] for r in runs]
     cases: list[str] = []
     for _l, _s, cid, *_ in pts:
@@ -188,11 +196,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", metavar="FILE", help="also write a plot of predicted against measured per GPU")
     parser.add_argument("--current", action="store_true",
                         help="errors of the current equation instead of the one archived with each run")
+    parser.add_argument("--gpu-profile", metavar="NAME|FILE",
+                        help="predict with this GPU profile (a name or a file; implies --current)")
 
 
 def run(args) -> int:
     try:
-        print(compare_runs(args.paths, png=args.png, current=args.current))
+        print(compare_runs(args.paths, png=args.png, current=args.current,
+                           gpu_profile=getattr(args, "gpu_profile", None)))
     except CompareError as e:
         print(f"sd-vram compare: {e}", file=sys.stderr)
         return 2

@@ -505,7 +505,8 @@ def cmd_compare(args) -> int:
         if not os.path.exists(p):
             raise InputError(f"no such results folder or file: {p}")
     if hasattr(compare_mod, "main"):
-        argv = list(args.paths) + (["--png", args.png] if args.png else [])
+        argv = list(args.paths) + (["--png", args.png] if args.png else []) + (
+            ["--gpu-profile", args.gpu_profile] if args.gpu_profile else [])
         return int(compare_mod.main(argv) or 0)
     if hasattr(compare_mod, "compare"):
         out = compare_mod.compare(args.paths, png=args.png)
@@ -591,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare archived GPU suite results (results/<gpu-model>/).")
     p.add_argument("paths", nargs="+", metavar="RESULTS", help="results folders or files")
     p.add_argument("--png", metavar="FILE", help="also write a plot to this file")
+    p.add_argument("--gpu-profile", metavar="NAME|FILE",
+                   help="predict with this GPU profile (a name or a file) instead of the archived predictions")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("probe", help="measure this GPU's workspaces and context into a profile (needs sd-vram[gpu])",

@@ -177,3 +177,35 @@ def test_every_archived_measurement_lies_inside_the_default_bounds():
             assert lo <= m[f"peak_{q}_bytes"] <= hi, f"{f} {case['id']} {q}: {m[f'peak_{q}_bytes']:,} not in [{lo:,}, {hi:,}]"
         n += 1
     assert n >= 100
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def test_cli_json_always_holds_bounds_and_the_table_a_range(capsys, tmp_path):
+    from sd_vram import cli
+
+    assert cli.main(["estimate", "640x427", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d["bounds"]) == {"peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes"}
+    assert d["bounds"]["peak_device_bytes"][0] <= d["peak_device_bytes"] <= d["bounds"]["peak_device_bytes"][1]
+    assert d["gpu_profile"] == "default" and d["conv_workspace"] == "rule nchw_transpose"
+    assert cli.main(["estimate", "640x427"]) == 0
+    out = capsys.readouterr().out
+    assert "device    between" in out and "sd-vram probe" in out
+    # a profile file that measured every term: exact, no range
+    p = _every_conv_measured(427, 640)
+    path = gpu_profiles.write(p.with_(name="exact"), tmp_path / "exact.json")
+    assert cli.main(["estimate", "640x427", "--gpu-profile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device    between" not in out and "the figures are exact" in out
+
+
+@pytest.mark.parametrize("command", [["estimate", "64x64"], ["max-size", "--vram", "8GiB"], ["compare", "results/H200"]])
+def test_cli_bad_profile_file_is_one_line(capsys, tmp_path, command):
+    from sd_vram import cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**gpu_profiles.to_json(_probed()), "cuda_context": "lots"}))
+    assert cli.main([*command, "--gpu-profile", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "'cuda_context'" in err
