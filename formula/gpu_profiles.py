@@ -323,7 +323,8 @@ def for_device(device_name: str) -> str:
 
 # The stack fields a probed profile must share with this process to be picked automatically.
 STACK_KEYS = ("torch", "cuda", "cudnn", "driver", "cudnn_benchmark", "cudnn_deterministic", "cudnn_enabled",
-              "PYTORCH_CUDA_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
+              "PYTORCH_CUDA_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE",
+              "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "TORCH_CUDNN_SDPA_DEPRIORITIZED")
 
 
 def for_stack(gpu_name: str, stack: dict) -> GPUProfile | None:

@@ -29,7 +29,7 @@ class Options:
     vae_tiling: bool = False             # pipe.enable_vae_tiling()
     safety_checker: bool = True          # loaded (True) or safety_checker=None
     output_type: str = "pil"             # "latent" skips the VAE decode and the safety checker
-    gpu: str = "default"                 # GPU profile (formula/profiles/); see gpu_profiles.py
+    gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
     def __post_init__(self):

@@ -205,7 +205,9 @@ def stack_of(env: dict) -> dict:
             "cudnn_deterministic": env.get("cudnn_deterministic"),
             "PYTORCH_CUDA_ALLOC_CONF": e.get("PYTORCH_CUDA_ALLOC_CONF"),
             "CUBLAS_WORKSPACE_CONFIG": e.get("CUBLAS_WORKSPACE_CONFIG"),
-            "CUBLASLT_WORKSPACE_SIZE": e.get("CUBLASLT_WORKSPACE_SIZE")}
+            "CUBLASLT_WORKSPACE_SIZE": e.get("CUBLASLT_WORKSPACE_SIZE"),
+            "TORCH_CUBLASLT_UNIFIED_WORKSPACE": e.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
+            "TORCH_CUDNN_SDPA_DEPRIORITIZED": e.get("TORCH_CUDNN_SDPA_DEPRIORITIZED")}
 
 
 def conv_workspaces(rows: list[dict]) -> dict[str, int]:
@@ -288,6 +290,8 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None)
         cublas_workspace=cublas, cublaslt_workspace=cublaslt,
         conv_workspace_rule=fit["best"], conv_workspaces=conv_workspaces(result["rows"]),
         source="probe", stack=stack,
+        cudnn_sdpa_deprioritized=str((env.get("env") or {}).get("TORCH_CUDNN_SDPA_DEPRIORITIZED") or "").strip().upper()
+        in ("1", "ON", "YES", "TRUE", "Y"),
         measured={"derived_cublas_workspace": kernels.cublas_workspace(cc),
                   "derived_cublaslt_workspace": kernels.cublaslt_workspace(cc),
                   "sizes": [f"{w}x{h}" for w, h in sizes], "conv_rule_fit": fit["scores"],
