@@ -290,7 +290,7 @@ def format_estimate(est, source: str, options: Options) -> str:
     if est.prompt_tokens is not None:
         out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
     out.append(f"options: {_options_line(options)}")
-    out.append(f"GPU profile: {est.gpu_profile}")
+    out.append(f"GPU profile: {est.gpu_profile} (convolution workspaces: {est.conv_workspace})")
     out.append("")
     rows = []
     for name, s in est.stages.items():

@@ -109,3 +109,21 @@ def test_one_fact_moves_the_equation_and_the_simulation(monkeypatch):
     assert eq1 > eq0 and sim1 > sim0
     assert abs((eq1 - eq0) - (sim1 - sim0)) <= 0.05 * (sim1 - sim0)
     assert abs(eq1 - sim1) <= 0.01 * sim1
+
+
+def test_a_probed_shape_reaches_the_simulation_too():
+    """A probed profile's workspace for one exact conv shape replaces the rule in both."""
+    from sd_vram.simulation import simulate
+
+    key = kernels.conv_key("vae.decoder.up_blocks.2.upsamplers.0.conv", (1, 256, 256, 256))
+    probed = gpu_profiles.get("h200").with_(source="probe", conv_workspaces={key: 512 * MiB})
+    runs = {}
+    for name, p in (("rule", gpu_profiles.get("h200")), ("probed", probed)):
+        e = estimate(256, 256, prompt_length=5, gpu=p)
+        sim = simulate(256, 256, prompt_length=5, profile=p, steps=1)
+        runs[name] = (e.stages["vae_decode"].allocated, sim.stages["vae_decode"].allocated)
+    rule_ws = 2 * 256 * 256 * 256 * 2 + 256 * 256 * 9 * 2       # 65.1 MiB
+    for i in (0, 1):   # equation, simulation: the peak holds the measured 512 MiB instead
+        assert 512 * MiB - rule_ws - 2 * MiB <= runs["probed"][i] - runs["rule"][i] <= 512 * MiB - rule_ws
+    eq, sim = runs["probed"]
+    assert abs(eq - sim) <= 0.01 * sim
