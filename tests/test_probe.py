@@ -112,3 +112,39 @@ def test_probe_saves_into_the_user_folder(tmp_path, monkeypatch, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["name"] == "quick" and (tmp_path / "quick.json").is_file()
     assert gpu_profiles.get("quick").source == "probe"
+
+
+def test_cuda_path_on_cpu(monkeypatch, tmp_path):
+    """The probe's CUDA code path (CudaHardware: CudaBackend's NVML and cuBLAS measurements,
+    CudaSdpaMeter, conv_probe.CudaMeter) on the CPU with the scripted CUDA and NVML stand-ins
+    of tests/test_plugin_gpu_backend.py; nothing about real memory is asserted."""
+    torch = pytest.importorskip("torch")
+    import test_plugin_gpu_backend as fakes
+
+    gen = getattr(fakes.fake_gpu, "__wrapped__", fakes.fake_gpu)(monkeypatch)   # the fixture's body
+    next(gen)
+    counter = {"n": 100 * MiB}
+
+    def allocated(*a):               # grows at every reading: the workspaces come out positive
+        counter["n"] += 1 * MiB
+        return counter["n"]
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from sd_vram.plugin import gpu
+
+    real_backend = gpu.CudaBackend
+    monkeypatch.setattr(gpu, "CudaBackend", lambda **kw: real_backend(device="cpu", dtype=torch.float32, **kw))
+    out = tmp_path / "cuda.json"
+    assert cli.main(["probe", "64x48", "--out", str(out), "--name", "cudapath"]) == 0
+    p = gpu_profiles.read(out)
+    assert p.gpu == "NVIDIA Fake H100" and p.compute_capability == (9, 0) and p.source == "probe"
+    assert p.cuda_context_measured and p.cuda_context > 0
+    assert p.cublas_workspace > 0 and p.stack["driver"] == "999.1"
+    data = json.loads(out.read_text())
+    assert data["sdpa"] and all(r["backend"] for r in data["sdpa"])
+    try:
+        next(gen)
+    except StopIteration:
+        pass
+
