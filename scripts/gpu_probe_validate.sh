@@ -11,7 +11,9 @@
 #             stack (the archive's prediction_profile.source is "probe")
 #   P2 (+360) with STACK_CHANGE (default CUBLAS_WORKSPACE_CONFIG=:16:8: cuBLAS 128 KiB, cuBLASLt
 #             capped at it) a fresh probe at the sizes of CASES -> profile PROFILE-stack2
-#   A2 (+530) pytest --gpu over CASES under the same change (it picks PROFILE-stack2)
+#   A2 (+480) pytest --gpu over CASES under the same change (it picks PROFILE-stack2)
+#   B  (+540) sd-vram probe at its default sizes (the seed images and its ladder), timed: the
+#             issue's benchmark (under 60 s on an H200)               -> profile PROFILE-default-sizes
 # Then both archives are compared in the log. Profiles go to $RESULTS_DIR/profiles
 # (SD_VRAM_PROFILES), archives to $RESULTS_DIR/<gpu>/; everything is copied to $OUT.
 #
@@ -109,7 +111,8 @@ EOF
     run_step A1 260 "${PYTEST[@]}"
     # shellcheck disable=SC2086
     run_step P2 360 env "$STACK_CHANGE" "${PROBE[@]}" $sizes --name "$PROFILE-stack2"
-    run_step A2 530 env "$STACK_CHANGE" "${PYTEST[@]}"
+    run_step A2 480 env "$STACK_CHANGE" "${PYTEST[@]}"
+    run_step B 540 "${PROBE[@]}" --name "$PROFILE-default-sizes"
 
     log "steps: ${STEPS[*]}"
     collect

@@ -26,14 +26,15 @@ def test_dry_run_predicts_with_both_probed_profiles(repo, tmp_path):  # noqa: F8
                        capture_output=True, text=True, timeout=600)
     log = (tmp_path / "out" / "log.txt").read_text()
     assert p.returncode == 0, log[-3000:]
-    assert re.search(r"steps: P1:0 A1:[01] P2:0 A2:[01]$", log, re.M), log[-3000:]
+    assert re.search(r"steps: P1:0 A1:[01] P2:0 A2:[01] B:0$", log, re.M), log[-3000:]
     out = tmp_path / "out"
     files = files_in(out)
     profiles = [json.loads((out / f).read_text()) for f in files if "/profiles/" in f]
     runs = [json.loads((out / f).read_text()) for f in files if f.endswith(".json") and "/profiles/" not in f]
-    assert sorted(p["name"] for p in profiles) == ["h200-probe", "h200-probe-stack2"]
+    assert sorted(p["name"] for p in profiles) == ["h200-probe", "h200-probe-default-sizes", "h200-probe-stack2"]
     assert all(p["source"] == "probe" for p in profiles)
     by_name = {p["name"]: p for p in profiles}
+    assert "396x380" in by_name["h200-probe-default-sizes"]["measured"]["sizes"]       # the seed images
     assert by_name["h200-probe-stack2"]["stack"]["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert by_name["h200-probe"]["stack"]["CUBLAS_WORKSPACE_CONFIG"] is None
     assert len(runs) == 2
