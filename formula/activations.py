@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from math import ceil, prod
 
+from .kernels import ConvWorkspace, conv_rules, efficient_output_accumulator
+
 FP16, FP32 = 2, 4
 ROUND = 512  # CUDA caching allocator: every request is rounded up to a multiple of 512 B
 
@@ -135,7 +137,7 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
         p.add("attention", "_safe_softmax -inf row mask (bool)", nbytes(batch * heads, tokens, kv, itemsize=1))
     elif backend == "flash":
         p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch, heads, tokens, itemsize=FP32))
-    elif backend == "efficient" and head_dim > 128:
+    elif backend == "efficient" and efficient_output_accumulator("float16", head_dim, head_dim):
         p.add("workspace", "fp32 output accumulator", nbytes(batch, tokens, heads, head_dim, itemsize=FP32))
     return p
 
@@ -163,7 +165,7 @@ def slice_rows(slicing, heads: int) -> int | None:
     return {"auto": heads // 2, "max": 1}.get(slicing, slicing)
 
 
-def unet(s: Shape, backend: str, slicing=None, ws_rule: str = "none") -> list[Peak]:
+def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     """One UNet evaluation. The peak sits in up_blocks[3] (level 0, N = h*w tokens): the three
     level-0 skips (conv_in, down_blocks[0].attentions[0..1]) are still held by the UNet's
     res_samples tuple, the block's input (640 channels from up_blocks[2]'s upsampler) by the
@@ -203,7 +205,7 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule: str = "none") -> list[Pe
     return [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
 
 
-def unet_up_conv(s: Shape, block: int, ws_rule: str) -> Peak:
+def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
     """up_blocks[block].resnets[0].conv1 (2560 -> 1280, 3x3) at level 3 - block: its filter
     alone is 59 MB, and cuDNN's workspace holds a transposed copy (in + out + filter), so at
     small images this convolution is the UNet's peak. Alive: every skip the up blocks have
@@ -224,7 +226,8 @@ def unet_up_conv(s: Shape, block: int, ws_rule: str) -> Peak:
     p.add("activations", "cat(sample, skip) (2560 ch)", nbytes(B, 8 * C, hl, wl))
     p.add("activations", "silu(norm1(x)) (2560 ch)", nbytes(B, 8 * C, hl, wl))
     p.add("activations", "conv1 output (1280 ch)", nbytes(B, 4 * C, hl, wl))
-    ws = conv_workspace(ws_rule, nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
+    ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, 8 * C, hl, wl),
+                        nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
@@ -259,30 +262,20 @@ def vae_decode_full(b: int, H: int, W: int) -> Peak:
     return p
 
 
-def conv_workspace(rule: str, in_bytes: int, out_bytes: int, weight_bytes: int) -> int:
-    """cuDNN's workspace for one of the VAE's convolutions (GPU profile `conv_workspace`).
-
-    "nchw_transpose": the engine cuDNN's heuristics pick for these fp16 NCHW convolutions
-    on sm90 works in NHWC and takes a workspace holding the transposed input, output and
-    filter (measured: results/H200/*memhistory*, decoder up_blocks.2 upsampler conv at
-    640x424: 279,052,435 B = 138,936,320 + 138,936,320 + 1,179,648 + 147). "none": 0.
-    """
-    if rule == "none":
+def conv_workspace(ws, module: str, kernel: int, input_shape, in_bytes: int, out_bytes: int,
+                   weight_bytes: int) -> int:
+    """cuDNN's workspace for one convolution: ``ws`` is the GPU profile's
+    kernels.ConvWorkspace (measured shapes, else the rule set, e.g. "nchw_transpose": input +
+    output + filter bytes for the VAE's 3x3 convs; see formula/kernels.py), a rule set's name,
+    or None."""
+    if isinstance(ws, str):
+        ws = ConvWorkspace(conv_rules(ws))
+    if not ws:
         return 0
-    if rule == "nchw_transpose":
-        return in_bytes + out_bytes + weight_bytes
-    raise ValueError(f"unknown conv workspace rule {rule!r}")
+    return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes)
 
 
-def upsampler_workspace(ws_rule: str, b: int, in_bytes: int, out_bytes: int, weight_bytes: int) -> int:
-    """cuDNN's workspace for the decoder's full-resolution upsampler conv. At batch >= 2
-    cuDNN picks another engine for it (measured on the H200 and the H100: the images2-*
-    cases peak at up_blocks[3].resnets[0].conv1 instead, which bounds this workspace by
-    1280 n P); its size is not probed yet and is taken as 0."""
-    return conv_workspace(ws_rule, in_bytes, out_bytes, weight_bytes) if b == 1 else 0
-
-
-def vae_decode_upsampler(b: int, H: int, W: int, ws_rule: str) -> Peak:
+def vae_decode_upsampler(b: int, H: int, W: int, ws_rule) -> Peak:
     """Decoder up_blocks[2]'s upsampler: nearest x2 to full resolution, then a 256->256 3x3
     conv. Alive: Decoder.forward's `sample` (up_blocks[1] output, 512 ch at H/2), the block's
     hidden state (256 ch at H/2), the interpolated input and the conv output (256 ch, full
@@ -293,7 +286,8 @@ def vae_decode_upsampler(b: int, H: int, W: int, ws_rule: str) -> Peak:
     p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", nbytes(b, 256, H // 2, W // 2))
     p.add("activations", "interpolate(x, 2) (256 ch, full res)", full)
     p.add("activations", "conv output (256 ch, full res)", full)
-    ws = upsampler_workspace(ws_rule, b, full, full, 256 * 256 * 9 * FP16)
+    ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.2.upsamplers.0.conv", 3, (b, 256, H, W),
+                        full, full, 256 * 256 * 9 * FP16)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
@@ -312,7 +306,7 @@ def vae_tile(s: Shape, tiling: bool, latent: bool) -> tuple[int, int]:
     return max(_tiles(s.H, stride, VAE_TILE)), max(_tiles(s.W, stride, VAE_TILE))
 
 
-def vae_decode_conv1(b: int, H: int, W: int, ws_rule: str) -> Peak:
+def vae_decode_conv1(b: int, H: int, W: int, ws_rule) -> Peak:
     """Decoder up_blocks[3].resnets[0].conv1 (256 -> 128, 3x3, full res): the block input,
     the SiLU output it convolves (256 ch), the conv output (128 ch) and cuDNN's workspace."""
     p = Peak("decoder.up_blocks.3.resnets.0.conv1 (256 -> 128, 3x3, full res)")
@@ -320,17 +314,18 @@ def vae_decode_conv1(b: int, H: int, W: int, ws_rule: str) -> Peak:
     p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", x)
     p.add("activations", "silu(norm1(x)) (256 ch, full res)", x)
     p.add("activations", "conv1 output (128 ch, full res)", y)
-    ws = conv_workspace(ws_rule, x, y, 128 * 256 * 9 * FP16)
+    ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.3.resnets.0.conv1", 3, (b, 256, H, W),
+                        x, y, 128 * 256 * 9 * FP16)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
 
 
-def _vae_decode_at(b: int, H: int, W: int, ws_rule: str) -> list[Peak]:
+def _vae_decode_at(b: int, H: int, W: int, ws_rule) -> list[Peak]:
     return [vae_decode_full(b, H, W), vae_decode_upsampler(b, H, W, ws_rule), vae_decode_conv1(b, H, W, ws_rule)]
 
 
-def vae_decode(s: Shape, backend: str, slicing: bool, tiling: bool, ws_rule: str = "none") -> list[Peak]:
+def vae_decode(s: Shape, backend: str, slicing: bool, tiling: bool, ws_rule=None) -> list[Peak]:
     h, w = s.h, s.w
     b = 1 if slicing else s.n
     state = Peak("decode inputs")
@@ -377,7 +372,7 @@ def vae_encode_full(H: int, W: int) -> Peak:
     return p
 
 
-def vae_encode_conv(H: int, W: int, ws_rule: str) -> Peak:
+def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
     """Encoder down_blocks[0].resnets[1].conv2 (128 -> 128, 3x3, full res): conv_in's output,
     resnets[0]'s output (the residual), the SiLU output it convolves and the conv output are
     alive, with cuDNN's workspace."""
@@ -387,13 +382,14 @@ def vae_encode_conv(H: int, W: int, ws_rule: str) -> Peak:
     p.add("activations", "resnets.0 output", full)
     p.add("activations", "silu(norm2(.)) (conv input)", full)
     p.add("activations", "conv2 output", full)
-    ws = conv_workspace(ws_rule, full, full, 128 * 128 * 9 * FP16)
+    ws = conv_workspace(ws_rule, "vae.encoder.down_blocks.0.resnets.1.conv2", 3, (1, 128, H, W),
+                        full, full, 128 * 128 * 9 * FP16)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
 
 
-def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule: str = "none") -> list[Peak]:
+def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]:
     """The image is encoded once (batch 1); latents are repeated for n images afterwards."""
     state = Peak("encode input")
     state.add("state", "image on the GPU (fp16)", nbytes(1, 3, s.H, s.W))

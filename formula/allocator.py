@@ -228,6 +228,7 @@ class CachingAllocator:
         elif expandable_segments and not conf.expandable_segments:
             raise ValueError("expandable_segments=True contradicts conf")
         self.conf = conf
+        self._roundup = any(conf.roundup_power2_divisions)
         self.expandable_segments = conf.expandable_segments
         self.limit = limit
         # garbage_collection_threshold acts only under a memory fraction (set_fraction)
@@ -238,11 +239,13 @@ class CachingAllocator:
         self.large = _Pool(False)
         self.stats = AllocatorStats()
         self._next_address = _BASE_ADDRESS
-        self._active: set[Block] = set()     # allocated blocks (the caller holds them)
 
     # -- public -----------------------------------------------------------------------
     def malloc(self, orig_size: int) -> Block:
-        size = round_size(orig_size, self.conf)
+        if self._roundup:
+            size = round_size(orig_size, self.conf)
+        else:                                       # round_size without roundup_power2_divisions
+            size = kMinBlockSize if orig_size < kMinBlockSize else -(-orig_size // kMinBlockSize) * kMinBlockSize
         pool = self.small if size <= kSmallSize else self.large
         block = self._get_free_block(pool, size)
         if block is None:
@@ -263,7 +266,6 @@ class CachingAllocator:
                                            (remaining > kSmallSize and self._below_max_split(size))):
             block = self._split(block, size)        # should_split
         block.allocated = True
-        self._active.add(block)
         stats = self.stats
         stats.allocated += block.size
         if stats.allocated > stats.peak_allocated:
@@ -273,7 +275,6 @@ class CachingAllocator:
     def free(self, block: Block) -> None:
         assert block.allocated, "double free"
         block.allocated = False
-        self._active.discard(block)
         self.stats.allocated -= block.size
         pool = block.pool
         prev, nxt = block.prev, block.next
@@ -322,8 +323,9 @@ class CachingAllocator:
         of adjacent allocated blocks is kept as one block."""
         segments = []
         seen = set()
-        for b in list(self._active) + [b for p in (self.small, self.large)
-                                        for s in (p.blocks, p.unmapped) for b in s.blocks]:
+        # a segment with no free or unmapped block is wholly pinned and left out: reach the
+        # others from their free blocks
+        for b in [b for p in (self.small, self.large) for s in (p.blocks, p.unmapped) for b in s.blocks]:
             head = b
             while head.prev is not None:
                 head = head.prev
@@ -362,7 +364,7 @@ class CachingAllocator:
                 if prev is not None:
                     prev.next = b
                 if state == "a":
-                    b.allocated = True       # pinned: not in _active, never freed
+                    b.allocated = True       # pinned: the caller holds no handle to free it
                 else:
                     (pool.blocks if state == "f" else pool.unmapped).insert(b)
                 prev = b

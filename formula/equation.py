@@ -13,13 +13,13 @@ C: measured per GPU (gpu_profiles.py).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
 
 from . import activations as act
 from . import architecture as arch
-from . import gpu_profiles, schedule
+from . import gpu_profiles, kernels, schedule
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import InputError, Options
@@ -86,22 +86,31 @@ def prompt_tokens(prompt, prompt_length) -> int | None:
     return None
 
 
-def _stage_candidates(s: act.Shape, o: Options, profile) -> dict[str, list[act.Peak]]:
-    """Candidate peak live sets per stage, with what the pipeline carries into each stage."""
-    be = {k: profile.sdpa_backend(o.attention, d) for k, d in HEAD_DIM.items()}
+def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
+    """The SDPA kernel of each model's attention (kernels.sdpa_backend) at its peak call:
+    the UNet's self-attention at level 0, the VAE's mid-block, CLIP's 77 tokens."""
+    calls = {"unet": (s.B, act.UNET_HEADS, s.h * s.w), "vae": (1, 1, s.h * s.w), "clip": (1, 12, 77)}
+    return {k: profile.sdpa_backend(o.attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
+                                                                   d_qk=HEAD_DIM[k]))
+            for k, (b, n, t) in calls.items()}
+
+
+def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, list[act.Peak]]:
+    """Candidate peak live sets per stage, with what the pipeline carries into each stage.
+    `ws`: the convolution workspaces (profile.conv_workspace())."""
+    be = _backends(s, o, profile)
+    ws = profile.conv_workspace() if ws is None else ws
     prompt = act.prompt_state(s)
     history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
-        "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, profile.conv_workspace_rule)],
-        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing,
-                                                                  profile.conv_workspace_rule)],
+        "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
+        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)
-                                for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling,
-                                                        profile.conv_workspace_rule)]
+                                for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling, ws)]
         if o.safety_checker:
             stages["safety_checker"] = [act.merge(prompt, latents, p) for p in act.safety_checker(s, be["clip"])]
             stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
@@ -124,8 +133,8 @@ class _Replay:
     it follows PyTorch's OOM path (allocator.py) and cuDNN's workspace fallback
     (schedule.Schedule), and keeps where the call failed or fell back."""
 
-    def __init__(self, alloc: CachingAllocator, profile, capacity: int | None):
-        self.alloc, self.profile, self.capacity = alloc, profile, capacity
+    def __init__(self, alloc: CachingAllocator, ws, capacity: int | None):
+        self.alloc, self.ws, self.capacity = alloc, ws, capacity   # ws: the profile's kernels.ConvWorkspace
         self.fallbacks: list[tuple[str, str]] = []   # (stage, convolution)
         self._live: list = []
 
@@ -150,7 +159,7 @@ class _Replay:
         the other stages' candidate live sets largest first, workspaces last (a library takes
         its scratch inside the operation, after its inputs and output exist). Tensors of
         1 MiB or less live in 2 MiB small-pool segments and are left out."""
-        ws_rule = self.profile.conv_workspace_rule
+        ws = self.ws
         fallbacks = [] if self.capacity is not None else None
         try:
             for comp, tensor, size in candidates[0].terms:
@@ -159,9 +168,9 @@ class _Replay:
             if name in ("vae_encode", "vae_decode"):
                 H, W = act.vae_tile(s, o.vae_tiling, latent=False)
                 if name == "vae_encode":
-                    schedule.vae_encoder(self.alloc, H, W, ws_rule, fallbacks=fallbacks)
+                    schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks)
                 else:
-                    schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws_rule,
+                    schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
                                          fallbacks=fallbacks)
                 self.release()
                 return
@@ -174,7 +183,7 @@ class _Replay:
                 levels = [s.level(i) for i in range(4)]
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
-                    schedule.unet(self.alloc, s.B, levels, ws_rule, fallbacks=fallbacks)
+                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -189,7 +198,7 @@ class _Replay:
             self.fallbacks += [(name, op) for op in fallbacks or ()]
 
 
-def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit="card", _profile=None,
+def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
              **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
 
@@ -197,17 +206,55 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit
     replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
     estimate carries a verdict: "fits", "fits-with-fallback" or "oom". limit: "card" (a card of
     that size), or "fraction" (torch.cuda.set_per_process_memory_fraction allowing vram less
-    the CUDA context on a larger card)."""
-    H, W, tokens, o, profile, s, resident_parts, resident_state, candidates = _setup(
-        height, width, prompt, prompt_length, options, _profile)
-    resident = sum(resident_parts.values())
+    the CUDA context on a larger card). _floor: the call without any convolution workspace,
+    the floor cuDNN falls back to (max-size's bound)."""
+    H, W, tokens, o, profile, s = _setup(height, width, prompt, prompt_length, options)
     if vram is not None:
         _check_vram(vram, profile)
+    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    call = _call(s, o, profile, ws)
+    stages, peak_stage, peak_reserved = call.stages, call.peak_stage, call.peak_reserved
+    peak = stages[peak_stage]
+    breakdown = dict(peak.components)
+    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
+    breakdown["cuda_context"] = profile.cuda_context
+    source = "+".join(sorted(ws.used)) or "none"
+    est = Estimate(
+        height=H, width=W, prompt_tokens=tokens,
+        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
+        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
+        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
+        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
+        conv_workspace=source if source != "rule" else f"rule {profile.conv_workspace_rule}",
+        bounds_of=lambda: _bounds(s, o, profile, ws, peak.allocated, peak_reserved),
+    )
+    if vram is not None:
+        est.boundary = _boundary(est, vram, limit, s, o, profile, ws, call)
+    return est
 
+
+@dataclass
+class _CallReplay:
+    """One call through the allocator model: each stage's peak, and what a budget replays."""
+
+    stages: dict
+    peak_stage: str
+    peak_reserved: int
+    resident: int                # allocated bytes before the call (weights, cuBLAS workspaces)
+    resident_state: tuple        # the allocator then (CachingAllocator.snapshot)
+    candidates: dict             # each stage's candidate live sets
+
+
+def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
+    """The stage peaks of one call with these conv workspaces (kernels.ConvWorkspace)."""
+    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace_bytes,
+                                               profile.cublaslt_workspace_bytes, o.allocator, profile.total_memory)
+    resident = sum(resident_parts.values())
+    candidates = _stage_candidates(s, o, profile, ws)
     # Reserved memory only grows during a call: replay, stage by stage, what each stage
     # allocates and frees (the VAE in its code order, schedule.py; the other stages' small
     # working sets as their candidate live sets) through the allocator's pools.
-    replay = _Replay(CachingAllocator.restore(resident_state), profile, None)
+    replay = _Replay(CachingAllocator.restore(resident_state), ws, None)
     stages: dict[str, StagePeak] = {}
     for name, cands in candidates.items():
         peak = max(cands, key=lambda p: p.total)
@@ -218,43 +265,30 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit
             components[k] = components.get(k, 0) + v
         stages[name] = StagePeak(allocated=allocated, reserved=max(replay.alloc.reserved, allocated),
                                  components=components, operation=peak.operation)
-
     peak_stage = max(stages, key=lambda k: stages[k].allocated)
-    peak = stages[peak_stage]
-    peak_reserved = max(st.reserved for st in stages.values())
-    breakdown = dict(peak.components)
-    breakdown["allocator_overhead"] = peak_reserved - peak.allocated
-    breakdown["cuda_context"] = profile.cuda_context
-    est = Estimate(
-        height=H, width=W, prompt_tokens=tokens,
-        truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
-        peak_allocated=peak.allocated, peak_reserved=peak_reserved,
-        peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
-        stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
-    )
-    if vram is not None:
-        est.boundary = _boundary(est, vram, limit, s, o, profile, resident, resident_state, candidates)
-    return est
+    return _CallReplay(stages, peak_stage, max(st.reserved for st in stages.values()), resident, resident_state,
+                       candidates)
 
 
-def _setup(height, width, prompt, prompt_length, options: dict, profile=None):
-    """The validated inputs, the resident state and each stage's candidate live sets."""
+def _setup(height, width, prompt, prompt_length, options: dict):
+    """The validated inputs: (H, W, prompt tokens, options, GPU profile, shape)."""
     H, W = _size(height, "height"), _size(width, "width")
     tokens = prompt_tokens(prompt, prompt_length)
     try:
         o = Options(**options)
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
-    profile = profile or gpu_profiles.get(o.gpu)
-    s = act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
-    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace,
-                                               profile.cublaslt_workspace, o.allocator, profile.total_memory)
-    return H, W, tokens, o, profile, s, resident_parts, resident_state, _stage_candidates(s, o, profile)
+    profile = gpu_profiles.get(o.gpu)
+    return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
 
 
-def peak_allocated(height, width, _profile=None, **options) -> int:
+def peak_allocated(height, width, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
-    *_, resident_parts, _, candidates = _setup(height, width, None, None, options, _profile)
+    _, _, _, o, profile, s = _setup(height, width, None, None, options)
+    resident_parts, _ = _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
+                                  o.allocator, profile.total_memory)
+    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    candidates = _stage_candidates(s, o, profile, ws)
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
 
 
@@ -265,15 +299,14 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundar
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
-                (("cuBLAS", profile.cublas_workspace), ("cuBLASLt", profile.cublaslt_workspace)) if size]
-    try:
-        for *_, size in tensors:
+                (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
+    for stage, what, size in tensors:
+        try:
             alloc.malloc(size)
-    except OutOfMemoryError as e:
-        stage, what, _ = tensors[len(alloc._active)]
-        boundary = oom(stage, what, e)
-        boundary.retries = alloc.stats.num_alloc_retries
-        return boundary
+        except OutOfMemoryError as e:
+            boundary = oom(stage, what, e)
+            boundary.retries = alloc.stats.num_alloc_retries
+            return boundary
     raise AssertionError("the resident state fits its capacity")  # _boundary checked it does not
 
 
@@ -288,8 +321,7 @@ def _check_vram(vram, profile) -> None:
                          f"({profile.cuda_context:,} B on GPU profile {profile.name})")
 
 
-def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, resident: int, resident_state,
-              candidates) -> Boundary:
+def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, ws, call: _CallReplay) -> Boundary:
     """The call under a capacity of vram less the CUDA context: PyTorch's OOM path."""
     if limit not in ("card", "fraction"):
         raise InputError(f"limit must be 'card' or 'fraction', got {limit!r}")
@@ -298,8 +330,8 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, resi
     gc = o.allocator.garbage_collection_threshold if limit == "fraction" else 0
     if est.peak_reserved <= capacity * (gc or 1):   # no segment request fails (nor collects garbage)
         return Boundary(vram=vram, capacity=capacity, verdict="fits", limit=limit, peak_device=est.peak_device)
-    alloc = CachingAllocator.restore(resident_state, capacity, limit)
-    replay = _Replay(alloc, profile, capacity)
+    alloc = CachingAllocator.restore(call.resident_state, capacity, limit)
+    replay = _Replay(alloc, ws, capacity)
 
     def oom(stage, operation, e):
         allowed = capacity if limit == "fraction" else None
@@ -311,7 +343,7 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, resi
 
     if alloc.reserved > capacity:
         return _loading_oom(o, profile, capacity, limit, oom)
-    for name, cands in candidates.items():
+    for name, cands in call.candidates.items():
         try:
             replay.stage(name, s, o, cands)
         except OutOfMemoryError as e:
@@ -320,14 +352,43 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, resi
     if replay.fallbacks:
         # Which engine cuDNN falls back to is unmeasured: between none and the full workspace.
         fell_back = {stage for stage, _ in replay.fallbacks}
-        floor = _stage_candidates(s, o, replace(profile, conv_workspace_rule="none"))
-        lo = max(est.stages[k].allocated if k not in fell_back else resident + max(p.total for p in floor[k])
+        floor = _stage_candidates(s, o, profile, kernels.ConvWorkspace())
+        lo = max(est.stages[k].allocated if k not in fell_back else call.resident + max(p.total for p in floor[k])
                  for k in est.stages)
         allocated_range = (lo, min(est.peak_allocated, capacity))
     return Boundary(vram=vram, capacity=capacity, verdict="fits-with-fallback" if replay.fallbacks else "fits",
                     limit=limit, retries=alloc.stats.num_alloc_retries, fallbacks=replay.fallbacks,
                     peak_reserved=alloc.stats.peak_reserved, peak_device=alloc.stats.peak_reserved + context,
                     allocated_range=allocated_range)
+
+
+# The equation's own accuracy where every hardware term is known: the bands a probed profile is
+# held to on the GPU (issue 9: allocated within 1 %, reserved and device within 3 %). A range
+# that claims to hold the measurement carries it (DERIVATION.md, "Bounds").
+ACCURACY = {"allocated": 0.01, "reserved": 0.03}
+
+
+def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int) -> dict[str, list[int]]:
+    """[lo, hi] of each quantity (DERIVATION.md, "Bounds"). Where the profile measured every
+    convolution workspace of the call and the CUDA context on its GPU, lo == hi == the point.
+    Otherwise lo is the call without the workspaces it did not measure and with the smallest
+    CUDA context on record, hi the call with the heaviest workspace rule set on record and the
+    largest context, each widened by ACCURACY."""
+    if "rule" not in ws.used and profile.cuda_context_measured:
+        return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,
+                "peak_device_bytes": [reserved + profile.cuda_context] * 2}
+    span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}
+    if "rule" in ws.used:
+        for variant in (profile.conv_workspace(floor=True), profile.conv_workspace(heaviest=True)):
+            c = _call(s, o, profile, variant)
+            for key, v in (("allocated", c.stages[c.peak_stage].allocated), ("reserved", c.peak_reserved)):
+                span[key] = [min(span[key][0], v), max(span[key][1], v)]
+    for key, band in ACCURACY.items():
+        span[key] = [int(span[key][0] * (1 - band)), -int(-span[key][1] * (1 + band) // 1)]
+    context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
+    lo_ctx, hi_ctx = min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
+    return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
+            "peak_device_bytes": [span["reserved"][0] + lo_ctx, span["reserved"][1] + hi_ctx]}
 
 
 # Options that lower the peak, cheapest first: no cost, then a slower or approximate call.

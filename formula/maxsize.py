@@ -14,7 +14,7 @@ allocated peak without any convolution workspace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .options import InputError
 
@@ -32,16 +32,16 @@ def width_for(height: int, aspect: tuple[int, int]) -> int:
     return _floor8(height * aw // ah)
 
 
-def _estimate(height: int, options: dict, aspect, profile=None, vram=None):
+def _estimate(height: int, options: dict, aspect, floor: bool = False, vram=None):
     from . import equation  # looked up at call time so tests can substitute it
 
-    return equation.estimate(height, width_for(height, aspect), vram=vram, _profile=profile, **options)
+    return equation.estimate(height, width_for(height, aspect), vram=vram, _floor=floor, **options)
 
 
-def _allocated(height: int, options: dict, aspect, profile=None) -> int:
+def _allocated(height: int, options: dict, aspect, floor: bool = False) -> int:
     from . import equation
 
-    return equation.peak_allocated(height, width_for(height, aspect), _profile=profile, **options)
+    return equation.peak_allocated(height, width_for(height, aspect), _floor=floor, **options)
 
 
 def _peak(est, quantity: str) -> int:
@@ -118,9 +118,8 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     nh = height + 8
     out = MaxSize(width_for(height, aspect), height, under_budget(height)[1],
                   width_for(nh, aspect), nh, _peak(_estimate(nh, options, aspect), quantity))
-    if quantity == "device" and profile.conv_workspace_rule != "none":
-        floor = replace(profile, conv_workspace_rule="none")
-        top = _last_step(lambda h: _allocated(h, options, aspect, floor) + fixed <= budget_bytes, height)
+    if quantity == "device" and profile.conv_workspace():     # the call has workspaces to fall back from
+        top = _last_step(lambda h: _allocated(h, options, aspect, floor=True) + fixed <= budget_bytes, height)
         h = _walk_down(top, lambda h: _estimate(h, options, aspect, vram=budget_bytes).boundary.verdict != "oom", height)
         if h > height:    # above the full-speed answer, only with fallbacks
             out.fallback_width, out.fallback_height = width_for(h, aspect), h

@@ -32,7 +32,7 @@ class Options:
     vae_tiling: bool = False             # pipe.enable_vae_tiling()
     safety_checker: bool = True          # loaded (True) or safety_checker=None
     output_type: str = "pil"             # "latent" skips the VAE decode and the safety checker
-    gpu: str = "default"                 # GPU profile (formula/profiles/); see gpu_profiles.py
+    gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
 
@@ -54,7 +54,9 @@ class Options:
         for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
-        need(isinstance(self.gpu, str), f"gpu must be a GPU profile name, got {self.gpu!r}")
+        from .gpu_profiles import GPUProfile   # here: gpu_profiles imports this module
+
+        need(isinstance(self.gpu, (str, GPUProfile)), f"gpu must be a GPU profile name or file, got {self.gpu!r}")
         need(isinstance(self.alloc_conf, str), f"alloc_conf must be text, got {self.alloc_conf!r}")
         try:
             conf = allocconf.parse(self.alloc_conf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -72,6 +73,19 @@ class Estimate:
     options: dict
     gpu_profile: str
     boundary: Boundary | None = None   # with a budget (estimate(..., vram=...))
+    # where the convolution workspaces came from: "measured" (a probe, this exact shape),
+    # "rule <set>" (a rule fitted elsewhere), "measured+rule", "none" (the call has none)
+    conv_workspace: str = "none"
+    # [lo, hi] per quantity, lo == hi where every term is measured (equation._bounds): computed
+    # on first use, as the unmeasured ends cost two more replays of the call
+    bounds_of: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+    _bounds: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def bounds(self) -> dict:
+        if self._bounds is None:
+            self._bounds = self.bounds_of() if self.bounds_of is not None else {}
+        return self._bounds
 
     def to_dict(self) -> dict:
         out = {
@@ -91,6 +105,8 @@ class Estimate:
             },
             "options": dict(self.options),
             "gpu_profile": self.gpu_profile,
+            "conv_workspace": self.conv_workspace,
+            "bounds": {k: list(v) for k, v in self.bounds.items()},
         }
         if self.boundary is not None:
             out["verdict"] = self.boundary.verdict

@@ -20,7 +20,7 @@ blocks the big maps leave cached.
 
 from __future__ import annotations
 
-from .activations import FP16, conv_workspace, nbytes, upsampler_workspace
+from .activations import FP16, conv_workspace, nbytes
 from .allocator import CachingAllocator, OutOfMemoryError
 
 
@@ -30,10 +30,11 @@ class Schedule:
     fallbacks: under a memory capacity, a convolution whose workspace cannot be had runs the
     next engine of cuDNN's list instead (Conv_v8.cpp try_configs catches the OOM); the list
     ends with engines that take none, and the engines between are unmeasured, so the replay
-    falls back to no workspace and names the convolution here. None: the OOM propagates."""
+    falls back to no workspace and names the convolution here. None: the OOM propagates.
+    An OOM carries `operation`: the module and whether its output or workspace failed."""
 
-    def __init__(self, seg: CachingAllocator, ws_rule: str, batch: int, fallbacks: list | None = None):
-        self.seg, self.ws_rule, self.b, self.fallbacks = seg, ws_rule, batch, fallbacks
+    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None):
+        self.alloc, self.ws, self.b, self.fallbacks = alloc, ws, batch, fallbacks  # ws: kernels.ConvWorkspace
         self._blocks: dict[int, object] = {}
         self._next = 0
 
@@ -44,7 +45,7 @@ class Schedule:
         t = self._next
         self._next += 1
         try:
-            self._blocks[t] = self.seg.malloc(size)
+            self._blocks[t] = self.alloc.malloc(size)   # the allocator rounds
         except OutOfMemoryError as e:
             e.operation = what or f"tensor of {size:,} B"
             raise
@@ -52,24 +53,17 @@ class Schedule:
 
     def free(self, *tensors: int) -> None:
         for t in tensors:
-            self.seg.free(self._blocks.pop(t))
+            self.alloc.free(self._blocks.pop(t))
 
     def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None,
-             ws: str = "") -> int:
-        """`ws` overrides the workspace: "weight" (channels-last input: only the filter is
-        transposed), "0", "output", "input + output" (1x1 convs), "upsampler" (the decoder's
-        full-resolution upsampler, activations.upsampler_workspace)."""
+             module: str = "", in_hw=None) -> int:
+        """`module`: the conv's path in the pipeline (it picks the profile's workspace rule);
+        `in_hw`: the input's size where it differs from (h, w) (a padded input)."""
         oh, ow = out_hw or (h // stride, w // stride)
-        op = f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
-        y = self.new(c_out, oh, ow, f"{op}: output")
+        op = module or f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
+        y = self.new(c_out, oh, ow, f"{op}: output ({self.b}, {c_out}, {oh}, {ow})")
         i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
-        if self.ws_rule == "none":
-            ws = 0
-        elif ws:
-            ws = (upsampler_workspace(self.ws_rule, self.b, i, o, f) if ws == "upsampler"
-                  else {"weight": f, "0": 0, "output": o, "input + output": i + o}[ws])
-        else:
-            ws = conv_workspace(self.ws_rule, i, o, f)
+        ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f)
         if ws:
             try:
                 self.free(self._alloc(ws, f"{op}: cuDNN workspace"))
@@ -79,19 +73,19 @@ class Schedule:
                 self.fallbacks.append(op)
         return y
 
-    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, shortcut_ws: str = "input + output",
-               temb: bool = False) -> int:
-        """`temb`: the UNet's resnets add the projected time embedding after conv1."""
+    def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, module: str, temb: bool = False) -> int:
+        """`module`: the ResnetBlock2D's path; `temb`: the UNet's resnets add the projected
+        time embedding after conv1."""
         a = self.new(c_in, h, w)                       # norm1
         b = self.new(c_in, h, w); self.free(a)         # silu
-        a = self.conv(b, c_in, c_out, 3, h, w); self.free(b)
+        a = self.conv(b, c_in, c_out, 3, h, w, module=f"{module}.conv1"); self.free(b)
         if temb:
             b = self.new(c_out, h, w); self.free(a)    # + time_emb_proj(temb)[:, :, None, None]
             a = b
         b = self.new(c_out, h, w); self.free(a)        # norm2
         a = self.new(c_out, h, w); self.free(b)        # silu
-        b = self.conv(a, c_out, c_out, 3, h, w); self.free(a)
-        short = self.conv(x, c_in, c_out, 1, h, w, ws=shortcut_ws) if c_in != c_out else None
+        b = self.conv(a, c_out, c_out, 3, h, w, module=f"{module}.conv2"); self.free(a)
+        short = self.conv(x, c_in, c_out, 1, h, w, module=f"{module}.conv_shortcut") if c_in != c_out else None
         s = self.new(c_out, h, w)                      # x + h
         out = self.new(c_out, h, w); self.free(s)      # / output_scale_factor
         if short is not None:                          # return: input_tensor, then hidden_states
@@ -100,23 +94,24 @@ class Schedule:
         return out
 
 
-def vae_encoder(seg: CachingAllocator, H: int, W: int, ws_rule: str, channels=(128, 256, 512, 512), layers: int = 2,
+def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256, 512, 512), layers: int = 2,
                 fallbacks: list | None = None) -> None:
     """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
-    s = Schedule(seg, ws_rule, 1, fallbacks)
+    s = Schedule(alloc, ws, 1, fallbacks)
     h, w = H, W
-    sample = s.conv(None, 3, channels[0], 3, h, w, ws="weight")   # channels-last image (probe)
+    sample = s.conv(None, 3, channels[0], 3, h, w, module="vae.encoder.conv_in")
     c_prev = channels[0]
     for i, c in enumerate(channels[:2]):
         x = sample
         for j in range(layers):
-            y = s.resnet(x, c_prev if j == 0 else c, c, h, w, shortcut_ws="0")  # channels-last (probe)
+            y = s.resnet(x, c_prev if j == 0 else c, c, h, w, f"vae.encoder.down_blocks.{i}.resnets.{j}")
             if x != sample:
                 s.free(x)
             x = y
         if i == 0:
-            p = s._alloc(nbytes(1, c, h + 1, w + 1), f"F.pad ({c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
-            y = s.conv(p, c, c, 3, h, w, stride=2, ws="weight")
+            p = s._alloc(nbytes(1, c, h + 1, w + 1), f"F.pad (1, {c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
+            y = s.conv(p, c, c, 3, h, w, stride=2, module=f"vae.encoder.down_blocks.{i}.downsamplers.0.conv",
+                       in_hw=(h + 1, w + 1))
             s.free(p, x)
             x = y
             h, w = h // 2, w // 2
@@ -126,27 +121,27 @@ def vae_encoder(seg: CachingAllocator, H: int, W: int, ws_rule: str, channels=(1
     s.free(sample)
 
 
-def vae_decoder(seg: CachingAllocator, b: int, H: int, W: int, ws_rule: str, channels=(512, 512, 256, 128),
+def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, channels=(512, 512, 256, 128),
                 layers: int = 3, fallbacks: list | None = None) -> None:
     """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image."""
-    s = Schedule(seg, ws_rule, b, fallbacks)
+    s = Schedule(alloc, ws, b, fallbacks)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
     u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
-    sample = s.conv(u, channels[1], channels[1], 3, 2 * h, 2 * w)
+    sample = s.conv(u, channels[1], channels[1], 3, 2 * h, 2 * w, module="vae.decoder.up_blocks.1.upsamplers.0.conv")
     s.free(u, x)
     h, w = 2 * h, 2 * w
     c_prev = channels[1]
     for i, c in enumerate(channels[2:], start=2):
         x = sample
         for j in range(layers):
-            y = s.resnet(x, c_prev if j == 0 else c, c, h, w)
+            y = s.resnet(x, c_prev if j == 0 else c, c, h, w, f"vae.decoder.up_blocks.{i}.resnets.{j}")
             if x != sample:
                 s.free(x)
             x = y
         if i < len(channels) - 1:
             u = s.new(c, 2 * h, 2 * w)                 # interpolate
-            y = s.conv(u, c, c, 3, 2 * h, 2 * w, ws="upsampler")
+            y = s.conv(u, c, c, 3, 2 * h, 2 * w, module=f"vae.decoder.up_blocks.{i}.upsamplers.0.conv")
             s.free(u, x)
             x = y
             h, w = 2 * h, 2 * w
@@ -155,24 +150,24 @@ def vae_decoder(seg: CachingAllocator, b: int, H: int, W: int, ws_rule: str, cha
         c_prev = c
     n = s.new(c_prev, h, w)                            # conv_norm_out
     a = s.new(c_prev, h, w); s.free(n)                 # silu
-    out = s.conv(a, c_prev, 3, 3, h, w); s.free(a, sample)
+    out = s.conv(a, c_prev, 3, 3, h, w, module="vae.decoder.conv_out"); s.free(a, sample)
     s.free(out)
 
 
-def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int) -> int:
-    """ResnetBlock2D with a time embedding; its 1x1 conv_shortcut's workspace is its output."""
-    return s.resnet(x, c_in, c_out, h, w, shortcut_ws="output", temb=True)
+def _unet_resnet(s: Schedule, x: int, c_in: int, c_out: int, h: int, w: int, module: str) -> int:
+    """ResnetBlock2D with a time embedding."""
+    return s.resnet(x, c_in, c_out, h, w, module, temb=True)
 
 
-def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
+def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) -> int:
     """Transformer2DModel with one BasicTransformerBlock, fused attention (AttnProcessor2_0).
 
     Frees follow CPython: a tensor goes when its last name is rebound or its frame returns
     (the processor's q, k, v after to_out; attn1's output when attn2's rebinds it)."""
     n = h * w
-    tok = lambda ch: s.new(ch, n, 1)                     # noqa: E731  (B, N, ch) tensors
+    tok = lambda ch: s.new(ch, n, 1, f"{module}: tokens ({s.b}, {n}, {ch})")  # noqa: E731  (B, N, ch) tensors
     a = s.new(c, h, w)                                   # norm (GroupNorm)
-    hs = s.conv(a, c, c, 1, h, w, ws="output"); s.free(a)  # proj_in (1x1), viewed as (B, N, C)
+    hs = s.conv(a, c, c, 1, h, w, module=f"{module}.proj_in"); s.free(a)  # 1x1, viewed as (B, N, C)
     cp = tok(c)                                          # LayerNorm's CUDA kernel copies its
     n1 = tok(c); s.free(cp)                              # non-contiguous (permuted) input: norm1
     q, k, v = tok(c), tok(c), tok(c)
@@ -193,41 +188,41 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int) -> int:
     f = tok(c); s.free(m)                                # ff.net.2
     h3 = tok(c); s.free(h2, n3, a2, f, hs)               # + hidden_states; the block returns
     r = s.new(c, h, w)                                   # reshape/permute back (.contiguous())
-    po = s.conv(r, c, c, 1, h, w, ws="output"); s.free(r)  # proj_out
+    po = s.conv(r, c, c, 1, h, w, module=f"{module}.proj_out"); s.free(r)
     out = s.new(c, h, w); s.free(po, h3)                 # + residual
     return out
 
 
-def unet(seg: CachingAllocator, B: int, levels: list[tuple[int, int]], ws_rule: str,
+def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
          channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None) -> None:
     """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
-    s = Schedule(seg, ws_rule, B, fallbacks)
-    sample = s.conv(None, 4, channels[0], 3, *levels[0], ws="0")   # conv_in: no workspace (probe)
+    s = Schedule(alloc, ws, B, fallbacks)
+    sample = s.conv(None, 4, channels[0], 3, *levels[0], module="unet.conv_in")
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]
     for i, c in enumerate(channels):
         h, w = levels[i]
         x = sample
         for j in range(layers):
-            y = _unet_resnet(s, x, c_prev if j == 0 else c, c, h, w)
+            y = _unet_resnet(s, x, c_prev if j == 0 else c, c, h, w, f"unet.down_blocks.{i}.resnets.{j}")
             if i < 3:
-                z = _unet_transformer(s, y, c, h, w)
+                z = _unet_transformer(s, y, c, h, w, f"unet.down_blocks.{i}.attentions.{j}")
                 s.free(y)
                 y = z
             skips.append((y, c))
             x = y
         if i < 3:
-            x = s.conv(x, c, c, 3, h, w, out_hw=levels[i + 1])
+            x = s.conv(x, c, c, 3, h, w, out_hw=levels[i + 1], module=f"unet.down_blocks.{i}.downsamplers.0.conv")
             skips.append((x, c))
         sample = x
         c_prev = c
     h, w = levels[3]
-    x = _unet_resnet(s, sample, channels[3], channels[3], h, w)
-    y = _unet_transformer(s, x, channels[3], h, w); s.free(x)
-    sample = _unet_resnet(s, y, channels[3], channels[3], h, w); s.free(y)
+    x = _unet_resnet(s, sample, channels[3], channels[3], h, w, "unet.mid_block.resnets.0")
+    y = _unet_transformer(s, x, channels[3], h, w, "unet.mid_block.attentions.0"); s.free(x)
+    sample = _unet_resnet(s, y, channels[3], channels[3], h, w, "unet.mid_block.resnets.1"); s.free(y)
     for i, c in enumerate(reversed(channels)):
         lvl = 3 - i
         h, w = levels[lvl]
@@ -238,14 +233,14 @@ def unet(seg: CachingAllocator, B: int, levels: list[tuple[int, int]], ws_rule: 
             cat = s.new(c_in, h, w)
             if j > 0:
                 s.free(x)
-            y = _unet_resnet(s, cat, c_in, c, h, w); s.free(cat)
+            y = _unet_resnet(s, cat, c_in, c, h, w, f"unet.up_blocks.{i}.resnets.{j}"); s.free(cat)
             if i > 0:
-                z = _unet_transformer(s, y, c, h, w); s.free(y)
+                z = _unet_transformer(s, y, c, h, w, f"unet.up_blocks.{i}.attentions.{j}"); s.free(y)
                 y = z
             x = y
         if lvl > 0:
             u = s.new(c, *levels[lvl - 1])               # interpolate to the next skip's size
-            y = s.conv(u, c, c, 3, *levels[lvl - 1]); s.free(u, x)
+            y = s.conv(u, c, c, 3, *levels[lvl - 1], module=f"unet.up_blocks.{i}.upsamplers.0.conv"); s.free(u, x)
             x = y
         s.free(sample)
         if lvl > 0:                                      # res_samples rebound by the next block
@@ -255,5 +250,5 @@ def unet(seg: CachingAllocator, B: int, levels: list[tuple[int, int]], ws_rule: 
     n = s.new(channels[0], *levels[0])                   # conv_norm_out
     s.free(sample)
     a = s.new(channels[0], *levels[0]); s.free(n)        # conv_act
-    out = s.conv(a, channels[0], 4, 3, *levels[0])       # conv_out
+    out = s.conv(a, channels[0], 4, 3, *levels[0], module="unet.conv_out")
     s.free(a, *(t for t, _ in reversed(res)), out)       # forward returns

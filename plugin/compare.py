@@ -120,7 +120,7 @@ def load_runs(paths) -> list[tuple[str, Path, dict]]:
 
 # --- points ---------------------------------------------------------------------------------
 
-def _prediction(rec: dict, data: dict, as_recorded: bool) -> dict | None:
+def _prediction(rec: dict, data: dict, as_recorded: bool, gpu_profile: str | None = None) -> dict | None:
     if as_recorded:
         return rec.get("prediction")
     from sd_vram.formula import InputError
@@ -128,19 +128,19 @@ def _prediction(rec: dict, data: dict, as_recorded: bool) -> dict | None:
     inp = rec["inputs"]
     try:
         return predict(inp["height"], inp["width"], inp.get("prompt"), inp.get("options", {}),
-                       match_profile(data.get("gpu", {}).get("name")),
+                       gpu_profile or match_profile(data.get("gpu", {}).get("name")),
                        allocator_variant(data.get("environment", {}).get("env", {})))
     except (InputError, TypeError):            # options this equation does not know
         return None
 
 
-def points(runs, as_recorded: bool = False) -> list[dict]:
+def points(runs, as_recorded: bool = False, gpu_profile: str | None = None) -> list[dict]:
     """One dict per (run, case, quantity): gpu, run, case, q, pred, meas, stages, status, pixels."""
     pts = []
     for label, _f, data in runs:
         for rec in data["cases"]:
             m = rec.get("measurement") or {}
-            p = _prediction(rec, data, as_recorded) or {}
+            p = _prediction(rec, data, as_recorded, gpu_profile) or {}
             inp = rec["inputs"]
             pixels = (inp["height"] - inp["height"] % 8) * (inp["width"] - inp["width"] % 8)
             for q in QUANTITIES:
@@ -174,19 +174,30 @@ def _cell(p) -> str:
 
 # --- the report -----------------------------------------------------------------------------
 
-def compare_runs(paths, png: str | Path | None = None, as_recorded: bool = False) -> str:
+def compare_runs(paths, png: str | Path | None = None, as_recorded: bool = False,
+                 gpu_profile: str | None = None) -> str:
     """Text report of the runs under `paths` (archive files or folders); writes a PNG if asked."""
-    text, runs, pts = report(paths, as_recorded)
+    text, runs, pts = report(paths, as_recorded, gpu_profile)
     if png:
         write_png(pts, runs, Path(png))
         text += f"\n\nplot: {png}"
     return text
 
 
-def report(paths, as_recorded: bool = False):
-    """(text, runs, points) of the runs under `paths`."""
+def report(paths, as_recorded: bool = False, gpu_profile: str | None = None):
+    """(text, runs, points) of the runs under `paths`; gpu_profile: predict with this profile
+    (a name or a file) instead of the one matching each run's GPU."""
+    if gpu_profile:
+        from sd_vram.formula import InputError, gpu_profiles
+
+        try:
+            gpu_profiles.get(gpu_profile)
+        except InputError as e:
+            raise CompareError(str(e)) from None
+        if as_recorded:
+            raise CompareError("--gpu-profile predicts with the current equation; it cannot go with --as-recorded")
     runs = load_runs(paths)
-    pts = points(runs, as_recorded)
+    pts = points(runs, as_recorded, gpu_profile)
     gpus = sorted(dict.fromkeys(p["gpu"] for p in pts), key=lambda g: "[" in g)  # default allocators first
     cases = list(dict.fromkeys(p["case"] for p in pts))
     latest = {}                                   # (gpu, case, q) -> the last run's point (runs in time order)
@@ -346,13 +357,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", metavar="FILE", help="also write the plots (predicted against measured; peak against megapixels)")
     parser.add_argument("--as-recorded", action="store_true",
                         help="errors of the predictions stored with each run instead of the current equation's")
+    parser.add_argument("--gpu-profile", metavar="NAME|FILE",
+                        help="predict with this GPU profile (a name or a file) instead of the one of each run's GPU")
 
 
 def run(args, prog: str = "sd-vram compare") -> int:
     """Print the report; a bad archive or folder is one line and exit 2. Without matplotlib the
     text still prints, then one line says the plot needs it (exit 1)."""
     try:
-        text, runs, pts = report(args.paths, as_recorded=args.as_recorded)
+        text, runs, pts = report(args.paths, as_recorded=args.as_recorded,
+                                 gpu_profile=getattr(args, "gpu_profile", None))
     except CompareError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

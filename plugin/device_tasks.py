@@ -94,13 +94,11 @@ BUDGET_POINTS = {  # capacity for the allocator, from the equation's full-speed 
 
 def budget_capacities(case, size, profile) -> dict[str, int]:
     """The capacities BUDGET_POINTS gives for a case, largest first."""
-    from dataclasses import replace
-
     from sd_vram.formula.equation import estimate
 
     opts = {**case.options, "gpu": profile.name}
     full = estimate(*size, prompt=case.prompt, **opts)
-    floor = estimate(*size, prompt=case.prompt, _profile=replace(profile, conv_workspace_rule="none"), **opts)
+    floor = estimate(*size, prompt=case.prompt, _floor=True, **opts)
     caps = {label: rule(full, floor) for label, rule in BUDGET_POINTS.items()}
     return dict(sorted(caps.items(), key=lambda kv: -kv[1]))
 

@@ -187,12 +187,21 @@ def sdpa_recorder(stage: dict):
 
 
 def attention_context(name: str):
-    """Force the SDPA backend a case asks for; "auto" leaves PyTorch's choice untouched."""
+    """The SDPA backend a case asks for, as formula/kernels.py defines it: that backend first,
+    PyTorch's order after it, every backend enabled (sdpa_kernel([FLASH_ATTENTION]) alone
+    would raise "No available kernel" for the VAE's head dim 512); "math" alone; "auto"
+    leaves PyTorch's choice untouched."""
     if name == "auto":
         return contextlib.nullcontext()
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, BACKENDS[name])])
+    first = getattr(SDPBackend, BACKENDS[name])
+    if name == "math":
+        return sdpa_kernel([first])
+    known = {int(getattr(SDPBackend, b)) for b in BACKENDS.values()}
+    rest = [SDPBackend(int(b)) for b in torch._C._get_sdp_priority_order() if int(b) in known and int(b) != int(first)]
+    return sdpa_kernel([first, *rest], set_priority=True)
 
 
 def preflight():
@@ -285,6 +294,7 @@ class CudaBackend:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "allocator_backend": _try(cuda.get_allocator_backend),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_enabled": torch.backends.cudnn.enabled,
             "sdp": {name: _try(lambda n=name: getattr(torch.backends.cuda, n)()) for name in (
                 "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
                 "fp16_bf16_reduction_math_sdp_allowed")},

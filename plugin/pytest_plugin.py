@@ -63,13 +63,35 @@ def pytest_addoption(parser):
     g.addoption("--catalogue", default=None, metavar="PATH", help="case catalogue (default <rootdir>/cases/catalogue.toml)")
     g.addoption("--results-dir", default=None, metavar="DIR", help="archive folder (default <rootdir>/results)")
     g.addoption("--no-archive", action="store_true", default=False, help="do not write the run's archive")
-    g.addoption("--gpu-profile", default=None, metavar="NAME",
-                help="GPU profile for the predictions (default: the profile matching the GPU's name, if any)")
+    g.addoption("--gpu-profile", default=None, metavar="NAME|FILE",
+                help="GPU profile for the predictions: a name (probed profiles first, then bundled) or a file "
+                     "(default: a probed profile of this GPU and stack, else the profile matching the GPU's name)")
     g.addoption("--time-budget", type=float, default=None, metavar="SECONDS",
                 help="skip GPU cases not started within this many seconds (also env SD_VRAM_DEADLINE, epoch seconds)")
     # Hidden: the measurement backend. "fake" runs everything but the GPU (the plugin's own tests, dry runs).
     g.addoption("--sd-backend", default="cuda", choices=("cuda", "fake"), help=argparse.SUPPRESS)
     g.addoption("--sd-fake-measurements", default=None, help=argparse.SUPPRESS)
+
+
+def probed_profile(backend) -> str | None:
+    """The path of a probed profile (user folder) of this GPU and stack, if there is one."""
+    from sd_vram.formula import gpu_profiles
+
+    from .probe import stack_of
+
+    p = gpu_profiles.for_stack(backend.gpu["name"], stack_of(getattr(backend, "environment", {})))
+    return p.path if p is not None else None
+
+
+def prediction_profile(name) -> dict:
+    """What the archive records of the profile the predictions came from."""
+    from sd_vram.formula import InputError, gpu_profiles
+
+    try:
+        p = gpu_profiles.get(name or "default")
+    except InputError as e:
+        return {"name": name, "source": None, "error": str(e)}
+    return {"name": p.name, "source": p.source, "path": p.path, "gpu": p.gpu, "stack": dict(p.stack)}
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -232,6 +254,14 @@ class SuiteState:
         self.short: dict[str, dict] = {}       # case name -> record of its short run
         self.timings: list[tuple[float, float]] = []   # (case cost, wall seconds) of the calls that ran
         self.gpu_profile = opt("gpu_profile")
+        if self.gpu_profile is not None:
+            from sd_vram.formula import InputError, gpu_profiles
+
+            try:
+                p = gpu_profiles.get(self.gpu_profile)
+            except InputError as e:
+                raise pytest.UsageError(f"--gpu-profile: {e}") from None
+            self.gpu_profile = p.path if p.source == "probe" else p.name   # a path: the same file later
 
     # -- selection
     def no_cases_reason(self) -> str:
@@ -306,7 +336,7 @@ class SuiteState:
         if self._backend is None:
             pytest.fail(f"could not set up the {self.backend_name} backend: {self._backend_error}", pytrace=False)
         if self.gpu_profile is None:
-            self.gpu_profile = match_profile(self._backend.gpu["name"])
+            self.gpu_profile = probed_profile(self._backend) or match_profile(self._backend.gpu["name"])
         return self._backend
 
     def archive(self) -> arch.RunArchive:
@@ -329,6 +359,7 @@ class SuiteState:
                     "worker": worker, "time_budget_s": None if self.deadline is None else round(self.deadline - self.started),
                 },
                 "gpu": {**b.gpu, "profile": self.gpu_profile},
+                "prediction_profile": prediction_profile(self.gpu_profile),
                 "environment": env,
                 "hardware": getattr(b, "hardware", {}),
                 "warmup": getattr(b, "warmup", []),

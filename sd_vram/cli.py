@@ -317,7 +317,7 @@ def format_estimate(est, source: str, options: Options) -> str:
     if est.prompt_tokens is not None:
         out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
     out.append(f"options: {_options_line(options)}")
-    out.append(f"GPU profile: {est.gpu_profile}")
+    out.append(f"GPU profile: {est.gpu_profile} (convolution workspaces: {est.conv_workspace})")
     out.append("")
     rows = []
     for name, s in est.stages.items():
@@ -338,7 +338,24 @@ def format_estimate(est, source: str, options: Options) -> str:
     rows.append(["CUDA context and libraries (device - reserved)", fmt_bytes(context)])
     rows.append(["= peak device (nvidia-smi / NVML)", fmt_bytes(dev)])
     out.append(_table(rows, ["component", "bytes"], right={1}))
+    out.extend(format_bounds(est))
     return "\n".join(out)
+
+
+def format_bounds(est) -> list[str]:
+    """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
+    b = est.bounds
+    if not b or all(lo == hi for lo, hi in b.values()):
+        return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
+    out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
+               f"{est.conv_workspace}); the peak lies"]
+    for key, label in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                       ("peak_device_bytes", "device")):
+        lo, hi = b[key]
+        out.append(f"  {label:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
+    out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
+               "--gpu-profile NAME")
+    return out
 
 
 def _truncation_warning(est) -> str | None:
@@ -453,6 +470,12 @@ def cmd_estimate(args) -> int:
         print(f"estimators for the same input ({est.width}x{est.height}):")
         print(format_compare(compare_rows(est, options, prompt.get("prompt_length")), est.peak_device))
     return 0
+
+
+def cmd_probe(args) -> int:
+    from sd_vram.plugin import probe  # the command's logic; torch is imported only there
+
+    return probe.run(args, resolve_input)
 
 
 def format_verdict(est, read_as: str, fixes) -> str:
@@ -612,9 +635,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "CUDACachingAllocator.cpp, not yet measured on a GPU")
     from sd_vram.formula import gpu_profiles
 
-    g.add_argument("--gpu-profile", metavar="NAME",
-                   help="GPU profile for workspaces and the CUDA context: "
-                        f"{', '.join(sorted(gpu_profiles.profiles()))} (default: default)")
+    g.add_argument("--gpu-profile", metavar="NAME|FILE",
+                   help="GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
+                        f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)")
 
 
 def _add_prompt(p: argparse.ArgumentParser) -> None:
@@ -668,6 +691,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Archived GPU suite results (results/<gpu-model>/), GPUs side by side.")
     compare_mod.add_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("probe", help="measure this GPU's workspaces and context into a profile (needs sd-vram[gpu])",
+                       description="Measure on this GPU and stack the CUDA context, the cuBLAS workspaces, every "
+                                   "convolution's cuDNN workspace and the SDPA backends of the call, with random "
+                                   "weights, and save them as a GPU profile.")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="sizes to measure at: WIDTHxHEIGHT or image files (default: the four seed images "
+                        "and a ladder of squares up to what fits this GPU)")
+    p.add_argument("--out", metavar="FILE", help="write the profile here (default: the user profile folder)")
+    p.add_argument("--name", metavar="NAME", help="the profile's name (default: the GPU and a stack digest)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--backend", choices=["cuda", "fake"], default="cuda", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -173,7 +173,7 @@ def _probe_events(profile) -> list[tuple[str, int, bool]]:
     return [("probe:zeros", 4, False), ("probe:a", mat, False), ("probe:a@a", mat, False),
             ("cublas_workspace", profile.cublas_workspace_bytes, True),
             ("probe:w", mat, False), ("probe:bias", 256 * 2, False), ("probe:linear", mat, False),
-            ("cublaslt_workspace", profile.cublaslt_workspace, True),
+            ("cublaslt_workspace", profile.cublaslt_workspace_bytes, True),
             ("probe:conv_in", 8 * 32 * 32 * 2, False), ("probe:conv_w", 8 * 8 * 9 * 2, False),
             ("probe:conv_out", 8 * 32 * 32 * 2, False)]
 
@@ -549,31 +549,22 @@ def _safe_softmax_hook(recorder: MemoryRecorder):
     return hook
 
 
-def _conv_workspace_hook(recorder: MemoryRecorder, rules):
+def _conv_workspace_hook(recorder: MemoryRecorder, ws):
     """cuDNN's convolution workspace: allocated through the caching allocator inside
     at::native::cudnn_convolution after the output exists, freed when the convolution
     returns (results/H200/20261126T052749Z_nogit_memhistory_truck-4032x3024.json: the
     decoder's peak is at up_blocks.2.upsamplers.0.conv with the interpolated input, the conv
     output and a 12,486,574,464 B workspace alive). Its size comes from the GPU profile's
-    rules (profile.ConvRule), first match on the module path and kernel size."""
+    workspaces (profile.conv_workspace(): a probe's measurement for this module and input
+    shape, else the first rule matching the module path, kernel size and batch)."""
     conv = torch.ops.aten.convolution.default
-    cache: dict = {}
 
     def hook(func, args, kwargs, out):
         if func is not conv or not isinstance(out, torch.Tensor) or out.device.type not in recorder.device_types:
             return
         x, weight = args[0], args[1]
-        module = recorder.module
-        kernel = tuple(weight.shape[2:])
-        batch = int(x.shape[0])
-        key = (module, kernel, batch)
-        rule = cache.get(key, 0)
-        if rule == 0:
-            rule = cache[key] = next((r for r in rules if r.matches(module, kernel, batch)), None)
-        if rule is None:
-            return
-        nbytes = rule.bytes(input=x.numel() * x.element_size(), output=out.numel() * out.element_size(),
-                            weight=weight.numel() * weight.element_size())
+        nbytes = ws(recorder.module, tuple(weight.shape[2:]), tuple(x.shape), x.numel() * x.element_size(),
+                    out.numel() * out.element_size(), weight.numel() * weight.element_size())
         if nbytes > 0:
             k = recorder.synthetic_alloc(nbytes, "cudnn_convolution:workspace", (nbytes,), "uint8")
             recorder.synthetic_free(k, op="cudnn_convolution:workspace")
@@ -660,9 +651,9 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
             recorder.post_op_hooks.append(ss)
             es.callback(recorder.post_op_hooks.remove, ss)
 
-            rules = (profile or get_profile(None)).conv_rules
-            if rules:
-                hook = _conv_workspace_hook(recorder, rules)
+            ws = (profile or get_profile(None)).conv_workspace()
+            if ws:
+                hook = _conv_workspace_hook(recorder, ws)
                 recorder.post_op_hooks.append(hook)
                 es.callback(recorder.post_op_hooks.remove, hook)
 

@@ -126,7 +126,7 @@ def test_unet_schedule_follows_simulation():
     sim = simulate(1024, 1040, prompt_length=20, steps=1, **PROFILE)
     seg = _RecordingAllocator()
     levels = [Shape(H=1024, W=1040, n=1, B=2, cfg=True).level(i) for i in range(4)]
-    schedule.unet(seg, 2, levels, gpu_profiles.get("h200").conv_workspace_rule)
+    schedule.unet(seg, 2, levels, gpu_profiles.get("h200").conv_workspace())
     expected = _unet_order(sim.events)
     assert len(expected) > 1000
     for i, (got, want) in enumerate(zip(seg.order.log, expected)):

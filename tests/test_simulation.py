@@ -238,16 +238,13 @@ def test_feature_extractor_substitute_matches_clip_processor():
 # --------------------------------------------------------------------------------------
 
 def test_profiles_are_the_equations():
+    """One GPUProfile class: the simulation reads the equation's profiles themselves."""
     from sd_vram.formula import gpu_profiles
     from sd_vram.simulation.profile import GPUProfile, get_profile
 
+    assert GPUProfile is gpu_profiles.GPUProfile
     for name in gpu_profiles.profiles():
-        fp, sp = gpu_profiles.get(name), get_profile(name)
-        assert sp.name == fp.name
-        assert (sp.compute_capability, sp.torch_version, sp.cudnn_version, sp.cuda_version) == (
-            tuple(fp.compute_capability), tuple(fp.torch_version), fp.cudnn_version, tuple(fp.cuda_version))
-        assert (sp.cublas_workspace_bytes, sp.cublaslt_workspace) == (fp.cublas_workspace, fp.cublaslt_workspace)
-        assert sp.total_memory == fp.total_memory and sp.conv_workspace == fp.conv_workspace_rule
+        assert get_profile(name) == gpu_profiles.get(name)
     assert GPUProfile().name == "default"
     assert get_profile(None) is get_profile("default")
 
@@ -265,8 +262,8 @@ def test_conv_rules():
         with pytest.raises(ValueError):
             ConvRule.from_dict({"module": "", "formula": bad})
     h200 = get_profile("h200")
-    assert h200.conv_rules and not h200.with_(conv_workspace="none").conv_rules
-    custom = h200.with_(conv_workspace=({"module": "^unet", "formula": "output"},))
+    assert h200.conv_rules and not h200.with_(conv_workspace_rule="none").conv_rules
+    custom = h200.with_(conv_workspace_rules=({"module": "^unet", "formula": "output"},))
     assert [r.formula for r in custom.conv_rules] == ["output"]
 
 
@@ -309,7 +306,7 @@ def test_conv_workspace_off():
     from sd_vram.simulation import get_profile, simulate
 
     r = simulate(64, 64, steps=1, strength=0.5, num_inference_steps=2,
-                 profile=get_profile("default").with_(conv_workspace="none"))
+                 profile=get_profile("default").with_(conv_workspace_rule="none"))
     assert not any(e.op == "cudnn_convolution:workspace" for e in r.events)
 
 

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Issue 9 on a GPU: probed profiles predict the suite's cases, on two stacks (budget 540 s).
+#
+#   bash scripts/gpu_probe_validate.sh          # on the GPU machine, from the repository root;
+#                                               # needs .whl/ with the diffusers wheel, writes $OUT
+#   DRY=1 bash scripts/gpu_probe_validate.sh    # rehearsal on a CPU: fake backends
+#
+# Steps, each with an absolute deadline (seconds after the start; `timeout` kills what overruns):
+#   P1 (+100) sd-vram probe at the sizes of CASES (their exact shapes)   -> profile PROFILE
+#   A1 (+260) pytest --gpu over CASES, predicting with the probed profile it picks by GPU and
+#             stack (the archive's prediction_profile.source is "probe")
+#   P2 (+360) with STACK_CHANGE (default CUBLAS_WORKSPACE_CONFIG=:16:8: cuBLAS 128 KiB, cuBLASLt
+#             capped at it) a fresh probe at the sizes of CASES -> profile PROFILE-stack2
+#   A2 (+480) pytest --gpu over CASES under the same change (it picks PROFILE-stack2)
+#   B  (+540) sd-vram probe at its default sizes (the seed images and its ladder), timed: the
+#             issue's benchmark (under 60 s on an H200)               -> profile PROFILE-default-sizes
+# Then both archives are compared in the log. Profiles go to $RESULTS_DIR/profiles
+# (SD_VRAM_PROFILES), archives to $RESULTS_DIR/<gpu>/; everything is copied to $OUT.
+#
+# Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (540), DRY=1, RESULTS_DIR,
+# CASES (catalogue name globs: the four seed images and four other sizes), PROFILE (h200-probe),
+# STACK_CHANGE (VAR=VALUE).
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+DRY=${DRY:-0}
+OUT=${OUT:-/tmp/sd-vram-out}
+BUDGET=${SD_VRAM_BUDGET_S:-540}
+GRACE=20
+CASES=${CASES:-balloon-*,groceries-*,bench-*,truck-*,square-768x768,landscape-1024x576,odd-1001x777,square-1536x1536}
+PROFILE=${PROFILE:-h200-probe}
+STACK_CHANGE=${STACK_CHANGE:-CUBLAS_WORKSPACE_CONFIG=:16:8}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+if [ "$DRY" = 1 ]; then
+    SITE=${SITE:-/tmp/sd-vram-dry-site}
+    RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
+    BACKEND=(--sd-backend fake)
+    PROBE_BACKEND=(--backend fake)
+else
+    SITE=/tmp/site
+    RESULTS_DIR=${RESULTS_DIR:-results}
+    BACKEND=()
+    PROBE_BACKEND=()
+fi
+export SD_VRAM_PROFILES="$RESULTS_DIR/profiles"
+mkdir -p "$OUT" "$SD_VRAM_PROFILES"
+START=$(date +%s)
+MARK=$(mktemp)
+
+log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+source scripts/sd_vram_shim.sh
+
+STEPS=()
+# run_step NAME SECONDS_FROM_START CMD...: CMD with SD_VRAM_DEADLINE, killed GRACE s after it.
+run_step() {
+    local name=$1 offset=$2; shift 2
+    local deadline=$(( START + (offset < BUDGET ? offset : BUDGET) )) now; now=$(date +%s)
+    if [ "$now" -ge "$deadline" ]; then
+        log "step $name: skipped, its deadline passed"; STEPS+=("$name:skipped"); return 0
+    fi
+    log "step $name: start (until +$(( deadline - START ))s): $*"
+    SD_VRAM_DEADLINE=$deadline timeout --kill-after=5 $(( deadline + GRACE - now )) "$@"
+    local rc=$?
+    log "step $name: exit $rc after $(( $(date +%s) - now ))s"
+    STEPS+=("$name:$rc")
+    collect
+}
+
+NEW=()
+collect() {   # this run's JSON files (newer than $MARK) -> $OUT/results/<folder>/
+    NEW=()
+    local f
+    while IFS= read -r f; do NEW+=("$f"); done < <(find "$RESULTS_DIR" -name '*.json' -newer "$MARK" 2>/dev/null | sort)
+    for f in "${NEW[@]}"; do
+        mkdir -p "$OUT/results/$(basename "$(dirname "$f")")"
+        cp "$f" "$OUT/results/$(basename "$(dirname "$f")")/"
+    done
+}
+
+PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q --gpu "${BACKEND[@]}"
+        --results-dir "$RESULTS_DIR" -m "not sd_vram_archived" --cases "$CASES" --full-call none)
+PROBE=("$PY" -m sd_vram.cli probe "${PROBE_BACKEND[@]}")
+
+main() {
+    log "sd-vram gpu_probe_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR cases=$CASES"
+    if [ "$DRY" != 1 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+            || { log "FATAL: could not install the wheels from .whl/"; return 2; }
+    fi
+    export PYTHONPATH="$SITE:$PWD"
+    make_shim || { log "FATAL: could not write the sd_vram shim in $SITE"; return 2; }
+    local sizes
+    sizes=$("$PY" - "$CASES" <<'EOF'
+import sys
+from sd_vram.plugin.cases import load_catalogue
+cat = load_catalogue("cases/catalogue.toml")
+seen = []
+for c in cat.select(sys.argv[1], None):
+    h, w = c.size(cat.images_dir)
+    if f"{w}x{h}" not in seen:
+        seen.append(f"{w}x{h}")
+print(" ".join(seen))
+EOF
+) || { log "FATAL: sd_vram does not import or the catalogue does not read"; return 2; }
+    log "case sizes: $sizes"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
+
+    # shellcheck disable=SC2086  # $sizes: one argument per size
+    run_step P1 100 "${PROBE[@]}" $sizes --name "$PROFILE"
+    run_step A1 260 "${PYTEST[@]}"
+    # shellcheck disable=SC2086
+    run_step P2 360 env "$STACK_CHANGE" "${PROBE[@]}" $sizes --name "$PROFILE-stack2"
+    run_step A2 480 env "$STACK_CHANGE" "${PYTEST[@]}"
+    run_step B 540 "${PROBE[@]}" --name "$PROFILE-default-sizes"
+
+    log "steps: ${STEPS[*]}"
+    collect
+    local runs=() f
+    for f in "${NEW[@]}"; do
+        case "$f" in */profiles/*) ;; *) runs+=("$f") ;; esac
+    done
+    if [ ${#runs[@]} -gt 0 ]; then
+        "$PY" - "${runs[@]}" <<'EOF' || log "summary failed"
+import json, sys
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    pp = d.get("prediction_profile", {})
+    print(f"{path}: predicted with {pp.get('name')} (source {pp.get('source')}), "
+          f"CUBLAS_WORKSPACE_CONFIG={d['environment']['env'].get('CUBLAS_WORKSPACE_CONFIG')}")
+    for c in d["cases"]:
+        m, p = c["measurement"], c["prediction"] or {}
+        if m.get("status") != "ok" or not p:
+            print(f"  {c['id']}: {m.get('status')} {m.get('error') or c.get('prediction_error')}")
+            continue
+        errs = " ".join(f"{q} {(p[f'peak_{q}_bytes'] - m[f'peak_{q}_bytes']) / m[f'peak_{q}_bytes']:+.2%}"
+                        for q in ("allocated", "reserved", "device"))
+        stage = "stage ok" if p["peak_stage"] == m["peak_stage"] else f"stage {p['peak_stage']} != {m['peak_stage']}"
+        print(f"  {c['id']}: {errs}, {stage}, conv workspaces {p.get('conv_workspace')}")
+EOF
+        "$PY" -m sd_vram.plugin.compare "${runs[@]}" || log "compare failed"
+    else
+        log "no archive was written"
+    fi
+    log "files in $OUT:"
+    (cd "$OUT" && find . -type f | sort)
+    log "done in $(( $(date +%s) - START ))s"
+    return 0
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+rc=$?
+rm -f "$MARK"
+exit $rc
