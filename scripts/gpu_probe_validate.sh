@@ -18,7 +18,7 @@
 # (SD_VRAM_PROFILES), archives to $RESULTS_DIR/<gpu>/; everything is copied to $OUT.
 #
 # Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (540), DRY=1, RESULTS_DIR,
-# CASES (catalogue name globs: the four seed images and four other sizes), PROFILE (h200-probe),
+# CASES (catalogue names or globs: the four seed images and four other sizes), PROFILE (h200-probe),
 # STACK_CHANGE (VAR=VALUE).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -27,7 +27,7 @@ DRY=${DRY:-0}
 OUT=${OUT:-/tmp/sd-vram-out}
 BUDGET=${SD_VRAM_BUDGET_S:-540}
 GRACE=20
-CASES=${CASES:-balloon-*,groceries-*,bench-*,truck-*,square-768x768,landscape-1024x576,odd-1001x777,square-1536x1536}
+CASES=${CASES:-balloon-396x380,groceries-800x534,bench-2048x2048,truck-1800x1200,square-768x768,landscape-1024x576,odd-1001x777,square-1536x1536}
 PROFILE=${PROFILE:-h200-probe}
 STACK_CHANGE=${STACK_CHANGE:-CUBLAS_WORKSPACE_CONFIG=:16:8}
 PY=${PYTHON:-python3}

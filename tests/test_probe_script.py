@@ -19,7 +19,7 @@ def test_script_parses():
 
 def test_dry_run_predicts_with_both_probed_profiles(repo, tmp_path):  # noqa: F811
     env = {**os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "SITE": str(tmp_path / "site"),
-           "RESULTS_DIR": str(tmp_path / "results"), "CASES": "balloon-*,square-768x768"}
+           "RESULTS_DIR": str(tmp_path / "results"), "CASES": "balloon-396x380,square-768x768"}
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("SD_VRAM_PROFILES", None)
     p = subprocess.run(["bash", str(repo / "scripts" / "gpu_probe_validate.sh")], cwd="/", env=env,
@@ -42,5 +42,5 @@ def test_dry_run_predicts_with_both_probed_profiles(repo, tmp_path):  # noqa: F8
     assert first["prediction_profile"]["name"] == "h200-probe" and first["prediction_profile"]["source"] == "probe"
     assert second["prediction_profile"]["name"] == "h200-probe-stack2"
     assert second["environment"]["env"]["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-    assert {c["id"] for c in first["cases"]} == {"balloon-640x427", "square-768x768"}
+    assert {c["id"] for c in first["cases"]} == {"balloon-396x380", "square-768x768"}
     assert "predicted with h200-probe (source probe)" in log
