@@ -17,16 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from math import ceil, prod
 
+from .allocator import block_bytes
 from .kernels import ConvWorkspace, conv_rules, efficient_output_accumulator
 
 FP16, FP32 = 2, 4
-ROUND = 512  # CUDA caching allocator: every request is rounded up to a multiple of 512 B
 
 
 def nbytes(*shape: int, itemsize: int = FP16) -> int:
-    """Bytes the allocator hands out for one tensor of this shape (kRoundSize = 512)."""
-    n = prod(shape) * itemsize
-    return max(ROUND, -(-n // ROUND) * ROUND) if n else 0
+    """Bytes the allocator hands out for one tensor of this shape (allocator.block_bytes)."""
+    return block_bytes(prod(shape) * itemsize)
 
 
 @dataclass

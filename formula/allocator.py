@@ -72,6 +72,13 @@ def round_size(size: int, conf: AllocConf = NATIVE) -> int:
     return kMinBlockSize * ((size + kMinBlockSize - 1) // kMinBlockSize)
 
 
+def block_bytes(nbytes: int) -> int:
+    """The bytes a request of `nbytes` holds in the allocator (default config): round_size, or
+    none for 0 B (CUDA hands out a null pointer, no block). The one 512-B rounding of the
+    project: the live sets, the GPU suite and the probes use it."""
+    return round_size(nbytes) if nbytes else 0
+
+
 def _roundup_power2_next_division(size: int, divisions: int) -> int:
     if size & (size - 1) == 0:
         return size

@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from sd_vram.formula.allocator import block_bytes
+from sd_vram.formula.files import write_text_atomic
+
 SCHEMA = "sd-vram/conv-probe/1"
 DEFAULT_SIZES = "64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048"
 PROMPT = "a photo of a red bicycle leaning against a weathered brick wall"
@@ -76,10 +79,6 @@ def classify(ws: int | None, in_b: int, out_b: int, w_b: int, tol: int = TOLERAN
     best = min(RULES, key=lambda r: (abs(ws - sums[r]), RULES.index(r)))
     delta = ws - sums[best]
     return (best, delta) if abs(delta) <= tol else ("other", None)
-
-
-def _round512(n: int) -> int:
-    return (n + 511) // 512 * 512
 
 
 def _nbytes(t) -> int:
@@ -153,8 +152,8 @@ class FakeMeter:
         else:
             ws = 56 * MiB
         o = _nbytes(out)
-        return {"requested_bytes": ws, "allocated_bytes": _round512(ws), "output_requested_bytes": o,
-                "output_allocated_bytes": _round512(o), "peak_over_before_bytes": _round512(ws) + _round512(o)}
+        return {"requested_bytes": ws, "allocated_bytes": block_bytes(ws), "output_requested_bytes": o,
+                "output_allocated_bytes": block_bytes(o), "peak_over_before_bytes": block_bytes(ws) + block_bytes(o)}
 
 
 # --- the probe ----------------------------------------------------------------------------------
@@ -402,22 +401,12 @@ def fake_environment() -> dict:
 # --- output -------------------------------------------------------------------------------------
 
 def write_doc(path: Path, doc: dict) -> None:
-    """Atomically; one row per line keeps ~1,000 rows near 1 MB and greppable."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically (formula/files.py); one row per line keeps ~1,000 rows near 1 MB and greppable."""
     head = {k: v for k, v in doc.items() if k != "rows"}
     text = json.dumps(head, indent=1)[:-2] + ',\n "rows": [\n'
     text += ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in doc.get("rows", []))
     text += "\n ]\n}\n"
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def load_doc(path) -> dict:

@@ -16,16 +16,14 @@ import os
 import threading
 import time
 
+from sd_vram.formula.allocator import block_bytes
+
 from .archive import gpu_slug
 from .backends import env_vars, versions
 from .cases import Case
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "math": "MATH"}
-
-
-def _round512(n: int) -> int:
-    return (n + 511) // 512 * 512
 
 
 def _text(x) -> str:
@@ -265,7 +263,7 @@ class CudaBackend:
         al0, re0 = cuda.memory_allocated(), cuda.memory_reserved()
         b = a @ a
         cuda.synchronize()
-        hw["cublas_workspace_allocated_bytes"] = cuda.memory_allocated() - al0 - _round512(b.nbytes)
+        hw["cublas_workspace_allocated_bytes"] = cuda.memory_allocated() - al0 - block_bytes(b.nbytes)
         hw["cublas_workspace_reserved_bytes"] = cuda.memory_reserved() - re0
         # cuBLASLt (linear with bias) may keep its own workspace.
         w = torch.randn(256, 256, dtype=torch.float16, device=self.device)
@@ -274,7 +272,7 @@ class CudaBackend:
         al1 = cuda.memory_allocated()
         y = torch.nn.functional.linear(a, w, bias)
         cuda.synchronize()
-        hw["cublaslt_extra_allocated_bytes"] = cuda.memory_allocated() - al1 - _round512(y.nbytes)
+        hw["cublaslt_extra_allocated_bytes"] = cuda.memory_allocated() - al1 - block_bytes(y.nbytes)
         # cuDNN: handle creation and module loading show up in NVML, not in the allocator.
         xi = torch.randn(1, 8, 32, 32, dtype=torch.float16, device=self.device)
         kw = torch.randn(8, 8, 3, 3, dtype=torch.float16, device=self.device)
@@ -282,7 +280,7 @@ class CudaBackend:
         al2 = cuda.memory_allocated()
         z = torch.nn.functional.conv2d(xi, kw, padding=1)
         cuda.synchronize()
-        hw["cudnn_conv_kept_allocated_bytes"] = cuda.memory_allocated() - al2 - _round512(z.nbytes)
+        hw["cudnn_conv_kept_allocated_bytes"] = cuda.memory_allocated() - al2 - block_bytes(z.nbytes)
         hw["context_and_handles_bytes"] = self._nvml_over_reserved()
         del x, a, b, w, bias, y, xi, kw, z
         gc.collect()
