@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import kernels
+from .files import write_text_atomic
 from .options import InputError
 
 MiB = 1 << 20
@@ -241,12 +242,7 @@ def read(path) -> GPUProfile:
 
 
 def write(p: GPUProfile, path, **extra) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_json(p, **extra), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(to_json(p, **extra), indent=1) + "\n")
 
 
 def user_dir() -> Path:

@@ -6,12 +6,12 @@ The schema is documented in results/README.md; bump SCHEMA when a field changes 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from sd_vram.formula.files import write_text_atomic
 
 SCHEMA = "sd-vram/results/1"
 
@@ -42,22 +42,8 @@ def git_commit(root: Path) -> tuple[str, bool | None]:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False, default=_jsonable)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """An archive as JSON, atomically (formula/files.py): readers never see half a file."""
+    write_text_atomic(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(x):
