@@ -48,35 +48,10 @@ mkdir -p "$OUT" "$SD_VRAM_PROFILES"
 START=$(date +%s)
 MARK=$(mktemp)
 
-log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-source scripts/sd_vram_shim.sh
-
-STEPS=()
-# run_step NAME SECONDS_FROM_START CMD...: CMD with SD_VRAM_DEADLINE, killed GRACE s after it.
-run_step() {
-    local name=$1 offset=$2; shift 2
-    local deadline=$(( START + (offset < BUDGET ? offset : BUDGET) )) now; now=$(date +%s)
-    if [ "$now" -ge "$deadline" ]; then
-        log "step $name: skipped, its deadline passed"; STEPS+=("$name:skipped"); return 0
-    fi
-    log "step $name: start (until +$(( deadline - START ))s): $*"
-    SD_VRAM_DEADLINE=$deadline timeout --kill-after=5 $(( deadline + GRACE - now )) "$@"
-    local rc=$?
-    log "step $name: exit $rc after $(( $(date +%s) - now ))s"
-    STEPS+=("$name:$rc")
-    collect
-}
-
-NEW=()
-collect() {   # this run's JSON files (newer than $MARK) -> $OUT/results/<folder>/
-    NEW=()
-    local f
-    while IFS= read -r f; do NEW+=("$f"); done < <(find "$RESULTS_DIR" -name '*.json' -newer "$MARK" 2>/dev/null | sort)
-    for f in "${NEW[@]}"; do
-        mkdir -p "$OUT/results/$(basename "$(dirname "$f")")"
-        cp "$f" "$OUT/results/$(basename "$(dirname "$f")")/"
-    done
-}
+TAIL=$GRACE                 # a step ends GRACE s after its deadline, the last one after BUDGET
+SKIP=${SKIP:-}
+# log, prepare (wheels and the sd_vram shim), run_step, collect, finish
+source scripts/gpu_common.sh
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q --gpu "${BACKEND[@]}"
         --results-dir "$RESULTS_DIR" -m "not sd_vram_archived" --cases "$CASES" --full-call none)
@@ -84,12 +59,7 @@ PROBE=("$PY" -m sd_vram.cli probe "${PROBE_BACKEND[@]}")
 
 main() {
     log "sd-vram gpu_probe_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR cases=$CASES"
-    if [ "$DRY" != 1 ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-            || { log "FATAL: could not install the wheels from .whl/"; return 2; }
-    fi
-    export PYTHONPATH="$SITE:$PWD"
-    make_shim || { log "FATAL: could not write the sd_vram shim in $SITE"; return 2; }
+    prepare || return 2
     local sizes
     sizes=$("$PY" - "$CASES" <<'EOF'
 import sys
@@ -142,9 +112,7 @@ EOF
     else
         log "no archive was written"
     fi
-    log "files in $OUT:"
-    (cd "$OUT" && find . -type f | sort)
-    log "done in $(( $(date +%s) - START ))s"
+    finish
     return 0
 }
 

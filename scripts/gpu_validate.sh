@@ -72,49 +72,8 @@ mkdir -p "$OUT"
 START=$(date +%s)
 MARK=$(mktemp)            # archives newer than this file are this run's
 
-log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-
-# make_shim: sd_vram importable from the checkout without installing it (scripts/sd_vram_shim.sh).
-source scripts/sd_vram_shim.sh
-
-# run_step NAME SECONDS_FROM_START CMD...: runs CMD with SD_VRAM_DEADLINE set, killed GRACE s after
-# it (and never later than BUDGET + TAIL), then copies what it wrote to $OUT.
-run_step() {
-    local name=$1 offset=$2; shift 2
-    if [[ ",$SKIP," == *",$name,"* ]]; then
-        log "step $name: skipped (SKIP=$SKIP)"
-        STEPS+=("$name:skipped")
-        return 0
-    fi
-    local deadline=$(( START + (offset < BUDGET ? offset : BUDGET) ))
-    local now; now=$(date +%s)
-    if [ "$now" -ge "$deadline" ]; then
-        log "step $name: skipped, its deadline passed"
-        STEPS+=("$name:skipped")
-        return 0
-    fi
-    local kill_at=$(( deadline + GRACE ))
-    [ "$kill_at" -gt $(( START + BUDGET + TAIL )) ] && kill_at=$(( START + BUDGET + TAIL ))
-    log "step $name: start (until +$(( deadline - START ))s, killed at +$(( kill_at - START ))s): $*"
-    SD_VRAM_DEADLINE=$deadline timeout --kill-after=5 $(( kill_at - now )) "$@"
-    local rc=$?
-    log "step $name: exit $rc after $(( $(date +%s) - now ))s"
-    STEPS+=("$name:$rc")
-    collect
-    return 0
-}
-
-# collect: copy this run's JSON files (newer than $MARK) to $OUT/results/<gpu>/; lists them in NEW.
-NEW=()
-collect() {
-    NEW=()
-    local f
-    while IFS= read -r f; do NEW+=("$f"); done < <(find "$RESULTS_DIR" -name '*.json' -newer "$MARK" 2>/dev/null | sort)
-    for f in "${NEW[@]}"; do
-        mkdir -p "$OUT/results/$(basename "$(dirname "$f")")"
-        cp "$f" "$OUT/results/$(basename "$(dirname "$f")")/"
-    done
-}
+# log, prepare (wheels and the sd_vram shim), run_step, collect, finish
+source scripts/gpu_common.sh
 
 # missing_full_calls: the FULL_CALLS cases whose full call no archive of this run holds, comma-separated.
 missing_full_calls() {
@@ -131,12 +90,7 @@ PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cachepro
 
 main() {
     log "sd-vram gpu_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR"
-    if [ "$DRY" != 1 ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-            || { log "FATAL: could not install the wheels from .whl/"; return 2; }
-    fi
-    export PYTHONPATH="$SITE:$PWD"
-    make_shim || { log "FATAL: could not write the sd_vram shim in $SITE"; return 2; }
+    prepare || return 2
     "$PY" - <<'EOF' || { log "FATAL: sd_vram or its dependencies do not import"; return 2; }
 import importlib, sys
 import sd_vram, sd_vram.formula, sd_vram.plugin.pytest_plugin, sd_vram.plugin.suite, sd_vram.plugin.conv_probe
@@ -157,7 +111,6 @@ except Exception:
 EOF
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,uuid,memory.used,memory.total,driver_version --format=csv
 
-    STEPS=()
     if [ -n "$BUDGET_CASES" ]; then
         # no cuDNN plan cache: a plan cached after a workspace fallback would run again at a
         # larger budget ("a negative value for no caching", PyTorch's environment variables)
@@ -195,9 +148,7 @@ EOF
     else
         log "no archive was written"
     fi
-    log "files in $OUT:"
-    (cd "$OUT" && find . -type f | sort)
-    log "done in $(( $(date +%s) - START ))s"
+    finish
     return 0
 }
 
