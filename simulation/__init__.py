@@ -28,7 +28,7 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     profile: a GPUProfile (overrides options["gpu"], a formula profile name).
     steps: "auto" (the fewest UNet evaluations that reach the same peak), "full", or an int.
     history: the GPU suite's earlier model moves before this call, e.g. ("-safety_checker",
-    "+safety_checker") after a case without the safety checker (core.resident_setup).
+    "+safety_checker") after a case without the safety checker (resident.resident_setup).
     vram: the card's memory in bytes: the replay runs under vram less the profile's CUDA
     context, with PyTorch's OOM path (SimResult.fallbacks, num_alloc_retries, oom).
     The call starts from the state the GPU suite measures from: cuBLAS/cuBLASLt workspaces
@@ -45,7 +45,7 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     h, w = height - height % 8, width - width % 8
     prof = profile or get_profile(opts.gpu)
 
-    from .core import simulate_events
+    from .call import simulate_events
     from .result import build_result
 
     recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,
