@@ -1,9 +1,25 @@
 """GPU-free simulation of peak GPU memory of SD1.5 img2img (diffusers, FP16).
 
 ``simulate(height, width, ...)`` runs the real StableDiffusionImg2ImgPipeline.__call__ on
-fake CUDA tensors (core.py), records every storage allocation and free (recorder.py), picks
-the SDPA kernels the GPU would pick (sdpa.py) and replays the stream through a model of
-PyTorch's CUDA caching allocator (the equation's own: sd_vram.formula.allocator).
+fake CUDA tensors and replays every storage allocation and free through the equation's own
+model of PyTorch's CUDA caching allocator (sd_vram.formula.allocator).
+
+What the folder owns, one job a module:
+- resident.py: the device state the GPU suite measures a call from (its probes' cuBLAS
+  workspaces, the weights in the order they reach the GPU, the suite's earlier model moves);
+- patches.py: substitutes for diffusers' and transformers' host-side work (input image,
+  ``Tensor.to``/``.numpy``, feature extractor, safety checker) that keep the device-side ops;
+- kernel_hooks.py: allocations made inside CUDA kernels (cuDNN convolution workspaces,
+  host-to-device staging copies, the math path's and layer_norm's temporaries);
+- sdpa.py: the attention kernel the GPU would pick, and the allocations inside it;
+- memo.py: the UNet's later evaluations replayed from its first;
+- recorder.py: the record of every allocation and free, by stage, module and operator;
+- call.py: the call itself (run_call, simulate_events, record_call);
+- result.py: the replay and its peaks (SimResult); profile.py: the GPU profile argument.
+
+Imports: torch, diffusers and transformers (the sim extra, loaded by simulate(), not by
+importing this package), sd_vram.formula (allocator, kernel table, GPU profiles, options),
+sd_vram.models and sd_vram.stages. Never sd_vram.plugin or sd_vram.cli.
 """
 
 from __future__ import annotations
