@@ -252,7 +252,8 @@ def test_profiles_are_the_equations():
 
 
 def test_conv_rules():
-    from sd_vram.simulation.profile import ConvRule, get_profile
+    from sd_vram.formula.kernels import ConvRule
+    from sd_vram.simulation.profile import get_profile
 
     vae3 = ConvRule.from_dict({"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"})
     assert vae3.matches("vae.decoder.up_blocks.2.upsamplers.0.conv", (3, 3))
