@@ -1,9 +1,25 @@
 """GPU-free simulation of peak GPU memory of SD1.5 img2img (diffusers, FP16).
 
 ``simulate(height, width, ...)`` runs the real StableDiffusionImg2ImgPipeline.__call__ on
-fake CUDA tensors (core.py), records every storage allocation and free (recorder.py), picks
-the SDPA kernels the GPU would pick (sdpa.py) and replays the stream through a model of
-PyTorch's CUDA caching allocator (the equation's own: sd_vram.formula.allocator).
+fake CUDA tensors and replays every storage allocation and free through the equation's own
+model of PyTorch's CUDA caching allocator (sd_vram.formula.allocator).
+
+What the folder owns, one job a module:
+- resident.py: the device state the GPU suite measures a call from (its probes' cuBLAS
+  workspaces, the weights in the order they reach the GPU, the suite's earlier model moves);
+- patches.py: substitutes for diffusers' and transformers' host-side work (input image,
+  ``Tensor.to``/``.numpy``, feature extractor, safety checker) that keep the device-side ops;
+- kernel_hooks.py: allocations made inside CUDA kernels (cuDNN convolution workspaces,
+  host-to-device staging copies, the math path's and layer_norm's temporaries);
+- sdpa.py: the attention kernel the GPU would pick, and the allocations inside it;
+- memo.py: the UNet's later evaluations replayed from its first;
+- recorder.py: the record of every allocation and free, by stage, module and operator;
+- call.py: the call itself (run_call, simulate_events, record_call);
+- result.py: the replay and its peaks (SimResult); profile.py: the GPU profile argument.
+
+Imports: torch, diffusers and transformers (the sim extra, loaded by simulate(), not by
+importing this package), sd_vram.formula (allocator, kernel table, GPU profiles, options),
+sd_vram.models and sd_vram.stages. Never sd_vram.plugin or sd_vram.cli.
 """
 
 from __future__ import annotations
@@ -28,7 +44,7 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     profile: a GPUProfile (overrides options["gpu"], a formula profile name).
     steps: "auto" (the fewest UNet evaluations that reach the same peak), "full", or an int.
     history: the GPU suite's earlier model moves before this call, e.g. ("-safety_checker",
-    "+safety_checker") after a case without the safety checker (core.resident_setup).
+    "+safety_checker") after a case without the safety checker (resident.resident_setup).
     vram: the card's memory in bytes: the replay runs under vram less the profile's CUDA
     context, with PyTorch's OOM path (SimResult.fallbacks, num_alloc_retries, oom).
     The call starts from the state the GPU suite measures from: cuBLAS/cuBLASLt workspaces
@@ -45,7 +61,7 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     h, w = height - height % 8, width - width % 8
     prof = profile or get_profile(opts.gpu)
 
-    from .core import simulate_events
+    from .call import simulate_events
     from .result import build_result
 
     recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,

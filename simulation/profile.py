@@ -1,12 +1,17 @@
-"""The GPU and software stack the simulation pretends to run on: the equation's profiles
-(sd_vram.formula.gpu_profiles.GPUProfile, formula/profiles/*.json, probed profiles), so that
-``simulate(..., gpu="h200")`` and ``estimate(..., gpu="h200")`` read the same numbers, and
-the kernel facts of sd_vram.formula.kernels (SDPA backend, cuBLAS sizes, conv workspaces).
+"""The simulation's GPU profile argument: ``simulate(..., profile=...)`` and ``gpu=...``.
+
+The profiles themselves are the equation's (sd_vram.formula.gpu_profiles.GPUProfile,
+formula/profiles/*.json, probed profiles), so that ``simulate(..., gpu="h200")`` and
+``estimate(..., gpu="h200")`` read the same numbers, and so are the kernel facts read
+from them (sd_vram.formula.kernels). This module remains because the simulation resolves
+its argument more leniently than gpu_profiles.get does: None is the default profile and a
+name may be in any case. It imports no torch, so that ``import sd_vram.simulation`` stays
+light, and DEFAULT_PROFILE is read on first use.
 
 What the simulation takes from a profile: the SDPA backend choice (sdpa.py), the SM count
-(flash attention's split-KV heuristic), the cuBLAS and cuBLASLt workspaces, the cuDNN
-convolution workspaces (profile.conv_workspace()), the total memory (the address space of an
-expandable segment).
+(flash attention's split-KV heuristic), the cuBLAS and cuBLASLt workspaces (resident.py),
+the cuDNN convolution workspaces (profile.conv_workspace(), kernel_hooks.py), the total
+memory (the address space of an expandable segment).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from functools import lru_cache
 
 from sd_vram.formula import gpu_profiles
 from sd_vram.formula.gpu_profiles import GPUProfile
-from sd_vram.formula.kernels import CONV_RULE_SETS, ConvRule  # noqa: F401  (re-exported)
 from sd_vram.formula.options import InputError
 
 
@@ -34,10 +38,6 @@ def get_profile(gpu) -> GPUProfile:
     if isinstance(gpu, str):
         return gpu_profiles.get(gpu if gpu.endswith(".json") or "/" in gpu else gpu.lower())
     raise InputError(f"a GPU profile is a name or a profile object, got {gpu!r}")
-
-
-def profile_names() -> list[str]:
-    return sorted(gpu_profiles.profiles())
 
 
 def __getattr__(name):

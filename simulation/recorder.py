@@ -78,7 +78,7 @@ class MemoryRecorder(TorchDispatchMode):
         self._shadow: dict[int, torch.Tensor] = {}
         self.post_op_hooks = []          # callables(func, args, kwargs, out) -> None
         # func -> callable(func, args, kwargs) -> out: runs instead of func (the kernel's own
-        # internal allocations made visible, see core._layer_norm_contiguous)
+        # internal allocations made visible, see kernel_hooks._layer_norm_contiguous)
         self.rewrites = {}
         self._synthetic = 0
         self.op_counts: dict[str, int] = {}

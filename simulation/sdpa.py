@@ -20,6 +20,13 @@ Kernel-internal allocations that the meta kernels do not show become synthetic e
 - flash attention's split-KV buffers (flash_api.cpp set_params_splitkv: softmax_lse_accum
   {splits, B, H, Sq} and out_accum {splits, B, H, Sq, d_rounded}, fp32) when the
   num_splits_heuristic picks more than one split (few query blocks: small images).
+
+The decision and its sizes are sd_vram.formula.kernels' (choose_backend,
+needs_output_accumulator and flash_num_splits only hand it what the tensors say). This
+module remains for what needs the tensors: reading them, standing in for
+F.scaled_dot_product_attention, and calling the fused aten operators with the
+allocations their kernels make inside. Imports torch, sd_vram.formula and the recorder
+it is given.
 """
 
 from __future__ import annotations
@@ -31,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from sd_vram.formula import kernels
+from sd_vram.formula.gpu_profiles import GPUProfile
 from sd_vram.formula.kernels import CUDNN, EFFICIENT, FLASH, MATH  # noqa: F401
-
-from .profile import GPUProfile
 
 _aten = torch.ops.aten
 

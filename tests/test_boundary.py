@@ -81,7 +81,7 @@ def _recorded():
     pytest.importorskip("diffusers")
     from sd_vram.formula.options import Options
     from sd_vram.simulation import get_profile
-    from sd_vram.simulation.core import simulate_events
+    from sd_vram.simulation.call import simulate_events
 
     prof, o = get_profile("h200"), Options(gpu="h200")
     return prof, o, simulate_events(BALLOON["height"], BALLOON["width"], None, 20, options=o, profile=prof)

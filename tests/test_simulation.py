@@ -150,7 +150,7 @@ def test_full_step_count_reaches_the_same_peak():
 
 def test_unet_memo_replays_the_identical_stream():
     from sd_vram.formula.options import Options
-    from sd_vram.simulation.core import record_call
+    from sd_vram.simulation.call import record_call
 
     opts = Options(num_inference_steps=10, strength=0.5)       # 5 evaluations
     streams = []
@@ -209,7 +209,8 @@ def test_preprocess_substitute_matches_the_pil_path():
     import torch
     from PIL import Image
 
-    from sd_vram.simulation.core import _make_preprocess, meta_pipeline
+    from sd_vram.simulation.patches import _make_preprocess
+    from sd_vram.simulation.resident import meta_pipeline
 
     pipe = meta_pipeline(True)
     img = Image.fromarray(np.zeros((45, 67, 3), dtype=np.uint8))   # 67 wide, 45 high
@@ -224,7 +225,8 @@ def test_feature_extractor_substitute_matches_clip_processor():
     import numpy as np
     from PIL import Image
 
-    from sd_vram.simulation.core import _FeatureExtractorStub, meta_pipeline
+    from sd_vram.simulation.patches import _FeatureExtractorStub
+    from sd_vram.simulation.resident import meta_pipeline
 
     fe = meta_pipeline(True).feature_extractor
     img = [Image.fromarray(np.zeros((40, 64, 3), dtype=np.uint8))]
@@ -250,7 +252,8 @@ def test_profiles_are_the_equations():
 
 
 def test_conv_rules():
-    from sd_vram.simulation.profile import ConvRule, get_profile
+    from sd_vram.formula.kernels import ConvRule
+    from sd_vram.simulation.profile import get_profile
 
     vae3 = ConvRule.from_dict({"module": r"^vae\.", "kernel": 3, "formula": "input + output + weight"})
     assert vae3.matches("vae.decoder.up_blocks.2.upsamplers.0.conv", (3, 3))
@@ -272,7 +275,7 @@ def test_h2d_temporary():
     device tensor when the destination is not contiguous (the channels-last image)."""
     import torch
 
-    from sd_vram.simulation.core import h2d_temporary_bytes
+    from sd_vram.simulation.kernel_hooks import h2d_temporary_bytes
 
     src = torch.empty(1, 40, 64, 3, dtype=torch.float32, device="meta").permute(0, 3, 1, 2)
     dst = torch.empty_strided(src.shape, src.stride(), dtype=torch.float16, device="meta")

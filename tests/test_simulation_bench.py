@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.benchmark(group="simulate", min_rounds=1, warmup=False)
 def test_simulate_8192(benchmark):
     from sd_vram.simulation import simulate
-    from sd_vram.simulation.core import meta_pipeline
+    from sd_vram.simulation.resident import meta_pipeline
 
     meta_pipeline(True)                     # one-time build, not part of a simulation
     result = benchmark.pedantic(simulate, args=(8192, 8192), rounds=1, iterations=1)

@@ -2,9 +2,9 @@
 
 The same recorder runs the pipeline twice on the CPU at a small size: once on real tensors
 (uninitialised weights: memory does not depend on values), once on fake tensors under
-FakeTensorMode. Both runs use the same substitutions (core.py), so any difference would
-come from fake execution itself. SDPA is not patched on the CPU, so both take the same
-CPU kernels.
+FakeTensorMode. Both runs use the same substitutions (simulation/call.py, patches.py), so
+any difference would come from fake execution itself. SDPA is not patched on the CPU, so
+both take the same CPU kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 @pytest.fixture(scope="module")
 def sim_both_runs():
     from sd_vram.formula.options import Options
-    from sd_vram.simulation.core import record_call
+    from sd_vram.simulation.call import record_call
 
     opts = Options(num_inference_steps=4, strength=0.5)         # 3 UNet evaluations
     runs = {}
