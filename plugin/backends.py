@@ -19,7 +19,6 @@ from .archive import gpu_slug
 from .checks import QUANTITIES
 
 GiB = 1 << 30
-STAGE_ORDER = ("setup", "text_encoder", "vae_encode", "unet", "vae_decode", "safety_checker")
 
 
 def versions() -> dict:

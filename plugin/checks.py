@@ -32,34 +32,10 @@ def _norm(s: str) -> str:
 
 
 def profile_names() -> list[str]:
-    """GPU profiles the equation knows (formula/profiles/*.json or gpu_profiles' own list)."""
-    names: set[str] = set()
-    try:
-        from sd_vram.formula import gpu_profiles  # written by the lead; optional here
-    except ImportError:
-        gpu_profiles = None
-    if gpu_profiles is not None:
-        for attr in ("PROFILES", "profiles"):
-            obj = getattr(gpu_profiles, attr, None)
-            if callable(obj):
-                try:
-                    obj = obj()
-                except Exception:
-                    obj = None
-            if isinstance(obj, dict):
-                names.update(map(str, obj))
-            elif isinstance(obj, (list, tuple, set)):
-                names.update(getattr(p, "name", p) for p in obj)
-    try:
-        from importlib import resources
+    """The bundled GPU profiles the equation knows (formula/profiles/*.json), less "default"."""
+    from sd_vram.formula import gpu_profiles
 
-        folder = resources.files("sd_vram.formula").joinpath("profiles")
-        if folder.is_dir():
-            names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
-    except Exception:
-        pass
-    names.discard("default")
-    return sorted(names)
+    return sorted(n for n in gpu_profiles.profiles() if n != "default")
 
 
 def match_profile(gpu_name: str | None) -> str | None:
@@ -67,18 +43,11 @@ def match_profile(gpu_name: str | None) -> str | None:
     profile whose name appears in the GPU's name (longest), else None (the default profile)."""
     if not gpu_name:
         return None
-    try:
-        from sd_vram.formula import gpu_profiles
-    except ImportError:
-        gpu_profiles = None
-    fn = getattr(gpu_profiles, "for_device", None)
-    if callable(fn):
-        try:
-            r = fn(gpu_name)
-        except Exception:
-            r = None
-        if r and r != "default":
-            return getattr(r, "name", r)
+    from sd_vram.formula import gpu_profiles
+
+    exact = gpu_profiles.for_device(gpu_name)
+    if exact != "default":
+        return exact
     g = _norm(gpu_name)
     hits = [n for n in profile_names() if _norm(n) and _norm(n) in g]
     return max(hits, key=lambda n: len(_norm(n))) if hits else None
@@ -88,12 +57,6 @@ def allocator_variant(env_vars: dict) -> str:
     """'default' or 'expandable_segments': the equation models the default caching allocator."""
     conf = ",".join(str(env_vars.get(k) or "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
     return "expandable_segments" if re.search(r"expandable_segments\s*:\s*true", conf, re.I) else "default"
-
-
-def asserted_quantities(variant: str) -> tuple[str, ...]:
-    # The equation models both allocator settings (Options.expandable_segments), so every
-    # quantity is asserted for either.
-    return QUANTITIES
 
 
 @dataclass
@@ -115,8 +78,9 @@ class Check:
                 f"error {self.error:+.2%}, band ±{self.band:.1%}  {verdict}")
 
 
-def compare(prediction: dict, measurement: dict, bands: dict, asserted=QUANTITIES) -> tuple[list[Check], dict]:
-    """Each quantity's relative error against its band, and the stage comparison."""
+def compare(prediction: dict, measurement: dict, bands: dict) -> tuple[list[Check], dict]:
+    """Each quantity's relative error against its band, and the stage comparison. Every measured
+    quantity is asserted (the equation models both allocator settings); one not measured is shown only."""
     checks = []
     for q in QUANTITIES:
         p, m = prediction.get(q + "_bytes"), measurement.get(q + "_bytes")
@@ -124,17 +88,13 @@ def compare(prediction: dict, measurement: dict, bands: dict, asserted=QUANTITIE
             checks.append(Check(q, p, m, None, bands[q], ok=True, asserted=False))
             continue
         if p is None:
-            checks.append(Check(q, p, m, None, bands[q], ok=False, asserted=q in asserted))
+            checks.append(Check(q, p, m, None, bands[q], ok=False, asserted=True))
             continue
         err = (p - m) / m
-        checks.append(Check(q, p, m, err, bands[q], ok=abs(err) <= bands[q], asserted=q in asserted))
+        checks.append(Check(q, p, m, err, bands[q], ok=abs(err) <= bands[q], asserted=True))
     stage = {"predicted": prediction.get("peak_stage"), "measured": measurement.get("peak_stage")}
     stage["ok"] = stage["predicted"] == stage["measured"]
     return checks, stage
-
-
-def failures(checks: list[Check], stage: dict) -> bool:
-    return any(c.asserted and not c.ok for c in checks) or not stage["ok"]
 
 
 def report(title: str, checks: list[Check], stage: dict) -> str:

@@ -24,7 +24,7 @@ import pytest
 
 from . import archive as arch
 from .cases import Catalogue, CatalogueError, load_catalogue, matches, split_list, tomllib
-from .checks import (QUANTITIES, allocator_variant, asserted_quantities, checks_to_dict, compare, expectation,
+from .checks import (QUANTITIES, allocator_variant, checks_to_dict, compare, expectation,
                      match_profile, mib, predict, report)
 
 STATE = pytest.StashKey["SuiteState"]()
@@ -399,7 +399,6 @@ class SuiteState:
         expect = expectation(prediction, capacity, self.bands["peak_reserved"])
         meas = b.measure(case, image, size=(height, width))
         del image
-        variant = allocator_variant(getattr(b, "environment", {}).get("env", {}))
         record = {
             "id": case.id, "case": case.name, "variant": case.variant, "tags": list(case.tags),
             "inputs": {"height": height, "width": width, "prompt": case.prompt, "image": image_info,
@@ -408,7 +407,7 @@ class SuiteState:
             "prediction": prediction, "prediction_error": prediction_error,
             "expectation": expect, "capacity_bytes": capacity, "measurement": meas,
         }
-        evaluate(record, self.bands, asserted_quantities(variant), b.gpu["name"])
+        evaluate(record, self.bands, b.gpu["name"])
         self.archive().add(record)
         if meas.get("status") == "ok" and meas.get("wall_s"):
             self.timings.append((case.cost, meas["wall_s"]))
@@ -482,7 +481,7 @@ class SuiteState:
         rec["expectation"] = expectation(rec["prediction"], rec.get("capacity_bytes") or meas.get("capacity_bytes"),
                                          self.bands["peak_reserved"])
         variant = allocator_variant(data.get("environment", {}).get("env", {}))
-        evaluate(rec, self.bands, asserted_quantities(variant), gpu.get("name"), title=entry["test_id"])
+        evaluate(rec, self.bands, gpu.get("name"), title=entry["test_id"])
         node.user_properties.append((PROPERTY, self.row(rec, gpu.get("slug", "?"), test_id=entry["test_id"],
                                                         archive=str(entry["path"]))))
         gap = known_gap(self.config.rootpath, rec["id"], variant)
@@ -546,7 +545,7 @@ def _diff(a, b):
     return "?" if a is None or b is None else f"{a - b:+,}"
 
 
-def evaluate(rec: dict, bands: dict, asserted, gpu_name: str | None, title: str | None = None) -> None:
+def evaluate(rec: dict, bands: dict, gpu_name: str | None, title: str | None = None) -> None:
     """Fill rec's errors, stage, outcome ('pass', 'fail', 'oom-expected') and message."""
     pred, meas, expect = rec.get("prediction"), rec["measurement"], rec.get("expectation", "fit")
     title = title or f"{rec['id']} on {gpu_name}"
@@ -569,7 +568,7 @@ def evaluate(rec: dict, bands: dict, asserted, gpu_name: str | None, title: str 
                               f"{mib(need)} MiB, the device could hold {mib(cap)} MiB\n  "
                               + str(meas.get("error") or "").splitlines()[0][:300])
     else:
-        checks, stage = compare(pred, meas, bands, asserted)
+        checks, stage = compare(pred, meas, bands)
         rec["errors"], rec["stage"] = checks_to_dict(checks), stage
         if expect == "oom":
             rec["outcome"] = "fail"
