@@ -10,44 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 from .archive import gpu_slug
 from .checks import QUANTITIES
+from .environment import env_vars, versions
 
 GiB = 1 << 30
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "diffusers", "transformers", "accelerate", "nvidia-ml-py", "sd-vram"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    if out["sd-vram"] is None:     # run from a checkout without install (scripts/gpu_validate.sh)
-        try:
-            import sd_vram
-
-            out["sd-vram"] = getattr(sd_vram, "__version__", None)
-        except ImportError:
-            pass
-    return out
-
-
-ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_MODULE_LOADING", "CUBLAS_WORKSPACE_CONFIG",
-            "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT",
-            "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "TORCH_CUDNN_SDPA_DEPRIORITIZED",
-            "PYTEST_XDIST_WORKER")
-
-
-def env_vars() -> dict:
-    return {k: os.environ.get(k) for k in ENV_VARS}
 
 
 class FakeBackend:

@@ -332,7 +332,7 @@ def cuda_environment() -> dict:
     import torch
 
     from .archive import gpu_slug
-    from .backends import env_vars, versions
+    from .environment import env_vars, versions
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     env = {"backend": "cuda", **versions(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -391,7 +391,7 @@ def build_fake_pipeline():
 
 def fake_environment() -> dict:
     from .archive import gpu_slug
-    from .backends import env_vars, versions
+    from .environment import env_vars, versions
 
     name = "FAKE GPU 80GB"
     return {"backend": "fake", **versions(), "cuda": None, "cudnn": None, "driver": None, "env": env_vars(),

@@ -17,8 +17,8 @@ import threading
 import time
 
 from .archive import gpu_slug
-from .backends import env_vars, versions
 from .cases import Case
+from .environment import env_vars, versions
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "math": "MATH"}

@@ -1,0 +1,39 @@
+"""What a measurement's archive records of the software around it: the package versions and the
+environment variables that change the allocator, cuBLAS, cuDNN or the device order.
+
+One home for these facts, shared by the backends (backends.py, gpu.py) and the device tasks
+(conv_probe.py); it imports nothing of the project but sd_vram's version.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "nvidia-ml-py", "sd-vram")
+
+ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_MODULE_LOADING", "CUBLAS_WORKSPACE_CONFIG",
+            "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT",
+            "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "TORCH_CUDNN_SDPA_DEPRIORITIZED",
+            "PYTEST_XDIST_WORKER")
+
+
+def versions() -> dict:
+    """{"python": ..., distribution: version or None} for DISTRIBUTIONS."""
+    out = {"python": platform.python_version()}
+    for dist in DISTRIBUTIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    if out["sd-vram"] is None:     # run from a checkout without install (scripts/gpu_validate.sh)
+        from sd_vram import __version__
+
+        out["sd-vram"] = __version__
+    return out
+
+
+def env_vars() -> dict:
+    """{name: value or None} for ENV_VARS."""
+    return {k: os.environ.get(k) for k in ENV_VARS}
