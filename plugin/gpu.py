@@ -231,6 +231,7 @@ class CudaBackend:
         self.model = model
         self.dtype = dtype or torch.float16     # fp16 is what the equation predicts; tests on CPU use fp32
         self.hardware: dict = {}
+        self.warmup: list[dict] = []
         t0 = time.perf_counter()
         self._init_cuda()
         self._build(model)
@@ -390,6 +391,7 @@ class CudaBackend:
             s.counter = 0
 
     def measure(self, case: Case, image, around_call=None, size=None) -> dict:
+        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement")."""
         torch = self.torch
         cuda = torch.cuda
         from sd_vram.stages import stage_hooks

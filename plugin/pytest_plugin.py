@@ -79,7 +79,7 @@ def probed_profile(backend) -> str | None:
 
     from .probe import stack_of
 
-    p = gpu_profiles.for_stack(backend.gpu["name"], stack_of(getattr(backend, "environment", {})))
+    p = gpu_profiles.for_stack(backend.gpu["name"], stack_of(backend.environment))
     return p.path if p is not None else None
 
 
@@ -346,7 +346,7 @@ class SuiteState:
             commit, dirty = arch.git_commit(root)
             worker = os.environ.get("PYTEST_XDIST_WORKER")
             path = arch.new_archive_path(self.results_dir, b.gpu["slug"], commit, worker) if self.archive_enabled else None
-            env = getattr(b, "environment", {})
+            env = b.environment
             header = {
                 "run": {
                     "id": path.stem if path else None,
@@ -361,8 +361,8 @@ class SuiteState:
                 "gpu": {**b.gpu, "profile": self.gpu_profile},
                 "prediction_profile": prediction_profile(self.gpu_profile),
                 "environment": env,
-                "hardware": getattr(b, "hardware", {}),
-                "warmup": getattr(b, "warmup", []),
+                "hardware": b.hardware,
+                "warmup": b.warmup,
             }
             self._archive = arch.RunArchive(path, header)
         return self._archive
@@ -392,7 +392,7 @@ class SuiteState:
         prediction, prediction_error = None, None
         try:
             prediction = predict(height, width, case.prompt, case.options, self.gpu_profile,
-                                 allocator_variant(getattr(b, "environment", {}).get("env", {})))
+                                 allocator_variant(b.environment.get("env", {})))
         except Exception as e:
             prediction_error = f"{type(e).__name__}: {e}"
         capacity = b.capacity()
