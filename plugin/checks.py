@@ -1,9 +1,14 @@
-"""Predictions (the current equation) against measurements: bands, OOM expectation, messages."""
+"""The verdict on one case: the prediction (the current equation) against the measurement, each
+quantity within its band, the OOM expectation, the message, and the known gaps (results/known_gaps.toml)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cases import tomllib
 
 MiB = 1 << 20
 QUANTITIES = ("peak_allocated", "peak_reserved", "peak_device")
@@ -120,3 +125,55 @@ def expectation(prediction: dict | None, capacity: int | None, band: float) -> s
 
 def checks_to_dict(checks: list[Check]) -> dict:
     return {c.quantity: {k: v for k, v in asdict(c).items() if k != "quantity"} for c in checks}
+
+
+def evaluate(rec: dict, bands: dict, gpu_name: str | None, title: str | None = None) -> None:
+    """Fill rec's errors, stage, outcome ('pass', 'fail', 'oom-expected') and message."""
+    pred, meas, expect = rec.get("prediction"), rec["measurement"], rec.get("expectation", "fit")
+    title = title or f"{rec['id']} on {gpu_name}"
+    rec["errors"], rec["stage"] = {}, None
+    cap = rec.get("capacity_bytes") or meas.get("capacity_bytes")
+    if pred is None:
+        rec["outcome"], rec["message"] = "fail", f"{title}: the equation failed: {rec.get('prediction_error')}"
+        return
+    need = pred.get("peak_reserved_bytes")
+    if meas.get("status") == "error":
+        rec["outcome"], rec["message"] = "fail", f"{title}: the call failed: {meas.get('error')}"
+    elif meas.get("status") == "oom":
+        if expect in ("oom", "either"):
+            rec["outcome"] = "oom-expected"
+            rec["message"] = (f"{title}: out of memory, as predicted (peak_reserved {mib(need)} MiB, "
+                              f"the device could hold {mib(cap)} MiB)")
+        else:
+            rec["outcome"] = "fail"
+            rec["message"] = (f"{title}: ran out of memory, but the equation says it fits: predicted peak_reserved "
+                              f"{mib(need)} MiB, the device could hold {mib(cap)} MiB\n  "
+                              + str(meas.get("error") or "").splitlines()[0][:300])
+    else:
+        checks, stage = compare(pred, meas, bands)
+        rec["errors"], rec["stage"] = checks_to_dict(checks), stage
+        if expect == "oom":
+            rec["outcome"] = "fail"
+            rec["message"] = (f"{title}: the equation says it cannot fit (peak_reserved {mib(need)} MiB > "
+                              f"{mib(cap)} MiB the device could hold) but it ran\n" + report(title, checks, stage))
+        else:
+            bad = any(c.asserted and not c.ok for c in checks) or not stage["ok"]
+            rec["outcome"] = "fail" if bad else "pass"
+            rec["message"] = report(title, checks, stage)
+
+
+@functools.lru_cache(maxsize=None)
+def _known_gaps(path: Path) -> tuple:
+    """The entries of results/known_gaps.toml (read once per run, not once per archived case)."""
+    if not path.exists():
+        return ()
+    return tuple(tomllib.loads(path.read_text(encoding="utf-8")).get("gap", []))
+
+
+def known_gap(root, case_id: str, variant: str) -> dict | None:
+    """The entry of results/known_gaps.toml for this archived case and allocator, if any."""
+    for gap in _known_gaps(Path(root) / "results" / "known_gaps.toml"):
+        if gap.get("case") == case_id and gap.get("allocator", "default") == variant:
+            return gap
+    return None
+

@@ -1,8 +1,9 @@
-"""What a measurement's archive records of the software around it: the package versions and the
-environment variables that change the allocator, cuBLAS, cuDNN or the device order.
+"""The process's environment: what a measurement's archive records of the software around it (the
+package versions, the environment variables that change the allocator, cuBLAS, cuDNN or the device
+order), and the GPU an xdist worker is pinned to.
 
-One home for these facts, shared by the backends (backends.py, gpu.py) and the device tasks
-(conv_probe.py); it imports nothing of the project but sd_vram's version.
+One home for these facts, shared by the backends (backends.py, gpu.py), the suite (pytest_plugin.py)
+and the device tasks (conv_probe.py); it imports nothing of the project but sd_vram's version.
 """
 
 from __future__ import annotations
@@ -37,3 +38,35 @@ def versions() -> dict:
 def env_vars() -> dict:
     """{name: value or None} for ENV_VARS."""
     return {k: os.environ.get(k) for k in ENV_VARS}
+
+
+def pin_xdist_worker() -> str | None:
+    """Under pytest-xdist, pin worker gwN to GPU N (mod the GPU count) before CUDA starts in it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get("SD_VRAM_PINNED_GPU"):
+        return os.environ.get("SD_VRAM_PINNED_GPU")
+    try:
+        idx = int(worker.lstrip("gw"))
+    except ValueError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        try:                       # UUIDs: CUDA's device order need not be NVML's
+            import pynvml
+
+            pynvml.nvmlInit()
+            devices = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                devices.append(u.decode() if isinstance(u, bytes) else u)
+        except Exception:
+            return None
+    if not devices:
+        return None
+    dev = devices[idx % len(devices)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = dev
+    os.environ["SD_VRAM_PINNED_GPU"] = dev
+    return dev
+
