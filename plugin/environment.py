@@ -3,7 +3,8 @@ package versions, the environment variables that change the allocator, cuBLAS, c
 order), and the GPU an xdist worker is pinned to.
 
 One home for these facts, shared by the backends (backends.py, gpu.py), the suite (pytest_plugin.py)
-and the device tasks (conv_probe.py); it imports nothing of the project but sd_vram's version.
+and the device tasks (conv_probe.py: cuda_environment, fake_environment). torch only inside
+cuda_environment.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+
+from .archive import gpu_slug
 
 DISTRIBUTIONS = ("torch", "diffusers", "transformers", "accelerate", "nvidia-ml-py", "sd-vram")
 
@@ -38,6 +41,36 @@ def versions() -> dict:
 def env_vars() -> dict:
     """{name: value or None} for ENV_VARS."""
     return {k: os.environ.get(k) for k in ENV_VARS}
+
+
+def cuda_environment() -> dict:
+    """The conv probe's record of the CUDA stack and device (results/README.md, conv_probe)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    env = {"backend": "cuda", **versions(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "cudnn_enabled": torch.backends.cudnn.enabled, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+           "cudnn_deterministic": torch.backends.cudnn.deterministic,
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "env": env_vars(),
+           "gpu": {"name": props.name, "slug": gpu_slug(props.name), "compute_capability": f"{props.major}.{props.minor}",
+                   "total_memory_bytes": props.total_memory, "multi_processor_count": props.multi_processor_count}}
+    try:                                     # the driver version is NVML's; optional here
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        env["driver"] = v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:
+        env["driver"] = None
+    return env
+
+
+def fake_environment() -> dict:
+    """cuda_environment's stand-in for the CPU rehearsal."""
+    name = "FAKE GPU 80GB"
+    return {"backend": "fake", **versions(), "cuda": None, "cudnn": None, "driver": None, "env": env_vars(),
+            "gpu": {"name": name, "slug": gpu_slug(name), "compute_capability": "0.0", "total_memory_bytes": 80 << 30,
+                    "multi_processor_count": 0}}
 
 
 def pin_xdist_worker() -> str | None:
