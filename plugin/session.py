@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from . import archive as arch
+from .backends import Backend, make_backend
 from .cases import Catalogue, CatalogueError, load_catalogue, matches, split_list
 from .checks import allocator_variant, evaluate, expectation, known_gap, match_profile, mib, predict
 from .table import PROPERTY
@@ -80,8 +81,8 @@ class SuiteState:
             self.catalogue_error = f"no case catalogue at {cat_path} (--catalogue PATH)"
         self.monitor = None
         self.interrupted = False               # set by pytest_sessionfinish
-        self._backend = None
-        self._backend_error = None
+        self._backend: Backend | None = None
+        self._backend_error: str | None = None
         self._archive = None
         self.short: dict[str, dict] = {}       # case name -> record of its short run
         self.timings: list[tuple[float, float]] = []   # (case cost, wall seconds) of the calls that ran
@@ -156,10 +157,8 @@ class SuiteState:
             pytest.skip(f"time budget exhausted ({left:.0f} s left{', ' + what if what else ''})")
 
     # -- backend and archive
-    def backend(self):
+    def backend(self) -> Backend:
         if self._backend is None and self._backend_error is None:
-            from .backends import make_backend
-
             try:
                 self._backend = make_backend(self.backend_name, monitor=self.monitor, model=self.model,
                                              fake_spec=self.config.getoption("sd_fake_measurements"))
