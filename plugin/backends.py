@@ -1,7 +1,7 @@
 """Measurement backends: "cuda" (plugin/gpu.py, real GPU) and "fake" (CPU; tests and dry runs).
 
-A backend measures one case at a time and returns a measurement dict (results/README.md,
-"measurement"). The fake backend lets the plugin's own tests and `DRY=1
+A backend (the Backend protocol below) measures one case at a time and returns a Measurement,
+the dict archived as a case's "measurement" (results/README.md). The fake backend lets the plugin's own tests and `DRY=1
 scripts/gpu_validate.sh` exercise everything but the GPU: its numbers come from a JSON spec
 (--sd-fake-measurements) or from a crude size model that has nothing to do with the equation.
 """
@@ -10,45 +10,74 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import platform
 import time
 from pathlib import Path
+from typing import Literal, Protocol, TypedDict
 
 from .archive import gpu_slug
 from .checks import QUANTITIES
+from .environment import env_vars, versions
 
 GiB = 1 << 30
-STAGE_ORDER = ("setup", "text_encoder", "vae_encode", "unet", "vae_decode", "safety_checker")
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "diffusers", "transformers", "accelerate", "nvidia-ml-py", "sd-vram"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    if out["sd-vram"] is None:     # run from a checkout without install (scripts/gpu_validate.sh)
-        try:
-            import sd_vram
-
-            out["sd-vram"] = getattr(sd_vram, "__version__", None)
-        except ImportError:
-            pass
-    return out
+class StagePeak(TypedDict):
+    allocated_bytes: int
+    reserved_bytes: int
 
 
-ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_MODULE_LOADING", "CUBLAS_WORKSPACE_CONFIG",
-            "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT",
-            "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE", "TORCH_CUDNN_SDPA_DEPRIORITIZED",
-            "PYTEST_XDIST_WORKER")
+class Measurement(TypedDict, total=False):
+    """One call as measured: the archive's "measurement" (results/README.md). A call that failed
+    ("oom", "error") may lack the peaks; the fake backend leaves out what only a GPU knows."""
+
+    status: Literal["ok", "oom", "error"]
+    error: str | None
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    peak_stage: str | None
+    stages: dict[str, StagePeak]
+    stage_order: list[str]
+    stage_seconds: dict[str, float]
+    peak_device_bytes: int | None
+    peak_device_v1_bytes: int | None
+    peak_device_v2_bytes: int | None
+    peak_process_bytes: int | None
+    nvml_samples: int
+    resident_allocated_bytes: int
+    resident_reserved_bytes: int
+    capacity_bytes: int | None
+    context_bytes_before: int | None
+    sdpa: list[dict]
+    num_alloc_retries: int
+    num_ooms: int
+    num_device_alloc: int
+    num_device_free: int
+    unet_evals: int
+    allocated_after_bytes: int
+    wall_s: float
 
 
-def env_vars() -> dict:
-    return {k: os.environ.get(k) for k in ENV_VARS}
+class Backend(Protocol):
+    """What the suite (session.py) and the device tasks need of a measurement backend."""
+
+    name: str                  # "cuda" | "fake"
+    wants_image: bool          # measure() needs the case's image (else only its size)
+    gpu: dict                  # the archive's "gpu": name, slug, uuid, total_memory_bytes, ...
+    environment: dict          # the archive's "environment" (environment.py's versions and env vars, ...)
+    hardware: dict             # the archive's "hardware": per-process constants measured once
+    warmup: list[dict]         # the archive's "warmup": the calls run before the first case
+
+    def capacity(self) -> int | None:
+        """Bytes the caching allocator could reserve now (free device memory + reserved)."""
+
+    def limit(self, capacity: int | None) -> None:
+        """Let the allocator reserve at most `capacity` bytes (None: the whole device)."""
+
+    def measure(self, case, image=None, around_call=None, size=None) -> Measurement:
+        """Run one case's call; around_call wraps the call itself, size is (height, width)."""
+
+    def close(self) -> None:
+        """Release the pipeline and the device memory."""
 
 
 class FakeBackend:
@@ -76,6 +105,7 @@ class FakeBackend:
             "cublaslt_extra_allocated_bytes": 0, "weights_allocated_bytes": 2_200_000_000,
             "context_after_warmup_bytes": 610 << 20,
         })
+        self.warmup: list[dict] = []     # nothing to warm up
         self.calls: list[str] = []       # case ids measured, in order (tests read it)
         self.recoveries = 0
 
@@ -104,7 +134,7 @@ class FakeBackend:
                 stages["safety_checker"] = weights + 120_000_000 + px * 6
         return stages
 
-    def measure(self, case, image=None, around_call=None, size=None) -> dict:
+    def measure(self, case, image=None, around_call=None, size=None) -> Measurement:
         t0 = time.perf_counter()
         self.calls.append(case.id)
         height, width = size or (case.height, case.width)
@@ -113,7 +143,7 @@ class FakeBackend:
                   for k, v in self._model(case, height, width).items()}
         with around_call() if around_call else contextlib.nullcontext():
             pass
-        m = {"status": "ok", "error": None, "stages": stages, "stage_order": list(stages),
+        m: Measurement = {"status": "ok", "error": None, "stages": stages, "stage_order": list(stages),
              "resident_allocated_bytes": stages["setup"]["allocated_bytes"] - 10_000_000,
              "resident_reserved_bytes": stages["setup"]["reserved_bytes"] - 10_000_000,
              "capacity_bytes": self._capacity, "context_bytes_before": 600 << 20,
@@ -143,7 +173,7 @@ class FakeBackend:
         pass
 
 
-def make_backend(name: str, **kwargs):
+def make_backend(name: str, **kwargs) -> Backend:
     if name == "fake":
         return FakeBackend(kwargs.get("fake_spec"))
     if name == "cuda":

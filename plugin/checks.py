@@ -1,9 +1,14 @@
-"""Predictions (the current equation) against measurements: bands, OOM expectation, messages."""
+"""The verdict on one case: the prediction (the current equation) against the measurement, each
+quantity within its band, the OOM expectation, the message, and the known gaps (results/known_gaps.toml)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cases import tomllib
 
 MiB = 1 << 20
 QUANTITIES = ("peak_allocated", "peak_reserved", "peak_device")
@@ -32,34 +37,10 @@ def _norm(s: str) -> str:
 
 
 def profile_names() -> list[str]:
-    """GPU profiles the equation knows (formula/profiles/*.json or gpu_profiles' own list)."""
-    names: set[str] = set()
-    try:
-        from sd_vram.formula import gpu_profiles  # written by the lead; optional here
-    except ImportError:
-        gpu_profiles = None
-    if gpu_profiles is not None:
-        for attr in ("PROFILES", "profiles"):
-            obj = getattr(gpu_profiles, attr, None)
-            if callable(obj):
-                try:
-                    obj = obj()
-                except Exception:
-                    obj = None
-            if isinstance(obj, dict):
-                names.update(map(str, obj))
-            elif isinstance(obj, (list, tuple, set)):
-                names.update(getattr(p, "name", p) for p in obj)
-    try:
-        from importlib import resources
+    """The bundled GPU profiles the equation knows (formula/profiles/*.json), less "default"."""
+    from sd_vram.formula import gpu_profiles
 
-        folder = resources.files("sd_vram.formula").joinpath("profiles")
-        if folder.is_dir():
-            names.update(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
-    except Exception:
-        pass
-    names.discard("default")
-    return sorted(names)
+    return sorted(n for n in gpu_profiles.profiles() if n != "default")
 
 
 def match_profile(gpu_name: str | None) -> str | None:
@@ -67,18 +48,11 @@ def match_profile(gpu_name: str | None) -> str | None:
     profile whose name appears in the GPU's name (longest), else None (the default profile)."""
     if not gpu_name:
         return None
-    try:
-        from sd_vram.formula import gpu_profiles
-    except ImportError:
-        gpu_profiles = None
-    fn = getattr(gpu_profiles, "for_device", None)
-    if callable(fn):
-        try:
-            r = fn(gpu_name)
-        except Exception:
-            r = None
-        if r and r != "default":
-            return getattr(r, "name", r)
+    from sd_vram.formula import gpu_profiles
+
+    exact = gpu_profiles.for_device(gpu_name)
+    if exact != "default":
+        return exact
     g = _norm(gpu_name)
     hits = [n for n in profile_names() if _norm(n) and _norm(n) in g]
     return max(hits, key=lambda n: len(_norm(n))) if hits else None
@@ -88,12 +62,6 @@ def allocator_variant(env_vars: dict) -> str:
     """'default' or 'expandable_segments': the equation models the default caching allocator."""
     conf = ",".join(str(env_vars.get(k) or "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
     return "expandable_segments" if re.search(r"expandable_segments\s*:\s*true", conf, re.I) else "default"
-
-
-def asserted_quantities(variant: str) -> tuple[str, ...]:
-    # The equation models both allocator settings (Options.expandable_segments), so every
-    # quantity is asserted for either.
-    return QUANTITIES
 
 
 @dataclass
@@ -115,8 +83,9 @@ class Check:
                 f"error {self.error:+.2%}, band ±{self.band:.1%}  {verdict}")
 
 
-def compare(prediction: dict, measurement: dict, bands: dict, asserted=QUANTITIES) -> tuple[list[Check], dict]:
-    """Each quantity's relative error against its band, and the stage comparison."""
+def compare(prediction: dict, measurement: dict, bands: dict) -> tuple[list[Check], dict]:
+    """Each quantity's relative error against its band, and the stage comparison. Every measured
+    quantity is asserted (the equation models both allocator settings); one not measured is shown only."""
     checks = []
     for q in QUANTITIES:
         p, m = prediction.get(q + "_bytes"), measurement.get(q + "_bytes")
@@ -124,17 +93,13 @@ def compare(prediction: dict, measurement: dict, bands: dict, asserted=QUANTITIE
             checks.append(Check(q, p, m, None, bands[q], ok=True, asserted=False))
             continue
         if p is None:
-            checks.append(Check(q, p, m, None, bands[q], ok=False, asserted=q in asserted))
+            checks.append(Check(q, p, m, None, bands[q], ok=False, asserted=True))
             continue
         err = (p - m) / m
-        checks.append(Check(q, p, m, err, bands[q], ok=abs(err) <= bands[q], asserted=q in asserted))
+        checks.append(Check(q, p, m, err, bands[q], ok=abs(err) <= bands[q], asserted=True))
     stage = {"predicted": prediction.get("peak_stage"), "measured": measurement.get("peak_stage")}
     stage["ok"] = stage["predicted"] == stage["measured"]
     return checks, stage
-
-
-def failures(checks: list[Check], stage: dict) -> bool:
-    return any(c.asserted and not c.ok for c in checks) or not stage["ok"]
 
 
 def report(title: str, checks: list[Check], stage: dict) -> str:
@@ -160,3 +125,55 @@ def expectation(prediction: dict | None, capacity: int | None, band: float) -> s
 
 def checks_to_dict(checks: list[Check]) -> dict:
     return {c.quantity: {k: v for k, v in asdict(c).items() if k != "quantity"} for c in checks}
+
+
+def evaluate(rec: dict, bands: dict, gpu_name: str | None, title: str | None = None) -> None:
+    """Fill rec's errors, stage, outcome ('pass', 'fail', 'oom-expected') and message."""
+    pred, meas, expect = rec.get("prediction"), rec["measurement"], rec.get("expectation", "fit")
+    title = title or f"{rec['id']} on {gpu_name}"
+    rec["errors"], rec["stage"] = {}, None
+    cap = rec.get("capacity_bytes") or meas.get("capacity_bytes")
+    if pred is None:
+        rec["outcome"], rec["message"] = "fail", f"{title}: the equation failed: {rec.get('prediction_error')}"
+        return
+    need = pred.get("peak_reserved_bytes")
+    if meas.get("status") == "error":
+        rec["outcome"], rec["message"] = "fail", f"{title}: the call failed: {meas.get('error')}"
+    elif meas.get("status") == "oom":
+        if expect in ("oom", "either"):
+            rec["outcome"] = "oom-expected"
+            rec["message"] = (f"{title}: out of memory, as predicted (peak_reserved {mib(need)} MiB, "
+                              f"the device could hold {mib(cap)} MiB)")
+        else:
+            rec["outcome"] = "fail"
+            rec["message"] = (f"{title}: ran out of memory, but the equation says it fits: predicted peak_reserved "
+                              f"{mib(need)} MiB, the device could hold {mib(cap)} MiB\n  "
+                              + str(meas.get("error") or "").splitlines()[0][:300])
+    else:
+        checks, stage = compare(pred, meas, bands)
+        rec["errors"], rec["stage"] = checks_to_dict(checks), stage
+        if expect == "oom":
+            rec["outcome"] = "fail"
+            rec["message"] = (f"{title}: the equation says it cannot fit (peak_reserved {mib(need)} MiB > "
+                              f"{mib(cap)} MiB the device could hold) but it ran\n" + report(title, checks, stage))
+        else:
+            bad = any(c.asserted and not c.ok for c in checks) or not stage["ok"]
+            rec["outcome"] = "fail" if bad else "pass"
+            rec["message"] = report(title, checks, stage)
+
+
+@functools.lru_cache(maxsize=None)
+def _known_gaps(path: Path) -> tuple:
+    """The entries of results/known_gaps.toml (read once per run, not once per archived case)."""
+    if not path.exists():
+        return ()
+    return tuple(tomllib.loads(path.read_text(encoding="utf-8")).get("gap", []))
+
+
+def known_gap(root, case_id: str, variant: str) -> dict | None:
+    """The entry of results/known_gaps.toml for this archived case and allocator, if any."""
+    for gap in _known_gaps(Path(root) / "results" / "known_gaps.toml"):
+        if gap.get("case") == case_id and gap.get("allocator", "default") == variant:
+            return gap
+    return None
+

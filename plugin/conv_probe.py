@@ -37,6 +37,8 @@ from pathlib import Path
 from sd_vram.formula.allocator import block_bytes
 from sd_vram.formula.files import write_text_atomic
 
+from .environment import cuda_environment, fake_environment
+
 SCHEMA = "sd-vram/conv-probe/1"
 DEFAULT_SIZES = "64x64,128x128,256x256,512x512,640x427,1024x1024,2048x2048"
 PROMPT = "a photo of a red bicycle leaning against a weathered brick wall"
@@ -325,31 +327,7 @@ def run_probe(pipe, sizes, meter, on_size=None, deadline: float | None = None, d
     return result
 
 
-# --- environments and backends --------------------------------------------------------------------
-
-def cuda_environment() -> dict:
-    import torch
-
-    from .archive import gpu_slug
-    from .backends import env_vars, versions
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    env = {"backend": "cuda", **versions(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-           "cudnn_enabled": torch.backends.cudnn.enabled, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-           "cudnn_deterministic": torch.backends.cudnn.deterministic,
-           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "env": env_vars(),
-           "gpu": {"name": props.name, "slug": gpu_slug(props.name), "compute_capability": f"{props.major}.{props.minor}",
-                   "total_memory_bytes": props.total_memory, "multi_processor_count": props.multi_processor_count}}
-    try:                                     # the driver version is NVML's; optional here
-        import pynvml
-
-        pynvml.nvmlInit()
-        v = pynvml.nvmlSystemGetDriverVersion()
-        env["driver"] = v.decode() if isinstance(v, bytes) else str(v)
-    except Exception:
-        env["driver"] = None
-    return env
-
+# --- the tiny pipeline of the CPU rehearsal ------------------------------------------------------
 
 # Tiny SD-shaped models for the CPU rehearsal: the VAE still downsamples 8x, there is no
 # attention over full-resolution tokens, so 2048x2048 runs in seconds.
@@ -386,16 +364,6 @@ def build_fake_pipeline():
     cfg = {**models.sd15_config(), **FAKE_CONFIG}
     with mock.patch.object(models, "sd15_config", lambda: cfg):
         return models.build_pipeline("cpu", dtype=torch.float32)
-
-
-def fake_environment() -> dict:
-    from .archive import gpu_slug
-    from .backends import env_vars, versions
-
-    name = "FAKE GPU 80GB"
-    return {"backend": "fake", **versions(), "cuda": None, "cudnn": None, "driver": None, "env": env_vars(),
-            "gpu": {"name": name, "slug": gpu_slug(name), "compute_capability": "0.0", "total_memory_bytes": 80 << 30,
-                    "multi_processor_count": 0}}
 
 
 # --- output -------------------------------------------------------------------------------------

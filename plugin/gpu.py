@@ -19,8 +19,8 @@ import time
 from sd_vram.formula.allocator import block_bytes
 
 from .archive import gpu_slug
-from .backends import env_vars, versions
 from .cases import Case
+from .environment import env_vars, versions
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "math": "MATH"}
@@ -229,6 +229,7 @@ class CudaBackend:
         self.model = model
         self.dtype = dtype or torch.float16     # fp16 is what the equation predicts; tests on CPU use fp32
         self.hardware: dict = {}
+        self.warmup: list[dict] = []
         t0 = time.perf_counter()
         self._init_cuda()
         self._build(model)
@@ -388,6 +389,7 @@ class CudaBackend:
             s.counter = 0
 
     def measure(self, case: Case, image, around_call=None, size=None) -> dict:
+        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement")."""
         torch = self.torch
         cuda = torch.cuda
         from sd_vram.stages import stage_hooks

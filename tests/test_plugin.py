@@ -327,7 +327,7 @@ def test_full_call_alone_measures_the_short_run_first(suite, calls):
 
 
 def test_full_call_time_is_foreseen_from_the_short_runs_unet_stage():
-    from sd_vram.plugin.pytest_plugin import full_call_seconds
+    from sd_vram.plugin.session import full_call_seconds
 
     # 10 s short run with 5 UNet evaluations taking 5 s: 36 more at 1 s each, 10% margin, 3 s
     assert full_call_seconds({"wall_s": 10.0, "stage_seconds": {"unet": 5.0}}, 5, 41) == pytest.approx(52.6)
@@ -448,7 +448,7 @@ def test_compare_cli(suite, calls, capsys):
 @pytest.mark.parametrize("worker, visible, expect", [("gw0", "0,1", "0"), ("gw3", "0,1", "1"),
                                                      ("gw1", "GPU-a,GPU-b,GPU-c", "GPU-b")])
 def test_xdist_worker_pinned_to_a_gpu(monkeypatch, worker, visible, expect):
-    from sd_vram.plugin.pytest_plugin import pin_xdist_worker
+    from sd_vram.plugin.environment import pin_xdist_worker
 
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
