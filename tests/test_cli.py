@@ -103,7 +103,7 @@ def test_estimate_table(capsys):
                   "peak allocated"):
         assert label in out
     assert "GiB" in out or "MiB" in out
-    from sd_vram.cli import _label, fmt_bytes
+    from sd_vram.output import fmt_bytes, label as _label
 
     for key, value in est.breakdown.items():
         if key not in ("allocator_overhead", "cuda_context"):   # those have their own lines
