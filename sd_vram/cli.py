@@ -23,6 +23,7 @@ from pathlib import Path
 from sd_vram.formula import InputError, Options
 from sd_vram.formula.report import SEEDS
 from sd_vram.formula.tokenizer import MAX_PROMPT_TOKENS
+from sd_vram.option_flags import add_option_flags, option_kwargs
 from sd_vram.output import (format_compare, format_estimate, format_max_size, format_simulation, format_verdict,
                             truncation_warning)
 
@@ -34,7 +35,6 @@ PROG = "sd-vram"
 SEED_CASES = {name: {"width": w, "height": h, "prompt_length": n} for name, w, h, n in SEEDS}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
 _OPTION_FIELDS = {f.name for f in fields(Options)}
-_DEFAULTS = Options()
 
 
 class CliError(Exception):
@@ -127,18 +127,6 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"a prompt length cannot be negative, got {v}")
-    return v
-
-
-def _slicing(text: str):
-    if text in ("auto", "max"):
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, max or a positive slice size, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"the slice size must be positive, got {v}")
     return v
 
 
@@ -273,31 +261,6 @@ def compare_rows(est, options: Options, prompt_length) -> list[dict]:
 # Commands
 # --------------------------------------------------------------------------------------------
 
-def _option_kwargs(args) -> dict:
-    """The Options fields given on the command line (the rest keep Options' defaults)."""
-    kw = {}
-    for name in ("guidance_scale", "num_images_per_prompt", "strength", "attention",
-                 "attention_slicing", "output_type"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    if getattr(args, "steps", None) is not None:
-        kw["num_inference_steps"] = args.steps
-    if getattr(args, "vae_slicing", False):
-        kw["vae_slicing"] = True
-    if getattr(args, "vae_tiling", False):
-        kw["vae_tiling"] = True
-    if getattr(args, "no_safety_checker", False):
-        kw["safety_checker"] = False
-    if getattr(args, "expandable_segments", False):
-        kw["expandable_segments"] = True
-    if getattr(args, "alloc_conf", None):
-        kw["alloc_conf"] = args.alloc_conf
-    if getattr(args, "gpu_profile", None) is not None:
-        kw["gpu"] = args.gpu_profile
-    return kw
-
-
 def _prompt_kwargs(args, case: dict) -> dict:
     if args.prompt is not None:
         return {"prompt": args.prompt}
@@ -314,7 +277,7 @@ def cmd_estimate(args) -> int:
     from sd_vram.formula import equation  # the module attribute, so tests can substitute estimate
 
     case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **_option_kwargs(args)}
+    opts = {**case.get("options", {}), **option_kwargs(args)}
     options = Options(**opts)  # validates before the equation runs
     prompt = _prompt_kwargs(args, case)
     vram, read_as = parse_budget(args.vram) if args.vram is not None else (None, "")
@@ -360,7 +323,7 @@ def cmd_max_size(args) -> int:
 
     budget, read_as = parse_budget(args.vram)
     aspect = parse_aspect(args.aspect)
-    opts = _option_kwargs(args)
+    opts = option_kwargs(args)
     options = Options(**opts)
     found = search(budget, aspect=aspect, quantity=args.quantity, **opts)
     fallback = None if found.fallback_height is None else {"width": found.fallback_width, "height": found.fallback_height}
@@ -381,7 +344,7 @@ def cmd_max_size(args) -> int:
 
 def cmd_simulate(args) -> int:
     case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **_option_kwargs(args)}
+    opts = {**case.get("options", {}), **option_kwargs(args)}
     Options(**opts)
     prompt = _prompt_kwargs(args, case)
     try:
@@ -440,37 +403,6 @@ def cmd_compare(args) -> int:
 # Parser
 # --------------------------------------------------------------------------------------------
 
-def _add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pipeline options (defaults are diffusers')")
-    g.add_argument("--guidance-scale", type=float, metavar="X",
-                   help=f"classifier-free guidance scale; > 1 doubles the UNet batch (default {_DEFAULTS.guidance_scale:g})")
-    g.add_argument("--num-images-per-prompt", type=int, metavar="N",
-                   help=f"images per prompt (default {_DEFAULTS.num_images_per_prompt})")
-    g.add_argument("--strength", type=float, metavar="S", help=f"img2img strength in [0, 1] (default {_DEFAULTS.strength:g})")
-    g.add_argument("--steps", type=int, metavar="N",
-                   help=f"num_inference_steps (default {_DEFAULTS.num_inference_steps})")
-    g.add_argument("--attention", choices=["auto", "cudnn", "flash", "efficient", "math"],
-                   help="SDPA backend: auto picks as PyTorch does on the GPU (default auto)")
-    g.add_argument("--attention-slicing", type=_slicing, metavar="{auto,max,N}",
-                   help="pipe.enable_attention_slicing(...) (default off)")
-    g.add_argument("--vae-slicing", action="store_true", help="pipe.enable_vae_slicing()")
-    g.add_argument("--vae-tiling", action="store_true", help="pipe.enable_vae_tiling()")
-    g.add_argument("--no-safety-checker", action="store_true", help="load the pipeline with safety_checker=None")
-    g.add_argument("--output-type", choices=["pil", "np", "pt", "latent"],
-                   help="latent skips the VAE decode and the safety checker (default pil)")
-    g.add_argument("--expandable-segments", action="store_true",
-                   help="shorthand for --alloc-conf expandable_segments:True")
-    g.add_argument("--alloc-conf", metavar="CONF",
-                   help="PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
-                        "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
-                        "CUDACachingAllocator.cpp, not yet measured on a GPU")
-    from sd_vram.formula import gpu_profiles
-
-    g.add_argument("--gpu-profile", metavar="NAME|FILE",
-                   help="GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
-                        f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)")
-
-
 def _add_prompt(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="the prompt (counted with the exact CLIP tokenizer)")
@@ -490,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the peak GPU memory of one img2img call with the closed-form equation.")
     p.add_argument("image", metavar="IMAGE", help=image_help)
     _add_prompt(p)
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--vram", metavar="BUDGET", help="the card's memory: 8GiB or 8G (2^30 B), 8GB (10^9 B), "
                    "8192MiB; answers fits / fits with fallbacks / out of memory at an operation first")
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
@@ -503,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aspect", default="1:1", metavar="W:H", help="aspect ratio, width:height (default 1:1)")
     p.add_argument("--quantity", choices=["allocated", "reserved", "device"], default="device",
                    help="which peak must fit: torch allocated, torch reserved, or the device as NVML sees it (default device)")
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_max_size)
 
@@ -511,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay the real diffusers pipeline on fake CUDA tensors through a model of the caching allocator.")
     p.add_argument("image", metavar="IMAGE", help=image_help)
     _add_prompt(p)
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--timeline", metavar="FILE.png", help="write the memory timeline plot to this file")
     p.set_defaults(func=cmd_simulate)

@@ -144,6 +144,32 @@ def test_options_reach_the_equation(capsys, monkeypatch):
     assert seen["attention_slicing"] == 4 and "prompt" not in seen and "prompt_length" not in seen
 
 
+def test_every_options_field_has_a_flag():
+    """The flags are generated from sd_vram/option_flags.py's table: a new field of Options needs a row."""
+    from sd_vram.option_flags import missing_flags
+
+    missing = missing_flags()
+    assert not missing, f"Options fields without a command-line flag (add a row to sd_vram/option_flags.py): {missing}"
+
+
+def test_each_flag_sets_its_field(capsys, monkeypatch):
+    from dataclasses import fields as dc_fields
+
+    from sd_vram.option_flags import option_flags
+
+    seen = {}
+    monkeypatch.setattr(equation, "estimate", lambda h, w, **kw: (seen.update(kw), fake_estimate(h, w, **kw))[1])
+    values = {"attention": "math", "output_type": "latent", "attention_slicing": "max", "gpu": "h200",
+              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5"}
+    for f in option_flags():
+        seen.clear()
+        given = [f.flag] if f.switch is not None else [f.flag, values.get(f.field, "3")]
+        assert call(capsys, "estimate", "64x64", *given, "--json")[0] == 0, f.flag
+        assert list(seen) == [f.field], (f.flag, seen)
+        assert seen[f.field] != getattr(Options(), f.field), f.flag
+    assert {f.field for f in option_flags()} == {f.name for f in dc_fields(Options)}
+
+
 def test_truncation_warning(capsys):
     long_prompt = " ".join(["castle"] * 90)
     rc, out, err = call(capsys, "estimate", "640x427", "--prompt", long_prompt)
