@@ -17,7 +17,6 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from sd_vram.formula import InputError, Options
@@ -34,7 +33,6 @@ PROG = "sd-vram"
 # token counts (tests/test_tokenizer.py checks them), which is all the memory depends on.
 SEED_CASES = {name: {"width": w, "height": h, "prompt_length": n} for name, w, h, n in SEEDS}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
-_OPTION_FIELDS = {f.name for f in fields(Options)}
 
 
 class CliError(Exception):
@@ -146,40 +144,23 @@ def _catalogue_path() -> Path | None:
     return None
 
 
-def _load_catalogue() -> dict[str, dict]:
-    """Cases of cases/catalogue.toml by name ({} when it is absent or unreadable)."""
+def _load_catalogue() -> dict[str, tuple]:
+    """The catalogue's cases by lower-case name, each with the options it sets itself ({} without one);
+    read and validated by plugin/cases.py, so a broken catalogue is an error, not an empty one."""
     path = _catalogue_path()
     if path is None:
         return {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the built-in table is enough
-        return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    found: dict[str, dict] = {}
-    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    from sd_vram.plugin import cases
 
-    def walk(node):  # any table with a name, width and height is a case
-        if isinstance(node, dict):
-            if {"name", "width", "height"} <= node.keys():
-                case = {**node, "_images": path.parent / "images"}
-                if "prompt" not in case and defaults.get("prompt"):  # the catalogue's default prompt
-                    case["prompt"] = defaults["prompt"]
-                found[str(node["name"]).lower()] = case
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(data)
-    return found
+    catalogue = cases.load_catalogue(path)
+    # The CLI keeps diffusers' defaults where a case sets nothing: a case's own options are those
+    # that differ from what the catalogue's [defaults] (the suite's short call) gives every case.
+    suite = {**Options().to_dict(), **cases.tomllib.loads(path.read_text()).get("defaults", {}).get("options", {})}
+    return {c.name.lower(): (c, {k: v for k, v in c.options.items() if v != suite[k]}, catalogue.images_dir)
+            for c in catalogue.cases}
 
 
-def _catalogue_case(name: str, catalogue: dict[str, dict]) -> dict | None:
+def _catalogue_case(name: str, catalogue: dict[str, tuple]) -> tuple | None:
     """A case by its catalogue name, or a seed by its short name (balloon -> balloon-396x380)."""
     if name in catalogue:
         return catalogue[name]
@@ -208,20 +189,20 @@ def resolve_input(text: str) -> dict:
         return {"width": width, "height": height, "source": f"{text} ({width}x{height})"}
     name = text.strip().lower()
     catalogue = _load_catalogue()
-    case = _catalogue_case(name, catalogue)
-    if case is not None:
-        width, height, source = int(case["width"]), int(case["height"]), f"case {case['name']}"
-        image = case.get("image") and case["_images"] / str(case["image"])
-        if image and image.is_file():  # the suite uses the real image when it is there: its size wins
+    found = _catalogue_case(name, catalogue)
+    if found is not None:
+        case, options, images = found
+        width, height, source = case.width, case.height, f"case {case.name}"
+        image = case.image_path(images)
+        if image is not None:  # the suite uses the real image when it is there: its size wins
             from sd_vram.imagesize import image_size
 
             width, height = image_size(str(image))
             source += f" ({image.name})"
         out = {"width": width, "height": height, "source": f"{source}, {width}x{height}"}
-        if case.get("prompt"):
-            out["prompt"] = str(case["prompt"])
-        opts = case.get("options")
-        out["options"] = {k: v for k, v in opts.items() if k in _OPTION_FIELDS} if isinstance(opts, dict) else {}
+        if case.prompt:
+            out["prompt"] = case.prompt
+        out["options"] = options
         return out
     if name in SEED_CASES:
         return {**SEED_CASES[name], "source": f"seed case {name}"}

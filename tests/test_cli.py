@@ -232,6 +232,17 @@ def test_catalogue_cases_by_name(capsys, monkeypatch):
     assert seen["guidance_scale"] == 9.0
 
 
+def test_a_broken_catalogue_is_one_line(capsys, monkeypatch, tmp_path):
+    """The catalogue is read and validated by plugin/cases.py: a broken one is an error, not ignored."""
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "catalogue.toml").write_text('schema = "sd-vram/cases/0"\n')
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = call(capsys, "estimate", "balloon")
+    assert rc == 2 and not out
+    assert err.startswith("sd-vram: error: ") and "schema must be" in err and len(err.splitlines()) == 1
+    assert call(capsys, "estimate", "640x427")[0] == 0      # a size needs no catalogue
+
+
 # ------------------------------------------------------------------------------------------
 # image files
 # ------------------------------------------------------------------------------------------
