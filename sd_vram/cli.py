@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from sd_vram.formula import InputError, Options
 from sd_vram.formula.report import SEEDS
@@ -144,9 +145,17 @@ def _catalogue_path() -> Path | None:
     return None
 
 
-def _load_catalogue() -> dict[str, tuple]:
-    """The catalogue's cases by lower-case name, each with the options it sets itself ({} without one);
-    read and validated by plugin/cases.py, so a broken catalogue is an error, not an empty one."""
+class _NamedCase(NamedTuple):
+    """A catalogue case as the CLI runs it."""
+
+    case: object            # plugin.cases.Case
+    own_options: dict       # the options the case sets itself
+    images_dir: Path
+
+
+def _load_catalogue() -> dict[str, _NamedCase]:
+    """The catalogue's cases by lower-case name ({} without a catalogue); read and validated by
+    plugin/cases.py, so a broken catalogue is an error, not an empty one."""
     path = _catalogue_path()
     if path is None:
         return {}
@@ -156,11 +165,11 @@ def _load_catalogue() -> dict[str, tuple]:
     # The CLI keeps diffusers' defaults where a case sets nothing: a case's own options are those
     # that differ from what the catalogue's [defaults] (the suite's short call) gives every case.
     suite = {**Options().to_dict(), **cases.tomllib.loads(path.read_text()).get("defaults", {}).get("options", {})}
-    return {c.name.lower(): (c, {k: v for k, v in c.options.items() if v != suite[k]}, catalogue.images_dir)
+    return {c.name.lower(): _NamedCase(c, {k: v for k, v in c.options.items() if v != suite[k]}, catalogue.images_dir)
             for c in catalogue.cases}
 
 
-def _catalogue_case(name: str, catalogue: dict[str, tuple]) -> tuple | None:
+def _catalogue_case(name: str, catalogue: dict[str, _NamedCase]) -> _NamedCase | None:
     """A case by its catalogue name, or a seed by its short name (balloon -> balloon-396x380)."""
     if name in catalogue:
         return catalogue[name]
@@ -191,9 +200,9 @@ def resolve_input(text: str) -> dict:
     catalogue = _load_catalogue()
     found = _catalogue_case(name, catalogue)
     if found is not None:
-        case, options, images = found
+        case = found.case
         width, height, source = case.width, case.height, f"case {case.name}"
-        image = case.image_path(images)
+        image = case.image_path(found.images_dir)
         if image is not None:  # the suite uses the real image when it is there: its size wins
             from sd_vram.imagesize import image_size
 
@@ -202,7 +211,7 @@ def resolve_input(text: str) -> dict:
         out = {"width": width, "height": height, "source": f"{source}, {width}x{height}"}
         if case.prompt:
             out["prompt"] = case.prompt
-        out["options"] = options
+        out["options"] = found.own_options
         return out
     if name in SEED_CASES:
         return {**SEED_CASES[name], "source": f"seed case {name}"}
