@@ -307,7 +307,6 @@ def cmd_probe(args) -> int:
     return probe.run(args, resolve_input)
 
 
-
 def cmd_max_size(args) -> int:
     from sd_vram.formula.maxsize import search
 

@@ -1,8 +1,8 @@
 """The text the ``sd-vram`` commands print: byte counts, tables, an estimate, a verdict under a
 budget, the bounds, the estimators side by side, a max-size answer and a simulation's summary.
 
-Imports only sd_vram.formula (its Options and, lazily, the equation's remedies); the commands in
-cli.py compute, this module words the result.
+Imports only sd_vram.formula (Options, the tokenizer's limit and, lazily, the equation's
+remedies); the commands in cli.py compute, this module words the result.
 """
 
 from __future__ import annotations
@@ -112,14 +112,13 @@ def format_bounds(est) -> list[str]:
         return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
     out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
                f"{est.conv_workspace}); the peak lies"]
-    for key, label in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
-                       ("peak_device_bytes", "device")):
+    for key, quantity in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                          ("peak_device_bytes", "device")):
         lo, hi = b[key]
-        out.append(f"  {label:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
+        out.append(f"  {quantity:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
     out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
                "--gpu-profile NAME")
     return out
-
 
 
 def truncation_warning(est) -> str | None:
@@ -128,7 +127,6 @@ def truncation_warning(est) -> str | None:
         return (f"the prompt has {est.prompt_tokens} CLIP tokens; the pipeline keeps the first "
                 f"{MAX_PROMPT_TOKENS} ({MAX_PROMPT_TOKENS + 2} with BOS/EOS) and drops the rest")
     return None
-
 
 
 def format_compare(rows: list[dict], reference: int) -> str:
