@@ -17,22 +17,23 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 from sd_vram.formula import InputError, Options
 from sd_vram.formula.report import SEEDS
+from sd_vram.formula.tokenizer import MAX_PROMPT_TOKENS
+from sd_vram.option_flags import add_option_flags, option_kwargs
+from sd_vram.output import (format_compare, format_estimate, format_max_size, format_simulation, format_verdict,
+                            truncation_warning)
 
 PROG = "sd-vram"
-MAX_PROMPT_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 
 # The four seed cases (width x height as image tools write it). Their prompts live in
 # cases/catalogue.toml; without it the CLI knows only the sizes and the seed prompts' CLIP
 # token counts (tests/test_tokenizer.py checks them), which is all the memory depends on.
 SEED_CASES = {name: {"width": w, "height": h, "prompt_length": n} for name, w, h, n in SEEDS}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
-_OPTION_FIELDS = {f.name for f in fields(Options)}
-_DEFAULTS = Options()
 
 
 class CliError(Exception):
@@ -128,18 +129,6 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
-def _slicing(text: str):
-    if text in ("auto", "max"):
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, max or a positive slice size, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"the slice size must be positive, got {v}")
-    return v
-
-
 def _catalogue_path() -> Path | None:
     for folder in (Path.cwd(), Path(__file__).resolve().parent.parent):  # working folder, then the checkout
         path = folder / "cases" / "catalogue.toml"
@@ -156,40 +145,31 @@ def _catalogue_path() -> Path | None:
     return None
 
 
-def _load_catalogue() -> dict[str, dict]:
-    """Cases of cases/catalogue.toml by name ({} when it is absent or unreadable)."""
+class _NamedCase(NamedTuple):
+    """A catalogue case as the CLI runs it."""
+
+    case: object            # plugin.cases.Case
+    own_options: dict       # the options the case sets itself
+    images_dir: Path
+
+
+def _load_catalogue() -> dict[str, _NamedCase]:
+    """The catalogue's cases by lower-case name ({} without a catalogue); read and validated by
+    plugin/cases.py, so a broken catalogue is an error, not an empty one."""
     path = _catalogue_path()
     if path is None:
         return {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the built-in table is enough
-        return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    found: dict[str, dict] = {}
-    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    from sd_vram.plugin import cases
 
-    def walk(node):  # any table with a name, width and height is a case
-        if isinstance(node, dict):
-            if {"name", "width", "height"} <= node.keys():
-                case = {**node, "_images": path.parent / "images"}
-                if "prompt" not in case and defaults.get("prompt"):  # the catalogue's default prompt
-                    case["prompt"] = defaults["prompt"]
-                found[str(node["name"]).lower()] = case
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(data)
-    return found
+    catalogue = cases.load_catalogue(path)
+    # The CLI keeps diffusers' defaults where a case sets nothing: a case's own options are those
+    # that differ from what the catalogue's [defaults] (the suite's short call) gives every case.
+    suite = {**Options().to_dict(), **cases.tomllib.loads(path.read_text()).get("defaults", {}).get("options", {})}
+    return {c.name.lower(): _NamedCase(c, {k: v for k, v in c.options.items() if v != suite[k]}, catalogue.images_dir)
+            for c in catalogue.cases}
 
 
-def _catalogue_case(name: str, catalogue: dict[str, dict]) -> dict | None:
+def _catalogue_case(name: str, catalogue: dict[str, _NamedCase]) -> _NamedCase | None:
     """A case by its catalogue name, or a seed by its short name (balloon -> balloon-396x380)."""
     if name in catalogue:
         return catalogue[name]
@@ -218,20 +198,20 @@ def resolve_input(text: str) -> dict:
         return {"width": width, "height": height, "source": f"{text} ({width}x{height})"}
     name = text.strip().lower()
     catalogue = _load_catalogue()
-    case = _catalogue_case(name, catalogue)
-    if case is not None:
-        width, height, source = int(case["width"]), int(case["height"]), f"case {case['name']}"
-        image = case.get("image") and case["_images"] / str(case["image"])
-        if image and image.is_file():  # the suite uses the real image when it is there: its size wins
+    found = _catalogue_case(name, catalogue)
+    if found is not None:
+        case = found.case
+        width, height, source = case.width, case.height, f"case {case.name}"
+        image = case.image_path(found.images_dir)
+        if image is not None:  # the suite uses the real image when it is there: its size wins
             from sd_vram.imagesize import image_size
 
             width, height = image_size(str(image))
             source += f" ({image.name})"
         out = {"width": width, "height": height, "source": f"{source}, {width}x{height}"}
-        if case.get("prompt"):
-            out["prompt"] = str(case["prompt"])
-        opts = case.get("options")
-        out["options"] = {k: v for k, v in opts.items() if k in _OPTION_FIELDS} if isinstance(opts, dict) else {}
+        if case.prompt:
+            out["prompt"] = case.prompt
+        out["options"] = found.own_options
         return out
     if name in SEED_CASES:
         return {**SEED_CASES[name], "source": f"seed case {name}"}
@@ -242,127 +222,6 @@ def resolve_input(text: str) -> dict:
     more = f", or a case of {_catalogue_path()}" if catalogue else ""
     raise InputError(f"{text!r} is not WIDTHxHEIGHT (e.g. 640x427), an existing image file, "
                      f"a seed case ({', '.join(SEED_CASES)}){more}")
-
-
-# --------------------------------------------------------------------------------------------
-# Formatting
-# --------------------------------------------------------------------------------------------
-
-def fmt_bytes(n: float) -> str:
-    """Binary units with the unit: 1.23 GiB, 456.7 MiB, 12.0 KiB, 512 B."""
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n >= 1 << 40:
-        return f"{sign}{n / (1 << 40):,.2f} TiB"
-    if n >= 1 << 30:
-        return f"{sign}{n / (1 << 30):.2f} GiB"
-    if n >= 1 << 20:
-        return f"{sign}{n / (1 << 20):.1f} MiB"
-    if n >= 1 << 10:
-        return f"{sign}{n / (1 << 10):.1f} KiB"
-    return f"{sign}{int(n)} B"
-
-
-def _exact(n: int) -> str:
-    """Binary units and the exact byte count, for comparisons near a budget."""
-    return f"{fmt_bytes(n)} ({n:,} B)"
-
-
-def _table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(r):
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-_LABELS = {
-    "weights_unet": "UNet weights", "weights_vae": "VAE weights", "weights_text_encoder": "text encoder weights",
-    "weights_safety_checker": "safety checker weights", "cublas_workspace": "cuBLAS workspace",
-    "cudnn_workspace": "cuDNN workspace", "state": "state between stages (latents, embeddings, noise)",
-}
-
-
-def _label(key: str) -> str:
-    return _LABELS.get(key, key.replace("_", " "))
-
-
-def _options_line(o: Options) -> str:
-    cfg = f"CFG on, UNet batch {o.unet_batch}" if o.cfg else "CFG off"
-    parts = [f"guidance {o.guidance_scale:g} ({cfg})", f"{o.num_images_per_prompt} image(s)",
-             f"strength {o.strength:g}", _plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
-    if o.attention_slicing is not None:
-        parts.append(f"attention slicing {o.attention_slicing}")
-    if o.vae_slicing:
-        parts.append("VAE slicing")
-    if o.vae_tiling:
-        parts.append("VAE tiling")
-    parts.append("safety checker" if o.safety_checker else "no safety checker")
-    parts.append(f"output {o.output_type}")
-    if o.alloc_conf or o.expandable_segments:
-        parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
-    return ", ".join(parts)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def format_estimate(est, source: str, options: Options) -> str:
-    out = [f"sd-vram estimate: {source}"]
-    size = f"{est.width}x{est.height}"
-    out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
-    if est.prompt_tokens is not None:
-        out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
-    out.append(f"options: {_options_line(options)}")
-    out.append(f"GPU profile: {est.gpu_profile} (convolution workspaces: {est.conv_workspace})")
-    out.append("")
-    rows = []
-    for name, s in est.stages.items():
-        mark = "<- peak" if name == est.peak_stage else ""
-        rows.append([name, fmt_bytes(s.allocated), fmt_bytes(s.reserved), s.operation or "", mark])
-    out.append(_table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", "call peak"],
-                      right={1, 2}))
-    out.append("")
-    out.append(f"breakdown at the peak ({est.peak_stage}):")
-    alloc, res, dev = est.peak_allocated, est.peak_reserved, est.peak_device
-    b = dict(est.breakdown)
-    overhead = b.pop("allocator_overhead", res - alloc)
-    context = b.pop("cuda_context", dev - res)
-    rows = [[_label(k), fmt_bytes(v)] for k, v in b.items()]
-    rows.append(["= peak allocated (torch.cuda.max_memory_allocated)", fmt_bytes(alloc)])
-    rows.append(["allocator overhead (reserved - allocated)", fmt_bytes(overhead)])
-    rows.append(["= peak reserved (torch.cuda.max_memory_reserved)", fmt_bytes(res)])
-    rows.append(["CUDA context and libraries (device - reserved)", fmt_bytes(context)])
-    rows.append(["= peak device (nvidia-smi / NVML)", fmt_bytes(dev)])
-    out.append(_table(rows, ["component", "bytes"], right={1}))
-    out.extend(format_bounds(est))
-    return "\n".join(out)
-
-
-def format_bounds(est) -> list[str]:
-    """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
-    b = est.bounds
-    if not b or all(lo == hi for lo, hi in b.values()):
-        return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
-    out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
-               f"{est.conv_workspace}); the peak lies"]
-    for key, label in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
-                       ("peak_device_bytes", "device")):
-        lo, hi = b[key]
-        out.append(f"  {label:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
-    out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
-               "--gpu-profile NAME")
-    return out
-
-
-def _truncation_warning(est) -> str | None:
-    if est.prompt_tokens is not None and (est.truncated or est.prompt_tokens > MAX_PROMPT_TOKENS):
-        return (f"{PROG}: warning: the prompt has {est.prompt_tokens} CLIP tokens; the pipeline keeps the first "
-                f"{MAX_PROMPT_TOKENS} ({MAX_PROMPT_TOKENS + 2} with BOS/EOS) and drops the rest")
-    return None
 
 
 def _baseline_prompt_length(est, prompt_length) -> int:
@@ -388,39 +247,9 @@ def compare_rows(est, options: Options, prompt_length) -> list[dict]:
     return rows
 
 
-def format_compare(rows: list[dict], reference: int) -> str:
-    table = [[r["name"], fmt_bytes(r["bytes"]), f"{(r['bytes'] - reference) / reference:+.1%}", r["counts"]] for r in rows]
-    return _table(table, ["estimator", "predicted peak", "vs device", "what it counts"], right={1, 2})
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-
-def _option_kwargs(args) -> dict:
-    """The Options fields given on the command line (the rest keep Options' defaults)."""
-    kw = {}
-    for name in ("guidance_scale", "num_images_per_prompt", "strength", "attention",
-                 "attention_slicing", "output_type"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    if getattr(args, "steps", None) is not None:
-        kw["num_inference_steps"] = args.steps
-    if getattr(args, "vae_slicing", False):
-        kw["vae_slicing"] = True
-    if getattr(args, "vae_tiling", False):
-        kw["vae_tiling"] = True
-    if getattr(args, "no_safety_checker", False):
-        kw["safety_checker"] = False
-    if getattr(args, "expandable_segments", False):
-        kw["expandable_segments"] = True
-    if getattr(args, "alloc_conf", None):
-        kw["alloc_conf"] = args.alloc_conf
-    if getattr(args, "gpu_profile", None) is not None:
-        kw["gpu"] = args.gpu_profile
-    return kw
-
 
 def _prompt_kwargs(args, case: dict) -> dict:
     if args.prompt is not None:
@@ -438,7 +267,7 @@ def cmd_estimate(args) -> int:
     from sd_vram.formula import equation  # the module attribute, so tests can substitute estimate
 
     case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **_option_kwargs(args)}
+    opts = {**case.get("options", {}), **option_kwargs(args)}
     options = Options(**opts)  # validates before the equation runs
     prompt = _prompt_kwargs(args, case)
     vram, read_as = parse_budget(args.vram) if args.vram is not None else (None, "")
@@ -446,9 +275,9 @@ def cmd_estimate(args) -> int:
     est = equation.estimate(case["height"], case["width"], **prompt, **budget, **opts)
     fixes = (equation.suggestions(case["height"], case["width"], vram, **prompt, **opts)
              if est.boundary is not None and est.boundary.verdict != "fits" else [])
-    warning = _truncation_warning(est)
+    warning = truncation_warning(est)
     if warning:
-        print(warning, file=sys.stderr)
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if args.json:
         import json
 
@@ -478,47 +307,12 @@ def cmd_probe(args) -> int:
     return probe.run(args, resolve_input)
 
 
-def format_verdict(est, read_as: str, fixes) -> str:
-    """The answer under a budget, first: fits, fits with fallbacks, or where it runs out."""
-    from sd_vram.formula.equation import REMEDIES
-
-    b = est.boundary
-    of = f"of {fmt_bytes(b.vram)} (read as {read_as})"
-    if b.verdict == "fits":
-        lines = [f"fits: needs {fmt_bytes(b.peak_device)} {of}"]
-        if b.peak_device < est.peak_device:
-            lines.append(f"  the caching allocator releases its cached segments to make room (num_alloc_retries "
-                         f"{b.retries}), as PyTorch does before it runs out; {fmt_bytes(est.peak_device)} on a "
-                         "larger card")
-    elif b.verdict == "fits-with-fallback":
-        lo, hi = b.allocated_range
-        ops = "; ".join(sorted({f"{st}: {op}" for st, op in b.fallbacks}))
-        lines = [f"fits only with cuDNN fallbacks (slower) at {ops}",
-                 f"  {fmt_bytes(lo)} to {fmt_bytes(hi)} allocated {of}: cuDNN runs those convolutions with a "
-                 "smaller or no workspace (which engine is not measured)"]
-    else:
-        o = b.oom
-        lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
-                 f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
-                 f"  PyTorch would say: {o.message}"]
-    if b.verdict != "fits":
-        if fixes:
-            lines.append("makes it fit at full speed, each alone:")
-            lines += [f"  {how}: needs {fmt_bytes(e.boundary.peak_device)}" for how, e in fixes]
-        else:
-            lines.append("no single option of " + ", ".join(how for _, _, how in REMEDIES) +
-                         " makes it fit at full speed")
-    if b.verdict != "fits" or b.peak_device < est.peak_device:
-        lines.append("  (derived from PyTorch's out-of-memory path and cuDNN's fallback; not yet measured on a GPU)")
-    return "\n".join(lines)
-
-
 def cmd_max_size(args) -> int:
     from sd_vram.formula.maxsize import search
 
     budget, read_as = parse_budget(args.vram)
     aspect = parse_aspect(args.aspect)
-    opts = _option_kwargs(args)
+    opts = option_kwargs(args)
     options = Options(**opts)
     found = search(budget, aspect=aspect, quantity=args.quantity, **opts)
     fallback = None if found.fallback_height is None else {"width": found.fallback_width, "height": found.fallback_height}
@@ -533,21 +327,13 @@ def cmd_max_size(args) -> int:
                           "with_fallbacks": fallback, "gpu_profile": options.gpu,
                           "options": options.to_dict()}, indent=2))
         return 0
-    print(f"{found.width}x{found.height}")
-    print(f"the largest {aspect[0]}:{aspect[1]} image (sides multiples of 8) whose predicted peak {args.quantity} memory "
-          f"fits {_exact(budget)} ({read_as}) at full speed (GPU profile {options.gpu}):")
-    print(f"  {found.width}x{found.height} needs {_exact(found.peak)}")
-    print(f"  the next step, {found.next_width}x{found.next_height}, does not fit at full speed "
-          f"(its peak is {_exact(found.next_peak)} on a larger card)")
-    if fallback is not None:
-        print(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
-              "workspaces (slower; derived, not measured)")
+    print(format_max_size(found, aspect, args.quantity, budget, read_as, options.gpu))
     return 0
 
 
 def cmd_simulate(args) -> int:
     case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **_option_kwargs(args)}
+    opts = {**case.get("options", {}), **option_kwargs(args)}
     Options(**opts)
     prompt = _prompt_kwargs(args, case)
     try:
@@ -568,10 +354,7 @@ def cmd_simulate(args) -> int:
 
         print(json.dumps(d, indent=2, default=str))
         return 0
-    print(f"sd-vram simulate: {case['source']}")
-    rows = [[_label(k), fmt_bytes(v) if k.endswith("_bytes") and isinstance(v, (int, float)) else str(v)]
-            for k, v in d.items() if not isinstance(v, (dict, list))]
-    print(_table(rows, ["quantity", "value"], right={1}))
+    print(format_simulation(d, case["source"]))
     if args.timeline:
         print(f"timeline written to {args.timeline}")
     return 0
@@ -609,37 +392,6 @@ def cmd_compare(args) -> int:
 # Parser
 # --------------------------------------------------------------------------------------------
 
-def _add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pipeline options (defaults are diffusers')")
-    g.add_argument("--guidance-scale", type=float, metavar="X",
-                   help=f"classifier-free guidance scale; > 1 doubles the UNet batch (default {_DEFAULTS.guidance_scale:g})")
-    g.add_argument("--num-images-per-prompt", type=int, metavar="N",
-                   help=f"images per prompt (default {_DEFAULTS.num_images_per_prompt})")
-    g.add_argument("--strength", type=float, metavar="S", help=f"img2img strength in [0, 1] (default {_DEFAULTS.strength:g})")
-    g.add_argument("--steps", type=int, metavar="N",
-                   help=f"num_inference_steps (default {_DEFAULTS.num_inference_steps})")
-    g.add_argument("--attention", choices=["auto", "cudnn", "flash", "efficient", "math"],
-                   help="SDPA backend: auto picks as PyTorch does on the GPU (default auto)")
-    g.add_argument("--attention-slicing", type=_slicing, metavar="{auto,max,N}",
-                   help="pipe.enable_attention_slicing(...) (default off)")
-    g.add_argument("--vae-slicing", action="store_true", help="pipe.enable_vae_slicing()")
-    g.add_argument("--vae-tiling", action="store_true", help="pipe.enable_vae_tiling()")
-    g.add_argument("--no-safety-checker", action="store_true", help="load the pipeline with safety_checker=None")
-    g.add_argument("--output-type", choices=["pil", "np", "pt", "latent"],
-                   help="latent skips the VAE decode and the safety checker (default pil)")
-    g.add_argument("--expandable-segments", action="store_true",
-                   help="shorthand for --alloc-conf expandable_segments:True")
-    g.add_argument("--alloc-conf", metavar="CONF",
-                   help="PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
-                        "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
-                        "CUDACachingAllocator.cpp, not yet measured on a GPU")
-    from sd_vram.formula import gpu_profiles
-
-    g.add_argument("--gpu-profile", metavar="NAME|FILE",
-                   help="GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
-                        f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)")
-
-
 def _add_prompt(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="the prompt (counted with the exact CLIP tokenizer)")
@@ -659,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the peak GPU memory of one img2img call with the closed-form equation.")
     p.add_argument("image", metavar="IMAGE", help=image_help)
     _add_prompt(p)
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--vram", metavar="BUDGET", help="the card's memory: 8GiB or 8G (2^30 B), 8GB (10^9 B), "
                    "8192MiB; answers fits / fits with fallbacks / out of memory at an operation first")
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
@@ -672,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aspect", default="1:1", metavar="W:H", help="aspect ratio, width:height (default 1:1)")
     p.add_argument("--quantity", choices=["allocated", "reserved", "device"], default="device",
                    help="which peak must fit: torch allocated, torch reserved, or the device as NVML sees it (default device)")
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_max_size)
 
@@ -680,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Replay the real diffusers pipeline on fake CUDA tensors through a model of the caching allocator.")
     p.add_argument("image", metavar="IMAGE", help=image_help)
     _add_prompt(p)
-    _add_options(p)
+    add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--timeline", metavar="FILE.png", help="write the memory timeline plot to this file")
     p.set_defaults(func=cmd_simulate)

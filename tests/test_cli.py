@@ -103,7 +103,7 @@ def test_estimate_table(capsys):
                   "peak allocated"):
         assert label in out
     assert "GiB" in out or "MiB" in out
-    from sd_vram.cli import _label, fmt_bytes
+    from sd_vram.output import fmt_bytes, label as _label
 
     for key, value in est.breakdown.items():
         if key not in ("allocator_overhead", "cuda_context"):   # those have their own lines
@@ -142,6 +142,32 @@ def test_options_reach_the_equation(capsys, monkeypatch):
     seen.clear()
     assert call(capsys, "estimate", "800x533", "--attention-slicing", "4")[0] == 0
     assert seen["attention_slicing"] == 4 and "prompt" not in seen and "prompt_length" not in seen
+
+
+def test_every_options_field_has_a_flag():
+    """The flags are generated from sd_vram/option_flags.py's table: a new field of Options needs a row."""
+    from sd_vram.option_flags import missing_flags
+
+    missing = missing_flags()
+    assert not missing, f"Options fields without a command-line flag (add a row to sd_vram/option_flags.py): {missing}"
+
+
+def test_each_flag_sets_its_field(capsys, monkeypatch):
+    from dataclasses import fields as dc_fields
+
+    from sd_vram.option_flags import option_flags
+
+    seen = {}
+    monkeypatch.setattr(equation, "estimate", lambda h, w, **kw: (seen.update(kw), fake_estimate(h, w, **kw))[1])
+    values = {"attention": "math", "output_type": "latent", "attention_slicing": "max", "gpu": "h200",
+              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5"}
+    for f in option_flags():
+        seen.clear()
+        given = [f.flag] if f.switch is not None else [f.flag, values.get(f.field, "3")]
+        assert call(capsys, "estimate", "64x64", *given, "--json")[0] == 0, f.flag
+        assert list(seen) == [f.field], (f.flag, seen)
+        assert seen[f.field] != getattr(Options(), f.field), f.flag
+    assert {f.field for f in option_flags()} == {f.name for f in dc_fields(Options)}
 
 
 def test_truncation_warning(capsys):
@@ -204,6 +230,17 @@ def test_catalogue_cases_by_name(capsys, monkeypatch):
     # the command line wins over the case's options
     rc, out, err = call(capsys, "estimate", case["name"], "--guidance-scale", "9", "--json")
     assert seen["guidance_scale"] == 9.0
+
+
+def test_a_broken_catalogue_is_one_line(capsys, monkeypatch, tmp_path):
+    """The catalogue is read and validated by plugin/cases.py: a broken one is an error, not ignored."""
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "catalogue.toml").write_text('schema = "sd-vram/cases/0"\n')
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = call(capsys, "estimate", "balloon")
+    assert rc == 2 and not out
+    assert err.startswith("sd-vram: error: ") and "schema must be" in err and len(err.splitlines()) == 1
+    assert call(capsys, "estimate", "640x427")[0] == 0      # a size needs no catalogue
 
 
 # ------------------------------------------------------------------------------------------

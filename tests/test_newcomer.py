@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_vram.cli import fmt_bytes, main
+from sd_vram.cli import main
+from sd_vram.output import fmt_bytes
 from sd_vram.formula import InputError, estimate, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,190 @@
+"""The text the ``sd-vram`` commands print: byte counts, tables, an estimate, a verdict under a
+budget, the bounds, the estimators side by side, a max-size answer and a simulation's summary.
+
+Imports only sd_vram.formula (Options, the tokenizer's limit and, lazily, the equation's
+remedies); the commands in cli.py compute, this module words the result.
+"""
+
+from __future__ import annotations
+
+from sd_vram.formula import Options
+from sd_vram.formula.tokenizer import MAX_PROMPT_TOKENS
+
+
+def fmt_bytes(n: float) -> str:
+    """Binary units with the unit: 1.23 GiB, 456.7 MiB, 12.0 KiB, 512 B."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= 1 << 40:
+        return f"{sign}{n / (1 << 40):,.2f} TiB"
+    if n >= 1 << 30:
+        return f"{sign}{n / (1 << 30):.2f} GiB"
+    if n >= 1 << 20:
+        return f"{sign}{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{sign}{n / (1 << 10):.1f} KiB"
+    return f"{sign}{int(n)} B"
+
+
+def exact(n: int) -> str:
+    """Binary units and the exact byte count, for comparisons near a budget."""
+    return f"{fmt_bytes(n)} ({n:,} B)"
+
+
+def table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r):
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+LABELS = {
+    "weights_unet": "UNet weights", "weights_vae": "VAE weights", "weights_text_encoder": "text encoder weights",
+    "weights_safety_checker": "safety checker weights", "cublas_workspace": "cuBLAS workspace",
+    "cudnn_workspace": "cuDNN workspace", "state": "state between stages (latents, embeddings, noise)",
+}
+
+
+def label(key: str) -> str:
+    return LABELS.get(key, key.replace("_", " "))
+
+
+def options_line(o: Options) -> str:
+    cfg = f"CFG on, UNet batch {o.unet_batch}" if o.cfg else "CFG off"
+    parts = [f"guidance {o.guidance_scale:g} ({cfg})", f"{o.num_images_per_prompt} image(s)",
+             f"strength {o.strength:g}", plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
+    if o.attention_slicing is not None:
+        parts.append(f"attention slicing {o.attention_slicing}")
+    if o.vae_slicing:
+        parts.append("VAE slicing")
+    if o.vae_tiling:
+        parts.append("VAE tiling")
+    parts.append("safety checker" if o.safety_checker else "no safety checker")
+    parts.append(f"output {o.output_type}")
+    if o.alloc_conf or o.expandable_segments:
+        parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
+    return ", ".join(parts)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def format_estimate(est, source: str, options: Options) -> str:
+    out = [f"sd-vram estimate: {source}"]
+    size = f"{est.width}x{est.height}"
+    out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
+    if est.prompt_tokens is not None:
+        out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
+    out.append(f"options: {options_line(options)}")
+    out.append(f"GPU profile: {est.gpu_profile} (convolution workspaces: {est.conv_workspace})")
+    out.append("")
+    rows = []
+    for name, s in est.stages.items():
+        mark = "<- peak" if name == est.peak_stage else ""
+        rows.append([name, fmt_bytes(s.allocated), fmt_bytes(s.reserved), s.operation or "", mark])
+    out.append(table(rows, ["stage", "allocated peak", "reserved peak", "operation at the peak", "call peak"],
+                      right={1, 2}))
+    out.append("")
+    out.append(f"breakdown at the peak ({est.peak_stage}):")
+    alloc, res, dev = est.peak_allocated, est.peak_reserved, est.peak_device
+    b = dict(est.breakdown)
+    overhead = b.pop("allocator_overhead", res - alloc)
+    context = b.pop("cuda_context", dev - res)
+    rows = [[label(k), fmt_bytes(v)] for k, v in b.items()]
+    rows.append(["= peak allocated (torch.cuda.max_memory_allocated)", fmt_bytes(alloc)])
+    rows.append(["allocator overhead (reserved - allocated)", fmt_bytes(overhead)])
+    rows.append(["= peak reserved (torch.cuda.max_memory_reserved)", fmt_bytes(res)])
+    rows.append(["CUDA context and libraries (device - reserved)", fmt_bytes(context)])
+    rows.append(["= peak device (nvidia-smi / NVML)", fmt_bytes(dev)])
+    out.append(table(rows, ["component", "bytes"], right={1}))
+    out.extend(format_bounds(est))
+    return "\n".join(out)
+
+
+def format_bounds(est) -> list[str]:
+    """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
+    b = est.bounds
+    if not b or all(lo == hi for lo, hi in b.values()):
+        return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
+    out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
+               f"{est.conv_workspace}); the peak lies"]
+    for key, quantity in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                          ("peak_device_bytes", "device")):
+        lo, hi = b[key]
+        out.append(f"  {quantity:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
+    out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
+               "--gpu-profile NAME")
+    return out
+
+
+def truncation_warning(est) -> str | None:
+    """When the prompt is longer than CLIP keeps: what the pipeline drops."""
+    if est.prompt_tokens is not None and (est.truncated or est.prompt_tokens > MAX_PROMPT_TOKENS):
+        return (f"the prompt has {est.prompt_tokens} CLIP tokens; the pipeline keeps the first "
+                f"{MAX_PROMPT_TOKENS} ({MAX_PROMPT_TOKENS + 2} with BOS/EOS) and drops the rest")
+    return None
+
+
+def format_compare(rows: list[dict], reference: int) -> str:
+    cells = [[r["name"], fmt_bytes(r["bytes"]), f"{(r['bytes'] - reference) / reference:+.1%}", r["counts"]] for r in rows]
+    return table(cells, ["estimator", "predicted peak", "vs device", "what it counts"], right={1, 2})
+
+
+def format_verdict(est, read_as: str, fixes) -> str:
+    """The answer under a budget, first: fits, fits with fallbacks, or where it runs out."""
+    from sd_vram.formula.equation import REMEDIES
+
+    b = est.boundary
+    of = f"of {fmt_bytes(b.vram)} (read as {read_as})"
+    if b.verdict == "fits":
+        lines = [f"fits: needs {fmt_bytes(b.peak_device)} {of}"]
+        if b.peak_device < est.peak_device:
+            lines.append(f"  the caching allocator releases its cached segments to make room (num_alloc_retries "
+                         f"{b.retries}), as PyTorch does before it runs out; {fmt_bytes(est.peak_device)} on a "
+                         "larger card")
+    elif b.verdict == "fits-with-fallback":
+        lo, hi = b.allocated_range
+        ops = "; ".join(sorted({f"{st}: {op}" for st, op in b.fallbacks}))
+        lines = [f"fits only with cuDNN fallbacks (slower) at {ops}",
+                 f"  {fmt_bytes(lo)} to {fmt_bytes(hi)} allocated {of}: cuDNN runs those convolutions with a "
+                 "smaller or no workspace (which engine is not measured)"]
+    else:
+        o = b.oom
+        lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
+                 f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
+                 f"  PyTorch would say: {o.message}"]
+    if b.verdict != "fits":
+        if fixes:
+            lines.append("makes it fit at full speed, each alone:")
+            lines += [f"  {how}: needs {fmt_bytes(e.boundary.peak_device)}" for how, e in fixes]
+        else:
+            lines.append("no single option of " + ", ".join(how for _, _, how in REMEDIES) +
+                         " makes it fit at full speed")
+    if b.verdict != "fits" or b.peak_device < est.peak_device:
+        lines.append("  (derived from PyTorch's out-of-memory path and cuDNN's fallback; not yet measured on a GPU)")
+    return "\n".join(lines)
+
+
+def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, read_as: str, gpu) -> str:
+    """The largest image under a budget, the next step that does not fit, and the fallback range."""
+    lines = [f"{found.width}x{found.height}",
+             f"the largest {aspect[0]}:{aspect[1]} image (sides multiples of 8) whose predicted peak {quantity} memory "
+             f"fits {exact(budget)} ({read_as}) at full speed (GPU profile {gpu}):",
+             f"  {found.width}x{found.height} needs {exact(found.peak)}",
+             f"  the next step, {found.next_width}x{found.next_height}, does not fit at full speed "
+             f"(its peak is {exact(found.next_peak)} on a larger card)"]
+    if found.fallback_height is not None:
+        lines.append(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
+                     "workspaces (slower; derived, not measured)")
+    return "\n".join(lines)
+
+
+def format_simulation(result: dict, source: str) -> str:
+    """A simulation's scalar results (result.to_dict()), one row each."""
+    rows = [[label(k), fmt_bytes(v) if k.endswith("_bytes") and isinstance(v, (int, float)) else str(v)]
+            for k, v in result.items() if not isinstance(v, (dict, list))]
+    return "\n".join([f"sd-vram simulate: {source}", table(rows, ["quantity", "value"], right={1})])
