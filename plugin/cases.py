@@ -33,6 +33,7 @@ class Case:
     height: int
     prompt: str
     options: dict = field(default_factory=dict)   # complete: every Options field but gpu
+    own_options: dict = field(default_factory=dict)   # those its catalogue entry sets itself
     tags: tuple = ()
     image: str | None = None                      # file name under cases/images/
     variant: str = "short"                        # "short" or "full" (the full default call)
@@ -198,6 +199,6 @@ def load_catalogue(path: str | Path) -> Catalogue:
         if not all(isinstance(t, str) and _NAME.match(t) for t in tags):
             raise CatalogueError(f"{where}: tags must be simple words")
         case = Case(name=name, width=w, height=h, prompt=prompt, options=opts,
-                    tags=tuple(tags), image=raw.get("image"))
+                    own_options=dict(raw.get("options", {})), tags=tuple(tags), image=raw.get("image"))
         cases.append(case)
     return Catalogue(path=path, cases=cases)

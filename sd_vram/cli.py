@@ -162,11 +162,9 @@ def _load_catalogue() -> dict[str, _NamedCase]:
     from sd_vram.plugin import cases
 
     catalogue = cases.load_catalogue(path)
-    # The CLI keeps diffusers' defaults where a case sets nothing: a case's own options are those
-    # that differ from what the catalogue's [defaults] (the suite's short call) gives every case.
-    suite = {**Options().to_dict(), **cases.tomllib.loads(path.read_text()).get("defaults", {}).get("options", {})}
-    return {c.name.lower(): _NamedCase(c, {k: v for k, v in c.options.items() if v != suite[k]}, catalogue.images_dir)
-            for c in catalogue.cases}
+    # The CLI keeps diffusers' defaults where a case sets nothing: only the options its entry
+    # sets, not the catalogue's [defaults] (the suite's short call).
+    return {c.name.lower(): _NamedCase(c, dict(c.own_options), catalogue.images_dir) for c in catalogue.cases}
 
 
 def _catalogue_case(name: str, catalogue: dict[str, _NamedCase]) -> _NamedCase | None:

@@ -128,6 +128,19 @@ def test_bad_catalogue(tmp_path, body, message):
         load_catalogue(p)
 
 
+def test_a_case_keeps_the_options_its_entry_sets(tmp_path):
+    """The CLI runs a catalogue case with diffusers' defaults where the entry sets nothing, and
+    with what it does set, even a value equal to the catalogue's [defaults]."""
+    p = tmp_path / "catalogue.toml"
+    p.write_text('schema = "sd-vram/cases/1"\n[defaults]\noptions = {num_inference_steps = 5}\n'
+                 '[[case]]\nname = "a-64x64"\nwidth = 64\nheight = 64\n'
+                 'options = {num_inference_steps = 5, vae_tiling = true}\n'
+                 '[[case]]\nname = "b-64x64"\nwidth = 64\nheight = 64\n')
+    a, b = load_catalogue(p).cases
+    assert a.own_options == {"num_inference_steps": 5, "vae_tiling": True} and b.own_options == {}
+    assert a.options["num_inference_steps"] == b.options["num_inference_steps"] == 5
+
+
 def test_generated_image_is_deterministic_and_sized():
     a, b = synthetic_image(517, 389, "odd"), synthetic_image(517, 389, "odd")
     assert a.size == (517, 389) and a.mode == "RGB" and a.tobytes() == b.tobytes()
