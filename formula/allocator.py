@@ -64,12 +64,16 @@ _BASE_ADDRESS = 1 << 32
 def round_size(size: int, conf: AllocConf = NATIVE) -> int:
     """CUDACachingAllocator round_size: 512 B steps, or with roundup_power2_divisions N (for
     sizes above N x 512 B) the next of N equal steps between two powers of two."""
-    if size < kMinBlockSize:
-        return kMinBlockSize
-    divisions = conf.divisions(size)
-    if divisions > 1 and size > kMinBlockSize * divisions:
-        return _roundup_power2_next_division(size, divisions)
-    return kMinBlockSize * ((size + kMinBlockSize - 1) // kMinBlockSize)
+    if size >= kMinBlockSize:
+        divisions = conf.divisions(size)
+        if divisions > 1 and size > kMinBlockSize * divisions:
+            return _roundup_power2_next_division(size, divisions)
+    return _round_512(size)
+
+
+def _round_512(size: int) -> int:
+    """round_size without roundup_power2_divisions: at least 512 B, in steps of 512 B."""
+    return kMinBlockSize if size < kMinBlockSize else -(-size // kMinBlockSize) * kMinBlockSize
 
 
 def block_bytes(nbytes: int) -> int:
@@ -249,10 +253,7 @@ class CachingAllocator:
 
     # -- public -----------------------------------------------------------------------
     def malloc(self, orig_size: int) -> Block:
-        if self._roundup:
-            size = round_size(orig_size, self.conf)
-        else:                                       # round_size without roundup_power2_divisions
-            size = kMinBlockSize if orig_size < kMinBlockSize else -(-orig_size // kMinBlockSize) * kMinBlockSize
+        size = round_size(orig_size, self.conf) if self._roundup else _round_512(orig_size)
         pool = self.small if size <= kSmallSize else self.large
         block = self._get_free_block(pool, size)
         if block is None:
