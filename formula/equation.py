@@ -51,6 +51,12 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
     return out, alloc.snapshot()  # resident blocks are never freed
 
 
+def _resident_of(o: Options, profile):
+    """_resident for this call's options and GPU profile."""
+    return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
+                     o.allocator, profile.total_memory)
+
+
 def weights(safety_checker: bool = True) -> dict[str, int]:
     """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
     resident, _ = _resident(safety_checker, 0, 0)
@@ -247,8 +253,7 @@ class _CallReplay:
 
 def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
     """The stage peaks of one call with these conv workspaces (kernels.ConvWorkspace)."""
-    resident_parts, resident_state = _resident(o.safety_checker, profile.cublas_workspace_bytes,
-                                               profile.cublaslt_workspace_bytes, o.allocator, profile.total_memory)
+    resident_parts, resident_state = _resident_of(o, profile)
     resident = sum(resident_parts.values())
     candidates = _stage_candidates(s, o, profile, ws)
     # Reserved memory only grows during a call: replay, stage by stage, what each stage
@@ -285,8 +290,7 @@ def _setup(height, width, prompt, prompt_length, options: dict):
 def peak_allocated(height, width, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
     _, _, _, o, profile, s = _setup(height, width, None, None, options)
-    resident_parts, _ = _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                                  o.allocator, profile.total_memory)
+    resident_parts, _ = _resident_of(o, profile)
     ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
     candidates = _stage_candidates(s, o, profile, ws)
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
