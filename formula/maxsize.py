@@ -15,6 +15,7 @@ allocated peak without any convolution workspace.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .options import InputError
 
@@ -95,11 +96,15 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     profile = gpu_profiles.get(Options(**options).gpu)
     fixed = profile.cuda_context if quantity == "device" else 0   # beside the allocated bytes
 
+    @lru_cache(maxsize=None)       # the walks and the answer ask for some heights twice
+    def on_the_card(h: int):
+        return _estimate(h, options, aspect, vram=budget_bytes).boundary
+
     def under_budget(h: int):
         """(fits at full speed, the figure that must fit): for a card (quantity "device") as
         PyTorch runs it, releasing cached segments before it fails (estimate(..., vram=...))."""
         if quantity == "device":
-            b = _estimate(h, options, aspect, vram=budget_bytes).boundary
+            b = on_the_card(h)
             return b.verdict == "fits", b.peak_device
         peak = _peak(_estimate(h, options, aspect), quantity)
         return peak <= budget_bytes, peak
@@ -120,7 +125,7 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
                   width_for(nh, aspect), nh, _peak(_estimate(nh, options, aspect), quantity))
     if quantity == "device" and profile.conv_workspace():     # the call has workspaces to fall back from
         top = _last_step(lambda h: _allocated(h, options, aspect, floor=True) + fixed <= budget_bytes, height)
-        h = _walk_down(top, lambda h: _estimate(h, options, aspect, vram=budget_bytes).boundary.verdict != "oom", height)
+        h = _walk_down(top, lambda h: on_the_card(h).verdict != "oom", height)
         if h > height:    # above the full-speed answer, only with fallbacks
             out.fallback_width, out.fallback_height = width_for(h, aspect), h
     return out
