@@ -152,6 +152,7 @@ def matches(case: Case, names: str | None, tags: str | None) -> bool:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CASE_KEYS = {"name", "width", "height", "prompt", "options", "tags", "image"}
+_VARIANT_KEYS = {"name", "of", "options", "tags"}
 
 
 def load_catalogue(path: str | Path) -> Catalogue:
@@ -167,8 +168,10 @@ def load_catalogue(path: str | Path) -> Catalogue:
     defaults = data.get("defaults", {})
     base_opts = {k: v for k, v in Options().to_dict().items() if k != "gpu"}
     base_opts.update(defaults.get("options", {}))
+    raws = list(data.get("case", []))
+    raws += _variant_cases(path, data.get("variant", []), {r.get("name"): r for r in raws})
     cases, seen = [], set()
-    for i, raw in enumerate(data.get("case", [])):
+    for i, raw in enumerate(raws):
         where = f"{path}: case #{i + 1} ({raw.get('name', '?')})"
         extra = set(raw) - _CASE_KEYS
         if extra:
@@ -202,3 +205,27 @@ def load_catalogue(path: str | Path) -> Catalogue:
                     own_options=dict(raw.get("options", {})), tags=tuple(tags), image=raw.get("image"))
         cases.append(case)
     return Catalogue(path=path, cases=cases)
+
+
+def _variant_cases(path: Path, variants: list, by_name: dict) -> list[dict]:
+    """[[variant]] tables: the same settings over several cases. Each listed case (`of`) gets a
+    copy named "<variant name>.<case>", with its image, size and prompt, its options and the
+    variant's on top, and the variant's tags (not the case's: `-m seed` stays the seed cases)."""
+    out = []
+    for i, v in enumerate(variants):
+        where = f"{path}: variant #{i + 1} ({v.get('name', '?')})"
+        extra = set(v) - _VARIANT_KEYS
+        if extra:
+            raise CatalogueError(f"{where}: unknown keys {sorted(extra)}")
+        if not isinstance(v.get("name"), str) or not _NAME.match(v["name"]):
+            raise CatalogueError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+        of = v.get("of")
+        if not isinstance(of, list) or not of:
+            raise CatalogueError(f"{where}: `of` must list the cases it applies to")
+        for base_name in of:
+            base = by_name.get(base_name)
+            if base is None:
+                raise CatalogueError(f"{where}: no case named {base_name!r}")
+            out.append({**base, "name": f"{v['name']}.{base_name}",
+                        "options": {**base.get("options", {}), **v.get("options", {})}, "tags": v.get("tags", [])})
+    return out

@@ -20,15 +20,17 @@ def mib(x) -> str:
 
 
 def predict(height: int, width: int, prompt: str, options: dict, gpu_profile: str | None,
-            allocator: str = "default") -> dict:
-    """Estimate.to_dict() of the current equation (looked up at call time, so tests can patch it)."""
+            process_conf: str = "") -> dict:
+    """Estimate.to_dict() of the current equation (looked up at call time, so tests can patch it).
+    process_conf: the allocator settings the measuring process ran under (alloc_conf(env)); a
+    case's own alloc_conf option is what that process was started with (plugin/gpu.py checks)."""
     import sd_vram.formula as formula
 
     opts = {k: v for k, v in options.items() if k != "gpu"}
     if gpu_profile:
         opts["gpu"] = gpu_profile
-    if allocator == "expandable_segments":
-        opts["expandable_segments"] = True
+    if process_conf:
+        opts["alloc_conf"] = process_conf
     return formula.estimate(height, width, prompt=prompt, **opts).to_dict()
 
 
@@ -58,10 +60,25 @@ def match_profile(gpu_name: str | None) -> str | None:
     return max(hits, key=lambda n: len(_norm(n))) if hits else None
 
 
+def alloc_conf(env_vars: dict) -> str:
+    """The allocator settings a process read from its environment: PYTORCH_ALLOC_CONF when it is
+    set, else PYTORCH_CUDA_ALLOC_CONF (c10/core/AllocatorConfig.cpp, AllocatorConfig::instance)."""
+    conf = env_vars.get("PYTORCH_ALLOC_CONF")
+    return str(conf if conf is not None else env_vars.get("PYTORCH_CUDA_ALLOC_CONF") or "")
+
+
 def allocator_variant(env_vars: dict) -> str:
-    """'default' or 'expandable_segments': the equation models the default caching allocator."""
-    conf = ",".join(str(env_vars.get(k) or "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    return "expandable_segments" if re.search(r"expandable_segments\s*:\s*true", conf, re.I) else "default"
+    """The run's allocator as a label: 'default', 'expandable_segments', or the settings' text."""
+    from sd_vram.formula import allocconf
+
+    text = alloc_conf(env_vars)
+    try:
+        conf = allocconf.parse(text)
+    except allocconf.AllocConfError:
+        return text
+    if conf == allocconf.NATIVE:
+        return "default"
+    return "expandable_segments" if conf == allocconf.AllocConf(expandable_segments=True) else text
 
 
 @dataclass

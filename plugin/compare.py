@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .archive import SCHEMA, find_archives
-from .checks import QUANTITIES, allocator_variant, match_profile, mib, predict
+from .checks import QUANTITIES, alloc_conf, allocator_variant, match_profile, mib, predict
 
 GiB = 1 << 30
 SHORT = {"peak_allocated": "allocated", "peak_reserved": "reserved", "peak_device": "device"}
@@ -129,7 +129,7 @@ def _prediction(rec: dict, data: dict, as_recorded: bool, gpu_profile: str | Non
     try:
         return predict(inp["height"], inp["width"], inp.get("prompt"), inp.get("options", {}),
                        gpu_profile or match_profile(data.get("gpu", {}).get("name")),
-                       allocator_variant(data.get("environment", {}).get("env", {})))
+                       alloc_conf(data.get("environment", {}).get("env", {})))
     except (InputError, TypeError):            # options this equation does not know
         return None
 

@@ -361,6 +361,7 @@ class CudaBackend:
 
     def _configure(self, opts):
         pipe = self.pipe
+        _check_process_allocator(opts)
         if opts.safety_checker:
             if pipe.safety_checker is None:
                 if self._checker is None:
@@ -495,6 +496,23 @@ class CudaBackend:
         gc.unfreeze()
         gc.collect()
         self.torch.cuda.empty_cache()
+
+
+def _check_process_allocator(opts) -> None:
+    """A case's alloc_conf is the process's: the allocator reads its settings once, at CUDA
+    start, so a case asking for other settings than the run's is refused, not mismeasured."""
+    from sd_vram.formula import allocconf
+
+    from .checks import alloc_conf
+    from .environment import env_vars
+
+    if not (opts.alloc_conf or opts.expandable_segments):
+        return
+    process = alloc_conf(env_vars())
+    if allocconf.parse(process) != opts.allocator:
+        wanted = ",".join(filter(None, (opts.alloc_conf, "expandable_segments:True" if opts.expandable_segments else "")))
+        raise RuntimeError(f"this case needs PYTORCH_CUDA_ALLOC_CONF={wanted}; the run has {process or 'none'}: "
+                           "start pytest with it set")
 
 
 def _try(fn):

@@ -15,7 +15,7 @@ import pytest
 from . import archive as arch
 from .backends import Backend, make_backend
 from .cases import Catalogue, CatalogueError, load_catalogue, matches, split_list
-from .checks import allocator_variant, evaluate, expectation, known_gap, match_profile, mib, predict
+from .checks import alloc_conf, allocator_variant, evaluate, expectation, known_gap, match_profile, mib, predict
 from .table import PROPERTY
 
 
@@ -223,7 +223,7 @@ class SuiteState:
         prediction, prediction_error = None, None
         try:
             prediction = predict(height, width, case.prompt, case.options, self.gpu_profile,
-                                 allocator_variant(b.environment.get("env", {})))
+                                 alloc_conf(b.environment.get("env", {})))
         except Exception as e:
             prediction_error = f"{type(e).__name__}: {e}"
         capacity = b.capacity()
@@ -305,7 +305,7 @@ class SuiteState:
         profile = self.config.getoption("gpu_profile") or match_profile(gpu.get("name"))
         try:
             rec["prediction"] = predict(inp["height"], inp["width"], inp["prompt"], inp["options"], profile,
-                                        allocator_variant(data.get("environment", {}).get("env", {})))
+                                        alloc_conf(data.get("environment", {}).get("env", {})))
             rec["prediction_error"] = None
         except Exception as e:
             rec["prediction"], rec["prediction_error"] = None, f"{type(e).__name__}: {e}"

@@ -387,7 +387,7 @@ def test_expandable_segments_run_is_predicted_for_that_allocator(suite, calls, m
     meas = dict(MEAS, **{"seed-64x64": (1000 * MiB, 1500 * MiB, 2000 * MiB, "unet")})
     r = run_fake(suite, "--cases", "seed-*", "--full-call", "none", spec_data=spec(meas))
     # the equation is asked for the expandable-segments allocator, and every quantity is asserted
-    assert calls and all(c.get("expandable_segments") is True for c in calls)
+    assert calls and all(c.get("alloc_conf") == "expandable_segments:True" for c in calls)
     r.assert_outcomes(failed=1)
     data = json.loads(archives(suite)[0].read_text())
     assert data["run"]["allocator"] == "expandable_segments"

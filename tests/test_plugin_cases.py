@@ -141,6 +141,36 @@ def test_a_case_keeps_the_options_its_entry_sets(tmp_path):
     assert a.options["num_inference_steps"] == b.options["num_inference_steps"] == 5
 
 
+def test_a_variant_copies_its_cases_with_its_settings(tmp_path):
+    p = tmp_path / "catalogue.toml"
+    p.write_text('schema = "sd-vram/cases/1"\n[defaults]\noptions = {num_inference_steps = 5}\n'
+                 '[[case]]\nname = "a-64x64"\nwidth = 64\nheight = 64\nprompt = "a cat"\nimage = "a.png"\n'
+                 'options = {guidance_scale = 1.0}\ntags = ["seed"]\n'
+                 '[[case]]\nname = "b-96x64"\nwidth = 96\nheight = 64\n'
+                 '[[variant]]\nname = "tiled"\nof = ["a-64x64", "b-96x64"]\noptions = {vae_tiling = true}\n'
+                 'tags = ["settings"]\n')
+    cat = load_catalogue(p)
+    a, b = cat.get("tiled.a-64x64"), cat.get("tiled.b-96x64")
+    assert (a.width, a.height, a.prompt, a.image, a.tags) == (64, 64, "a cat", "a.png", ("settings",))
+    assert a.own_options == {"guidance_scale": 1.0, "vae_tiling": True} and b.own_options == {"vae_tiling": True}
+    assert a.options["num_inference_steps"] == 5 and (b.width, b.height) == (96, 64)
+    assert [c.name for c in cat.select(None, "seed")] == ["a-64x64"]     # the copy is no seed case
+
+
+@pytest.mark.parametrize("variant, message", [
+    ('name = "v"\nof = ["nope"]', "no case named 'nope'"),
+    ('name = "v"\nof = []', "`of` must list the cases"),
+    ('name = "v w"\nof = ["a-8x8"]', "name must be letters"),
+    ('name = "v"\nof = ["a-8x8"]\ncolour = 1', "unknown keys ['colour']"),
+    ('name = "v"\nof = ["a-8x8"]\noptions = { attention = "fast" }', "attention must be one of"),
+])
+def test_bad_variant(tmp_path, variant, message):
+    p = tmp_path / "c.toml"
+    p.write_text('schema = "sd-vram/cases/1"\n[[case]]\nname = "a-8x8"\nwidth = 8\nheight = 8\n[[variant]]\n' + variant)
+    with pytest.raises(CatalogueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_catalogue(p)
+
+
 def test_generated_image_is_deterministic_and_sized():
     a, b = synthetic_image(517, 389, "odd"), synthetic_image(517, 389, "odd")
     assert a.size == (517, 389) and a.mode == "RGB" and a.tobytes() == b.tobytes()
@@ -215,8 +245,41 @@ def test_oom_expectation_uses_the_reserved_band(need, expect):
 
 
 @pytest.mark.parametrize("env, variant", [({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "expandable_segments"),
-                                          ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64,expandable_segments:true"},
-                                           "expandable_segments"),
+                                          ({"PYTORCH_ALLOC_CONF": " expandable_segments : True"}, "expandable_segments"),
+                                          ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64,expandable_segments:True"},
+                                           "max_split_size_mb:64,expandable_segments:True"),
+                                          ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, "default"),
                                           ({"PYTORCH_CUDA_ALLOC_CONF": None}, "default"), ({}, "default")])
 def test_allocator_variant(env, variant):
     assert checks.allocator_variant(env) == variant
+
+
+def test_the_new_allocator_variable_wins_over_the_old_one():
+    # c10/core/AllocatorConfig.cpp reads PYTORCH_ALLOC_CONF and falls back to PYTORCH_CUDA_ALLOC_CONF
+    env = {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert checks.alloc_conf(env) == "max_split_size_mb:512"
+    assert checks.alloc_conf({"PYTORCH_ALLOC_CONF": None, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) \
+        == "expandable_segments:True"
+
+
+def test_prediction_follows_the_measuring_process_allocator():
+    from sd_vram.formula import estimate
+
+    native = checks.predict(1024, 1024, "a photo", {}, None)
+    split = checks.predict(1024, 1024, "a photo", {}, None, "max_split_size_mb:512")
+    assert split == estimate(1024, 1024, prompt="a photo", alloc_conf="max_split_size_mb:512").to_dict()
+    assert split["options"]["alloc_conf"] == "max_split_size_mb:512" and native["options"]["alloc_conf"] == ""
+    assert split["peak_allocated_bytes"] == native["peak_allocated_bytes"]   # the settings move reserved only
+
+
+def test_a_case_whose_allocator_settings_differ_from_the_run_is_refused(monkeypatch):
+    from sd_vram.formula.options import Options
+    from sd_vram.plugin import gpu
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    gpu._check_process_allocator(Options(alloc_conf="max_split_size_mb: 512"))   # the same settings
+    gpu._check_process_allocator(Options())                                     # the run's settings
+    with pytest.raises(RuntimeError, match="needs PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; the run has "
+                                           "max_split_size_mb:512"):
+        gpu._check_process_allocator(Options(expandable_segments=True))

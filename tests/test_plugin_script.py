@@ -35,18 +35,21 @@ def repo(tmp_path_factory):
     return dst
 
 
-def run_script(repo: Path, tmp: Path, **env):
+def run_script(repo: Path, tmp: Path, script: str = "gpu_validate.sh", **env):
     full = {**os.environ, "DRY": "1", "OUT": str(tmp / "out"), "SITE": str(tmp / "site"),
             "RESULTS_DIR": str(tmp / "results"), **env}
     full.pop("PYTEST_ADDOPTS", None)
     full.pop("PYTEST_XDIST_WORKER", None)
-    p = subprocess.run(["bash", str(repo / "scripts" / "gpu_validate.sh")], cwd="/", env=full,
+    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        full.pop(k, None)
+    p = subprocess.run(["bash", str(repo / "scripts" / script)], cwd="/", env=full,
                        capture_output=True, text=True, timeout=300)
     return p, (tmp / "out" / "log.txt").read_text()
 
 
-def test_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_validate.sh")], check=True)
+@pytest.mark.parametrize("script", ["gpu_validate.sh", "gpu_settings_validate.sh"])
+def test_script_parses(script):
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
 
 
 def files_in(out: Path) -> list[str]:
@@ -127,3 +130,18 @@ def test_no_time_left_skips_every_step(repo, tmp_path):
     assert re.search(r"step D: skipped, -?\d+s left < D_MIN_S=120s for the full calls of "
                      r"balloon-396x380,groceries-800x534,bench-2048x2048,truck-1800x1200", log)
     assert re.search(r"steps: P:skipped A:skipped B:skipped D:skipped$", log, re.M)
+
+
+def test_settings_script_runs_the_allocator_cases_under_their_settings(repo, tmp_path):
+    p, log = run_script(repo, tmp_path, "gpu_settings_validate.sh", CASES="*square-512x512")
+    assert p.returncode == 0, log[-3000:]
+    assert re.search(r"steps: S1:[01] S2:[015]$", log, re.M), log[-3000:]
+    runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out" / "results").rglob("*.json"))]
+    split = [r for r in runs if r["run"]["allocator"] == "max_split_size_mb:512"]
+    assert len(split) == 1, [r["run"]["allocator"] for r in runs]
+    (case,) = split[0]["cases"]
+    assert case["id"] == "max-split-512.square-512x512"
+    assert case["prediction"]["options"]["alloc_conf"] == "max_split_size_mb:512"
+    assert split[0]["run"]["bands"] == {"peak_allocated": 0.01, "peak_reserved": 0.03, "peak_device": 0.03}
+    # the settings cases are not the main script's
+    assert all(not c["id"].startswith("max-split-512.") for r in runs if r is not split[0] for c in r["cases"])
