@@ -12,7 +12,7 @@
 #   P  (+45)  conv-workspace probe at 7 sizes, a process of its own (it resets the peak counters
 #             at every convolution)                                   -> results/<gpu>/*_conv_probe.json
 #   A  (+245) pytest --gpu over the catalogue but its settings and pipelines cases (their own scripts:
-#             gpu_settings_validate.sh, gpu_pipelines_validate.sh), the four seed images' short call among them,
+#             gpu_cases_validate.sh settings|pipelines), the four seed images' short call among them,
 #             then the full default call (guidance 5.0, strength 0.8, 50 steps) of the four seed
 #             images, each only if the time foreseen from its short run's UNet stage fits before
 #             A's deadline                                            -> results/<gpu>/<run>.json
@@ -87,7 +87,7 @@ missing_full_calls() {
 }
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q
-        --gpu "${BACKEND[@]}" --results-dir "$RESULTS_DIR" -m "not sd_vram_archived and not settings and not pipelines")
+        --gpu "${BACKEND[@]}" --results-dir "$RESULTS_DIR" -m "not sd_vram_archived and not settings and not pipelines and not txt2img and not inpaint")
 
 main() {
     log "sd-vram gpu_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR"

@@ -35,19 +35,19 @@ def repo(tmp_path_factory):
     return dst
 
 
-def run_script(repo: Path, tmp: Path, script: str = "gpu_validate.sh", **env):
+def run_script(repo: Path, tmp: Path, script: str = "gpu_validate.sh", *args: str, **env):
     full = {**os.environ, "DRY": "1", "OUT": str(tmp / "out"), "SITE": str(tmp / "site"),
             "RESULTS_DIR": str(tmp / "results"), **env}
     full.pop("PYTEST_ADDOPTS", None)
     full.pop("PYTEST_XDIST_WORKER", None)
     for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         full.pop(k, None)
-    p = subprocess.run(["bash", str(repo / "scripts" / script)], cwd="/", env=full,
+    p = subprocess.run(["bash", str(repo / "scripts" / script), *args], cwd="/", env=full,
                        capture_output=True, text=True, timeout=300)
     return p, (tmp / "out" / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("script", ["gpu_validate.sh", "gpu_settings_validate.sh"])
+@pytest.mark.parametrize("script", ["gpu_validate.sh", "gpu_cases_validate.sh"])
 def test_script_parses(script):
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
 
@@ -133,7 +133,7 @@ def test_no_time_left_skips_every_step(repo, tmp_path):
 
 
 def test_settings_script_runs_the_allocator_cases_under_their_settings(repo, tmp_path):
-    p, log = run_script(repo, tmp_path, "gpu_settings_validate.sh", CASES="*square-512x512")
+    p, log = run_script(repo, tmp_path, "gpu_cases_validate.sh", "settings", CASES="*square-512x512")
     assert p.returncode == 0, log[-3000:]
     assert re.search(r"steps: S1:[01] S2:[015]$", log, re.M), log[-3000:]
     runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out" / "results").rglob("*.json"))]
@@ -145,3 +145,8 @@ def test_settings_script_runs_the_allocator_cases_under_their_settings(repo, tmp
     assert split[0]["run"]["bands"] == {"peak_allocated": 0.01, "peak_reserved": 0.03, "peak_device": 0.03}
     # the settings cases are not the main script's
     assert all(not c["id"].startswith("max-split-512.") for r in runs if r is not split[0] for c in r["cases"])
+
+
+def test_cases_script_wants_a_group(repo, tmp_path):
+    p = subprocess.run(["bash", str(repo / "scripts" / "gpu_cases_validate.sh"), "sundry"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().endswith("{settings|pipelines}")
