@@ -38,7 +38,6 @@ class Options:
     cudnn: bool = True                   # torch.backends.cudnn.enabled (False: PyTorch's native convolutions)
     cudnn_benchmark: bool = False        # torch.backends.cudnn.benchmark (the peak depends on run-time state)
     cudnn_deterministic: bool = False    # torch.backends.cudnn.deterministic (deterministic engines only)
-    channels_last: bool = False          # pipe.unet and pipe.vae .to(memory_format=torch.channels_last)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -56,7 +55,7 @@ class Options:
         need(self.attention_slicing in (None, "auto", "max") or (_is_int(self.attention_slicing) and self.attention_slicing >= 1),
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
         for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments", "cudnn",
-                     "cudnn_benchmark", "cudnn_deterministic", "channels_last"):
+                     "cudnn_benchmark", "cudnn_deterministic"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         from .gpu_profiles import GPUProfile   # here: gpu_profiles imports this module
@@ -73,9 +72,6 @@ class Options:
             need(self.cudnn or not getattr(self, name),
                  f"{name} needs cuDNN: with cudnn=False (torch.backends.cudnn.enabled = False) PyTorch runs its "
                  "native convolutions, which have no engines to search or filter")
-        need(not self.channels_last,
-             "channels_last is not modelled yet (which copies GroupNorm, attention and cuDNN's NHWC engines "
-             "add or drop is not derived); run without it")
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         need(self.unet_evaluations >= 1,
              f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "

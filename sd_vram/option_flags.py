@@ -76,16 +76,14 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
         OptionFlag("cudnn", "--no-cudnn",
                    "torch.backends.cudnn.enabled = False: PyTorch's native convolutions and their im2col "
-                   "column buffers (derived from ConvolutionMM2d.cu, not measured on a GPU)", switch=False),
+                   "column buffers (from ConvolutionMM2d.cu: derived, not measured on a GPU)", switch=False),
         OptionFlag("cudnn_benchmark", "--cudnn-benchmark",
                    "torch.backends.cudnn.benchmark = True: the search's workspace depends on the memory free "
-                   "at run time, so the answer is a range (derived from Conv_v8.cpp, not measured on a GPU)",
+                   "at run time, so the answer is a range (from Conv_v8.cpp: derived, not measured on a GPU)",
                    switch=True),
         OptionFlag("cudnn_deterministic", "--cudnn-deterministic",
                    "torch.backends.cudnn.deterministic = True: deterministic engines only; their workspaces "
                    "are derived, not measured on a GPU (the answer is a range)", switch=True),
-        OptionFlag("channels_last", "--channels-last",
-                   "pipe.unet and pipe.vae in torch.channels_last: not modelled yet (refused)", switch=True),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",
