@@ -296,6 +296,8 @@ def conv_workspace(ws, module: str, kernel: int, input_shape, in_bytes: int, out
         ws = ConvWorkspace(conv_rules(ws))
     if not ws:
         return 0
+    if getattr(ws, "elastic", True):        # cuDNN's workspace: its rules need no output shape
+        return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes)
     return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes, output_shape=output_shape)
 
 

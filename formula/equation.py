@@ -383,7 +383,8 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     CUDA context on record, hi the call with the heaviest workspace rule set on record and the
     largest context, each widened by ACCURACY."""
     benchmark = o.cudnn_benchmark      # the search's workspace: anything the free memory allows
-    if not benchmark and "rule" not in ws.used and profile.cuda_context_measured:
+    derived = benchmark or "rule" in ws.used or "native" in ws.used   # native columns: derived, not measured
+    if not derived and profile.cuda_context_measured:
         return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,
                 "peak_device_bytes": [reserved + profile.cuda_context] * 2}
     span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}

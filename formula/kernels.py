@@ -445,8 +445,7 @@ class ConvWorkspace:
     def __bool__(self) -> bool:
         return bool(self.rules or self.measured)
 
-    def __call__(self, module: str, kernel, input_shape, input: int, output: int, weight: int,
-                 output_shape=None) -> int:
+    def __call__(self, module: str, kernel, input_shape, input: int, output: int, weight: int) -> int:
         if self.measured:
             key = conv_key(module, input_shape)
             if key in self.measured:
