@@ -103,7 +103,7 @@ def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
 
 def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, list[act.Peak]]:
     """Candidate peak live sets per stage, with what the pipeline carries into each stage.
-    `ws`: the convolution workspaces (profile.conv_workspace())."""
+    `ws`: the convolutions' kernel-internal allocations (kernels.conv_kernels)."""
     be = _backends(s, o, profile)
     ws = kernels.conv_kernels(o, profile) if ws is None else ws
     prompt = act.prompt_state(s)
@@ -131,7 +131,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     return stages
 
 
-CONV_WORKSPACE = "cuDNN conv workspace"   # the live-set term cuDNN can run without (activations.py)
+CONV_WORKSPACE = kernels.ConvWorkspace.term   # the live-set term cuDNN can run without (activations.py)
 
 
 class _Replay:

@@ -66,11 +66,12 @@ class Schedule:
         ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f,
                             output_shape=(self.b, c_out, oh, ow))
         if ws:
+            elastic = getattr(self.ws, "elastic", True)     # False: PyTorch's native columns (cuDNN off)
             try:
-                self.free(self._alloc(ws, f"{op}: {'cuDNN workspace' if getattr(self.ws, 'elastic', True) else self.ws.term}"))
+                self.free(self._alloc(ws, f"{op}: {'cuDNN workspace' if elastic else self.ws.term}"))
             except OutOfMemoryError:
-                if self.fallbacks is None or not getattr(self.ws, "elastic", True):
-                    raise       # PyTorch's native columns have no fallback
+                if self.fallbacks is None or not elastic:
+                    raise
                 self.fallbacks.append(op)
         return y
 
