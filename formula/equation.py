@@ -401,6 +401,8 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     if benchmark:      # get_plans_from_find may take every byte free at the search: the whole card
         for key in span:
             span[key][1] = max(span[key][1], profile.total_memory - lo_ctx)
+        # and it empties the allocator's cache after each search: reserved can fall to allocated
+        span["reserved"][0] = min(span["reserved"][0], span["allocated"][0])
         return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
                 "peak_device_bytes": [span["reserved"][0] + lo_ctx, max(span["reserved"][1], profile.total_memory)]}
     return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
