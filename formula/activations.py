@@ -201,7 +201,32 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
         attn.add("activations", "sliced output buffer (zeros)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS))
         attn = merge(attn, sliced_attention_scratch(B, UNET_HEADS, N, N, rows))
     attn.operation = f"{attn.operation}: {attn.terms[-1][1]}"
-    return [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
+    cands = [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
+    if not getattr(ws_rule, "elastic", True):     # cuDNN off: the level-0 im2col columns
+        cands.append(unet_level0_conv(s, ws_rule))
+    return cands
+
+
+def unet_level0_conv(s: Shape, ws) -> Peak:
+    """up_blocks[3].resnets[0].conv1 (960 -> 320, 3x3, level 0) with cuDNN off: the three
+    level-0 skips (the UNet's res_samples tuple), the block input (the UNet's `sample`),
+    cat(sample, skip), its SiLU, the conv output, and the im2col columns of one batch element
+    (C_in x 9 x N: without CFG they outweigh the feed-forward)."""
+    h, w = s.level(0)
+    B, C = s.B, UNET_C0
+    p = Peak("up_blocks.3.resnets.0.conv1 (960 -> 320, 3x3, level 0)")
+    p.add("state", "latent_model_input (cat)", nbytes(B, 4, h, w))
+    p.add("state", "time embedding emb", nbytes(B, 4 * C))
+    p.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", nbytes(B, C, h, w), 3)
+    p.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", nbytes(B, 2 * C, h, w))
+    p.add("activations", "cat(sample, skip) (960 ch)", nbytes(B, 3 * C, h, w))
+    p.add("activations", "silu(norm1(x)) (960 ch)", nbytes(B, 3 * C, h, w))
+    p.add("activations", "conv1 output (320 ch)", nbytes(B, C, h, w))
+    cols = conv_workspace(ws, "unet.up_blocks.3.resnets.0.conv1", 3, (B, 3 * C, h, w), nbytes(B, 3 * C, h, w),
+                          nbytes(B, C, h, w), 3 * C * C * 9 * FP16)
+    if cols:
+        p.add("workspace", workspace_term(ws), cols)
+    return p
 
 
 def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
@@ -228,7 +253,7 @@ def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
     ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, 8 * C, hl, wl),
                         nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
     if ws:
-        p.add("workspace", "cuDNN conv workspace", ws)
+        p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 
@@ -262,7 +287,7 @@ def vae_decode_full(b: int, H: int, W: int) -> Peak:
 
 
 def conv_workspace(ws, module: str, kernel: int, input_shape, in_bytes: int, out_bytes: int,
-                   weight_bytes: int) -> int:
+                   weight_bytes: int, output_shape=None) -> int:
     """cuDNN's workspace for one convolution: ``ws`` is the GPU profile's
     kernels.ConvWorkspace (measured shapes, else the rule set, e.g. "nchw_transpose": input +
     output + filter bytes for the VAE's 3x3 convs; see formula/kernels.py), a rule set's name,
@@ -271,7 +296,15 @@ def conv_workspace(ws, module: str, kernel: int, input_shape, in_bytes: int, out
         ws = ConvWorkspace(conv_rules(ws))
     if not ws:
         return 0
-    return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes)
+    if getattr(ws, "elastic", True):        # cuDNN's workspace: its rules need no output shape
+        return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes)
+    return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes, output_shape=output_shape)
+
+
+def workspace_term(ws) -> str:
+    """The live-set name of a convolution's kernel-internal allocation: cuDNN's workspace, or
+    with cuDNN off PyTorch's im2col columns (kernels.NativeConv)."""
+    return getattr(ws, "term", ConvWorkspace.term)
 
 
 def vae_decode_upsampler(b: int, H: int, W: int, ws_rule) -> Peak:
@@ -288,7 +321,7 @@ def vae_decode_upsampler(b: int, H: int, W: int, ws_rule) -> Peak:
     ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.2.upsamplers.0.conv", 3, (b, 256, H, W),
                         full, full, 256 * 256 * 9 * FP16)
     if ws:
-        p.add("workspace", "cuDNN conv workspace", ws)
+        p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 
@@ -316,7 +349,7 @@ def vae_decode_conv1(b: int, H: int, W: int, ws_rule) -> Peak:
     ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.3.resnets.0.conv1", 3, (b, 256, H, W),
                         x, y, 128 * 256 * 9 * FP16)
     if ws:
-        p.add("workspace", "cuDNN conv workspace", ws)
+        p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 
@@ -384,7 +417,7 @@ def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
     ws = conv_workspace(ws_rule, "vae.encoder.down_blocks.0.resnets.1.conv2", 3, (1, 128, H, W),
                         full, full, 128 * 128 * 9 * FP16)
     if ws:
-        p.add("workspace", "cuDNN conv workspace", ws)
+        p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 

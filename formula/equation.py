@@ -103,9 +103,9 @@ def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
 
 def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, list[act.Peak]]:
     """Candidate peak live sets per stage, with what the pipeline carries into each stage.
-    `ws`: the convolution workspaces (profile.conv_workspace())."""
+    `ws`: the convolutions' kernel-internal allocations (kernels.conv_kernels)."""
     be = _backends(s, o, profile)
-    ws = profile.conv_workspace() if ws is None else ws
+    ws = kernels.conv_kernels(o, profile) if ws is None else ws
     prompt = act.prompt_state(s)
     history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
@@ -131,7 +131,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     return stages
 
 
-CONV_WORKSPACE = "cuDNN conv workspace"   # the live-set term cuDNN can run without (activations.py)
+CONV_WORKSPACE = kernels.ConvWorkspace.term   # the live-set term cuDNN can run without (activations.py)
 
 
 class _Replay:
@@ -217,7 +217,7 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit
     H, W, tokens, o, profile, s = _setup(height, width, prompt, prompt_length, options)
     if vram is not None:
         _check_vram(vram, profile)
-    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    ws = kernels.no_conv_workspace(o) if _floor else kernels.conv_kernels(o, profile)
     call = _call(s, o, profile, ws)
     stages, peak_stage, peak_reserved = call.stages, call.peak_stage, call.peak_reserved
     peak = stages[peak_stage]
@@ -225,14 +225,18 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit
     breakdown["allocator_overhead"] = peak_reserved - peak.allocated
     breakdown["cuda_context"] = profile.cuda_context
     source = "+".join(sorted(ws.used)) or "none"
+    source = {"native": "native im2col (cuDNN off)", "rule": f"rule {profile.conv_workspace_rule}"}.get(source, source)
+    if o.cudnn_deterministic:
+        source += " (deterministic engines: derived, not measured)"
     est = Estimate(
         height=H, width=W, prompt_tokens=tokens,
         truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
         peak_allocated=peak.allocated, peak_reserved=peak_reserved,
         peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
         stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
-        conv_workspace=source if source != "rule" else f"rule {profile.conv_workspace_rule}",
+        conv_workspace=source,
         bounds_of=lambda: _bounds(s, o, profile, ws, peak.allocated, peak_reserved),
+        runtime_note=kernels.BENCHMARK_NOTE if o.cudnn_benchmark else "",
     )
     if vram is not None:
         est.boundary = _boundary(est, vram, limit, s, o, profile, ws, call)
@@ -291,7 +295,7 @@ def peak_allocated(height, width, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
     _, _, _, o, profile, s = _setup(height, width, None, None, options)
     resident_parts, _ = _resident_of(o, profile)
-    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    ws = kernels.no_conv_workspace(o) if _floor else kernels.conv_kernels(o, profile)
     candidates = _stage_candidates(s, o, profile, ws)
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
 
@@ -356,7 +360,7 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, ws, 
     if replay.fallbacks:
         # Which engine cuDNN falls back to is unmeasured: between none and the full workspace.
         fell_back = {stage for stage, _ in replay.fallbacks}
-        floor = _stage_candidates(s, o, profile, kernels.ConvWorkspace())
+        floor = _stage_candidates(s, o, profile, kernels.no_conv_workspace(o))
         lo = max(est.stages[k].allocated if k not in fell_back else call.resident + max(p.total for p in floor[k])
                  for k in est.stages)
         allocated_range = (lo, min(est.peak_allocated, capacity))
@@ -378,12 +382,15 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     Otherwise lo is the call without the workspaces it did not measure and with the smallest
     CUDA context on record, hi the call with the heaviest workspace rule set on record and the
     largest context, each widened by ACCURACY."""
-    if "rule" not in ws.used and profile.cuda_context_measured:
+    benchmark = o.cudnn_benchmark      # the search's workspace: anything the free memory allows
+    derived = benchmark or "rule" in ws.used or "native" in ws.used   # native columns: derived, not measured
+    if not derived and profile.cuda_context_measured:
         return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,
                 "peak_device_bytes": [reserved + profile.cuda_context] * 2}
     span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}
-    if "rule" in ws.used:
-        for variant in (profile.conv_workspace(floor=True), profile.conv_workspace(heaviest=True)):
+    if "rule" in ws.used or benchmark:
+        floor = kernels.no_conv_workspace(o) if benchmark else kernels.conv_kernels(o, profile, floor=True)
+        for variant in (floor, kernels.conv_kernels(o, profile, heaviest=True)):
             c = _call(s, o, profile, variant)
             for key, v in (("allocated", c.stages[c.peak_stage].allocated), ("reserved", c.peak_reserved)):
                 span[key] = [min(span[key][0], v), max(span[key][1], v)]
@@ -391,6 +398,13 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
         span[key] = [int(span[key][0] * (1 - band)), -int(-span[key][1] * (1 + band) // 1)]
     context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
     lo_ctx, hi_ctx = min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
+    if benchmark:      # get_plans_from_find may take every byte free at the search: the whole card
+        for key in span:
+            span[key][1] = max(span[key][1], profile.total_memory - lo_ctx)
+        # and it empties the allocator's cache after each search: reserved can fall to allocated
+        span["reserved"][0] = min(span["reserved"][0], span["allocated"][0])
+        return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
+                "peak_device_bytes": [span["reserved"][0] + lo_ctx, max(span["reserved"][1], profile.total_memory)]}
     return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
             "peak_device_bytes": [span["reserved"][0] + lo_ctx, span["reserved"][1] + hi_ctx]}
 

@@ -432,7 +432,11 @@ class ConvWorkspace:
     """The convolution workspaces of one GPU profile: a probed profile's measurement for the
     exact (module, input shape) where it holds one, else the first matching rule. ``floor``
     (bounds): unmeasured convolutions take no workspace instead. ``used`` collects what
-    answered ("measured", "rule"), for the breakdown."""
+    answered ("measured", "rule"), for the breakdown. ``elastic``: cuDNN can run without it
+    (try_configs' fallback); ``term``: its name in a live set."""
+
+    elastic = True
+    term = "cuDNN conv workspace"
 
     def __init__(self, rules=(), measured=None, floor: bool = False):
         self.rules, self.measured, self.floor = tuple(rules), dict(measured or {}), floor
@@ -459,3 +463,103 @@ class ConvWorkspace:
 def _first_match(rules: tuple, module: str, kernel: tuple, batch: int):
     """The first rule of `rules` for this convolution (the same for every call of it)."""
     return next((r for r in rules if r.matches(module, kernel, batch)), None)
+
+
+# --- 4. Convolutions with cuDNN off, cuDNN's search and deterministic modes ------------------------
+
+# torch.backends.cudnn.enabled = False (aten/src/ATen/native/Convolution.cpp, torch 2.13):
+# ConvParams::use_cudnn is false, SD1.5's convolutions are not depthwise (groups 1) and not
+# dilated, so _select_conv_backend returns ConvBackend::Slow2d on CUDA. _convolution then runs
+# ``input.contiguous(backend_memory_format)`` with the Contiguous format (thnn_conv_use_channels_last
+# in ConvUtils.h is true only for CPU tensors): a channels-last input is copied to NCHW, and
+# at::thnn_conv2d -> slow_conv2d_forward_out_cuda (aten/src/ATen/native/cuda/ConvolutionMM2d.cu)
+# allocates the contiguous output, then one ``columns`` buffer of
+# (C_in x kH x kW) x (H_out x W_out) elements in the input's dtype, which im2col fills and a
+# cuBLAS gemm consumes for each batch element in turn (the buffer is reused across the batch,
+# so it does not grow with it). ``requires_columns`` is false for a 1x1 kernel with stride 1
+# and no padding: the gemm then reads the input itself and no buffer is allocated. The columns
+# and the input copy are freed when the convolution returns. The gemm uses the cuBLAS handle's
+# workspace, resident since the text encoder's first matmul. Nothing here depends on the GPU:
+# derived from the sources, not yet measured.
+NATIVE_COLUMNS = "im2col columns (cuDNN off)"
+
+
+def native_conv_columns(c_in: int, kernel, out_hw, itemsize: int = 2, stride=(1, 1), padding=None) -> int:
+    """Bytes of slow_conv2d_forward's columns buffer; 0 when requires_columns is false.
+    padding None: a 1x1 kernel has none and a larger one has some (every SD1.5 convolution)."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    padded = (kh, kw) != (1, 1) if padding is None else any(int(p) for p in padding)
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not padded:
+        return 0
+    return c_in * kh * kw * int(out_hw[0]) * int(out_hw[1]) * itemsize
+
+
+class NativeConv:
+    """The kernel-internal allocations of PyTorch's own CUDA convolution (cuDNN off), with the
+    interface of ConvWorkspace: ``__call__`` gives the columns buffer. It is not elastic: the
+    columns are no workspace a library can do without, so an allocation that fails is the
+    call's out-of-memory error (no fallback, no floor)."""
+
+    elastic = False
+    term = NATIVE_COLUMNS
+    floor = False
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __call__(self, module: str, kernel, input_shape, input: int, output: int, weight: int,
+                 output_shape=None) -> int:
+        self.used.add("native")
+        out_hw = tuple(output_shape[2:]) if output_shape is not None else tuple(input_shape[2:])
+        return native_conv_columns(int(input_shape[1]), kernel, out_hw)
+
+
+# torch.backends.cudnn.benchmark = True (aten/src/ATen/native/cudnn/Conv_v8.cpp run_single_conv,
+# torch 2.13): a shape not in the benchmark cache goes through get_plans_from_find:
+# generate_and_filter_plans builds every heuristic config and the fallback list, keeps the plans
+# whose workspace is at most get_available_workspace() (CUDACachingAllocator::cacheInfo: the free
+# device memory from cudaMemGetInfo, raised to the largest cached free block) and allocates ONE
+# workspace of the largest kept plan's size (halved after each OutOfMemoryError) through the
+# caching allocator, times the plans on it, frees it, empties the allocator's cache
+# (_cudnn_get_conv_benchmark_empty_cache, on by default) and runs the fastest plan (try_plans,
+# with that plan's own workspace). How large the largest candidate's workspace is, and which plan
+# wins, only a GPU shows; the source bounds it by the memory free at the search. So a call's peak
+# lies between the call with cuDNN's fallback engines (no workspace) and the whole capacity of the
+# card, and where in between depends on the memory free when each new shape is searched and on
+# the process's earlier calls (the benchmark cache is per process).
+BENCHMARK_NOTE = ("cudnn.benchmark=True: each new convolution shape times cuDNN's engines on one workspace as "
+                  "large as the memory free at that moment allows (Conv_v8.cpp get_plans_from_find), so the peak "
+                  "depends on run-time state; the point is the call with the default engines, the range runs "
+                  "from no workspace to the card's capacity (derived, not measured on a GPU)")
+
+# torch.backends.cudnn.deterministic = True: _convolution passes deterministic to
+# cudnn_convolution; get_generator_sources' filterEngineConfigs drops every engine config with
+# the CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC note, from the heuristic list and the fallback list,
+# and the benchmark cache keys on the flag. The top remaining engine is the default one when it
+# is deterministic; whether it is, and so its workspace, only a GPU shows. The equation keeps the
+# profile's rules as the point (measured shapes were measured without the flag and are not used)
+# and widens the bounds to the floor and the heaviest rule set (derived, not measured on a GPU).
+DETERMINISTIC_NOTE = "cudnn.deterministic=True: the deterministic engines' workspaces are derived, not measured"
+
+
+def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
+    """The kernel-internal allocations of this call's convolutions: PyTorch's native columns with
+    cuDNN off (NativeConv), else cuDNN's workspaces from the GPU profile (ConvWorkspace: measured
+    shapes, else its rules; floor: none; heaviest: the heaviest rule set). With
+    cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
+    if not getattr(options, "cudnn", True):
+        return NativeConv()
+    if not getattr(options, "cudnn_deterministic", False):
+        return profile.conv_workspace(floor=floor, heaviest=heaviest)
+    rules = conv_rules(HEAVIEST_CONV_RULE_SET) if heaviest else profile.conv_rules
+    return ConvWorkspace(rules, {}, floor=floor)
+
+
+def no_conv_workspace(options):
+    """The call with cuDNN's fallback engines everywhere (no workspace): max-size's floor. With
+    cuDNN off the columns stay: PyTorch's native convolution has no engine to fall back to."""
+    return NativeConv() if not getattr(options, "cudnn", True) else ConvWorkspace()

@@ -35,6 +35,9 @@ class Options:
     gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
+    cudnn: bool = True                   # torch.backends.cudnn.enabled (False: PyTorch's native convolutions)
+    cudnn_benchmark: bool = False        # torch.backends.cudnn.benchmark (the peak depends on run-time state)
+    cudnn_deterministic: bool = False    # torch.backends.cudnn.deterministic (deterministic engines only)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -51,7 +54,8 @@ class Options:
              f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         need(self.attention_slicing in (None, "auto", "max") or (_is_int(self.attention_slicing) and self.attention_slicing >= 1),
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
-        for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments"):
+        for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments", "cudnn",
+                     "cudnn_benchmark", "cudnn_deterministic"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         from .gpu_profiles import GPUProfile   # here: gpu_profiles imports this module
@@ -64,6 +68,10 @@ class Options:
             raise InputError(str(e)) from None
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
+        for name in ("cudnn_benchmark", "cudnn_deterministic"):
+            need(self.cudnn or not getattr(self, name),
+                 f"{name} needs cuDNN: with cudnn=False (torch.backends.cudnn.enabled = False) PyTorch runs its "
+                 "native convolutions, which have no engines to search or filter")
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         need(self.unet_evaluations >= 1,
              f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "

@@ -80,6 +80,8 @@ class Estimate:
     # on first use, as the unmeasured ends cost two more replays of the call
     bounds_of: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
     _bounds: dict | None = field(default=None, repr=False, compare=False)
+    # why the peak depends on run-time state (cudnn.benchmark), "" where it does not
+    runtime_note: str = ""
 
     @property
     def bounds(self) -> dict:
@@ -108,6 +110,8 @@ class Estimate:
             "conv_workspace": self.conv_workspace,
             "bounds": {k: list(v) for k, v in self.bounds.items()},
         }
+        if self.runtime_note:
+            out["depends_on_runtime_state"] = self.runtime_note
         if self.boundary is not None:
             out["verdict"] = self.boundary.verdict
             out["boundary"] = self.boundary.to_dict()

@@ -63,12 +63,14 @@ class Schedule:
         op = module or f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
         y = self.new(c_out, oh, ow, f"{op}: output ({self.b}, {c_out}, {oh}, {ow})")
         i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
-        ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f)
+        ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f,
+                            output_shape=(self.b, c_out, oh, ow))
         if ws:
+            elastic = getattr(self.ws, "elastic", True)     # False: PyTorch's native columns (cuDNN off)
             try:
-                self.free(self._alloc(ws, f"{op}: cuDNN workspace"))
+                self.free(self._alloc(ws, f"{op}: {'cuDNN workspace' if elastic else self.ws.term}"))
             except OutOfMemoryError:
-                if self.fallbacks is None:
+                if self.fallbacks is None or not elastic:
                     raise
                 self.fallbacks.append(op)
         return y

@@ -202,6 +202,24 @@ def attention_context(name: str):
     return sdpa_kernel([first, *rest], set_priority=True)
 
 
+@contextlib.contextmanager
+def cudnn_flags(opts):
+    """torch.backends.cudnn.enabled / benchmark / deterministic as a case asks (Options.cudnn,
+    cudnn_benchmark, cudnn_deterministic), restored afterwards. cuDNN's benchmark cache lives as
+    long as the process: a shape searched by an earlier case is not searched again."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    before = (cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
+    cudnn.enabled, cudnn.benchmark, cudnn.deterministic = (
+        bool(getattr(opts, "cudnn", True)), bool(getattr(opts, "cudnn_benchmark", False)),
+        bool(getattr(opts, "cudnn_deterministic", False)))
+    try:
+        yield
+    finally:
+        cudnn.enabled, cudnn.benchmark, cudnn.deterministic = before
+
+
 def preflight():
     """NVML baseline before any CUDA call, then check CUDA; raises RuntimeError with the reason."""
     try:
@@ -446,7 +464,8 @@ class CudaBackend:
         t0 = time.perf_counter()
         try:
             with Sampler(self.monitor) as sampler, sdpa_recorder(current) as sdpa, \
-                    attention_context(case.opts.attention), stage_hooks(self.pipe, on_stage):
+                    attention_context(case.opts.attention), cudnn_flags(case.opts), \
+                    stage_hooks(self.pipe, on_stage):
                 with around_call() if around_call else contextlib.nullcontext():
                     try:
                         out = self.pipe(case.prompt, image=image, **case.call_kwargs())

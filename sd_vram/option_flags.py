@@ -74,6 +74,16 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
                    "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
                    "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
+        OptionFlag("cudnn", "--no-cudnn",
+                   "torch.backends.cudnn.enabled = False: PyTorch's native convolutions and their im2col "
+                   "column buffers (from ConvolutionMM2d.cu: derived, not measured on a GPU)", switch=False),
+        OptionFlag("cudnn_benchmark", "--cudnn-benchmark",
+                   "torch.backends.cudnn.benchmark = True: the search's workspace depends on the memory free "
+                   "at run time, so the answer is a range (from Conv_v8.cpp: derived, not measured on a GPU)",
+                   switch=True),
+        OptionFlag("cudnn_deterministic", "--cudnn-deterministic",
+                   "torch.backends.cudnn.deterministic = True: deterministic engines only; their workspaces "
+                   "are derived, not measured on a GPU (the answer is a range)", switch=True),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

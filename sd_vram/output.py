@@ -108,17 +108,27 @@ def format_estimate(est, source: str, options: Options) -> str:
 def format_bounds(est) -> list[str]:
     """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
     b = est.bounds
+    note = [f"the peak depends on run-time state: {est.runtime_note}"] if est.runtime_note else []
+    if note:
+        return ["", *note, *format_range(b)]
+    if est.conv_workspace.startswith("native"):
+        return ["cuDNN off: the convolutions' im2col columns are derived from PyTorch's source "
+                "(ConvolutionMM2d.cu), not measured on a GPU", *format_range(b)]
     if not b or all(lo == hi for lo, hi in b.values()):
         return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
     out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
                f"{est.conv_workspace}); the peak lies"]
-    for key, quantity in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
-                          ("peak_device_bytes", "device")):
-        lo, hi = b[key]
-        out.append(f"  {quantity:<9} between {fmt_bytes(lo)} and {fmt_bytes(hi)}")
+    out.extend(format_range(b))
     out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
                "--gpu-profile NAME")
     return out
+
+
+def format_range(b) -> list[str]:
+    """One line per quantity: between lo and hi."""
+    return [f"  {quantity:<9} between {fmt_bytes(b[key][0])} and {fmt_bytes(b[key][1])}"
+            for key, quantity in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
+                                  ("peak_device_bytes", "device"))]
 
 
 def truncation_warning(est) -> str | None:

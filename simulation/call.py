@@ -98,7 +98,7 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
             profile = profile or get_profile(None)
             patcher = SDPAPatcher(profile, options.attention, recorder, device_type)
             es.enter_context(patched_sdpa(patcher))
-            es.enter_context(kernel_allocations(recorder, profile, device_type))
+            es.enter_context(kernel_allocations(recorder, profile, device_type, options))
 
         def on_step_end(p, i, t, kwargs):
             info["unet_evals"] += 1

@@ -17,13 +17,15 @@ import contextlib
 import torch
 
 from sd_vram.formula.gpu_profiles import GPUProfile
+from sd_vram.formula.kernels import NativeConv, conv_kernels, native_conv_columns
 
 from .recorder import MemoryRecorder
 
 
 @contextlib.contextmanager
-def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str):
-    """Add this module's synthetic events to `recorder` for the duration of the block."""
+def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str, options=None):
+    """Add this module's synthetic events to `recorder` for the duration of the block.
+    `options` (formula Options): which convolution kernels run (kernels.conv_kernels)."""
     with contextlib.ExitStack() as es:
         h2d = _h2d_copy_hook(recorder, device_type)
         recorder.post_op_hooks.append(h2d)
@@ -33,8 +35,12 @@ def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_typ
         recorder.post_op_hooks.append(ss)
         es.callback(recorder.post_op_hooks.remove, ss)
 
-        ws = profile.conv_workspace()
-        if ws:
+        ws = profile.conv_workspace() if options is None else conv_kernels(options, profile)
+        if isinstance(ws, NativeConv):
+            hook = _native_conv_hook(recorder)
+            recorder.post_op_hooks.append(hook)
+            es.callback(recorder.post_op_hooks.remove, hook)
+        elif ws:
             hook = _conv_workspace_hook(recorder, ws)
             recorder.post_op_hooks.append(hook)
             es.callback(recorder.post_op_hooks.remove, hook)
@@ -158,4 +164,30 @@ def _conv_workspace_hook(recorder: MemoryRecorder, ws):
         if nbytes > 0:
             k = recorder.synthetic_alloc(nbytes, "cudnn_convolution:workspace", (nbytes,), "uint8")
             recorder.synthetic_free(k, op="cudnn_convolution:workspace")
+    return hook
+
+
+def _native_conv_hook(recorder: MemoryRecorder):
+    """cuDNN off (torch.backends.cudnn.enabled = False): _convolution runs ConvBackend::Slow2d,
+    which first copies a non-contiguous (channels-last) input to NCHW (``input.contiguous()``:
+    the image into the VAE encoder's conv_in), and slow_conv2d_forward then allocates the
+    im2col columns after the output (kernels.native_conv_columns, from the call's own stride
+    and padding); both are freed when the convolution returns (formula/kernels.py, section 4)."""
+    conv = torch.ops.aten.convolution.default
+
+    def hook(func, args, kwargs, out):
+        if func is not conv or not isinstance(out, torch.Tensor) or out.device.type not in recorder.device_types:
+            return
+        x, weight = args[0], args[1]
+        stride, padding = args[3], args[4]
+        held = []
+        if not x.is_contiguous():
+            held.append(recorder.synthetic_alloc(x.numel() * x.element_size(), "slow_conv2d:input.contiguous()",
+                                                 tuple(x.shape), str(x.dtype)))
+        cols = native_conv_columns(int(x.shape[1]), tuple(weight.shape[2:]), tuple(out.shape[2:]),
+                                   x.element_size(), stride=tuple(stride), padding=tuple(padding))
+        if cols:
+            held.append(recorder.synthetic_alloc(cols, "slow_conv2d:columns", (cols,), "uint8"))
+        for k in reversed(held):
+            recorder.synthetic_free(k, op="slow_conv2d")
     return hook
