@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from math import ceil, prod
 
 from .allocator import block_bytes
-from .kernels import ConvWorkspace, conv_rules, efficient_output_accumulator
+from .kernels import (FLASH, ConvWorkspace, XformersOp, conv_rules, efficient_output_accumulator,
+                      flash_head_dim_rounded)
 
 FP16, FP32 = 2, 4
 
@@ -191,6 +192,9 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     attn = merge(base, Peak("transformer_blocks.0.attn1 (self-attention)"))
     attn.add("activations", "norm1 output", nbytes(B, N, C))
     rows = slice_rows(slicing, UNET_HEADS)
+    if rows is None and isinstance(backend, XformersOp):
+        xf = xformers_self_attention(attn, backend, B, UNET_HEADS, N, C // UNET_HEADS)
+        return [ff, *xf] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
     if rows is None:
         attn.add("activations", "q, k, v projections", nbytes(B * N, C), 3)
         if backend != "math":
@@ -270,6 +274,8 @@ def _vae_mid_attention(b: int, h: int, w: int, backend: str, where: str) -> Peak
     p.add("activations", "mid-block input, resnets.0 output", nbytes(b, C, h, w), 2)
     p.add("activations", "group_norm output", nbytes(b, C, N))
     p.add("activations", "q, k, v projections", nbytes(b * N, C), 3)
+    if isinstance(backend, XformersOp):   # one head: head_to_batch_dim and batch_to_head_dim are views
+        return merge(p, xformers_kernel(backend, b, N, C), operation=f"{p.operation}: {backend}")
     if backend != "math":
         p.add("activations", "sdpa output", nbytes(b, N, 1, C))
     return merge(p, attention_scratch(backend, b, 1, N, C), operation=f"{p.operation}: sdpa[{backend}]")
@@ -502,3 +508,47 @@ def postprocess(s: Shape) -> Peak:
     if s.n > 1:
         p.add("state", "denormalized images waiting for stack", nbytes(1, 3, s.H, s.W), s.n - 1)
     return p
+
+
+# --- xformers (pipe.enable_xformers_memory_efficient_attention) -------------------------------
+
+def xformers_kernel(op: XformersOp, batch_heads: int, tokens: int, head_dim: int) -> Peak:
+    """xformers.ops.memory_efficient_attention on (batch_heads, tokens, head_dim) q, k, v in
+    inference (kernels.py section 4): the output (batch_heads, tokens, 1, head_dim) and what
+    the PyTorch kernel under the op allocates while it runs. fa2F-pt
+    (aten._flash_attention_forward): the fp32 log-sum-exp (batch_heads, 1, tokens), and with
+    more than one split fp32 softmax_lse_accum and out_accum; cutlassF-pt
+    (aten._efficient_attention_forward, compute_log_sumexp=False: a 0-element log-sum-exp):
+    the fp32 output accumulator for fp16 head dims > 128."""
+    p = Peak(str(op))
+    p.add("activations", "memory_efficient_attention output", nbytes(batch_heads, tokens, 1, head_dim))
+    if op.kernel == FLASH:
+        p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch_heads, 1, tokens, itemsize=FP32))
+        if op.splits > 1:
+            p.add("workspace", "flash split-KV softmax_lse_accum (fp32)",
+                  nbytes(op.splits, batch_heads, 1, tokens, itemsize=FP32))
+            p.add("workspace", "flash split-KV out_accum (fp32)",
+                  nbytes(op.splits, batch_heads, 1, tokens, flash_head_dim_rounded(head_dim), itemsize=FP32))
+    elif efficient_output_accumulator("float16", head_dim, head_dim):
+        p.add("workspace", "fp32 output accumulator", nbytes(batch_heads, tokens, 1, head_dim, itemsize=FP32))
+    return p
+
+
+def xformers_self_attention(held: Peak, op: XformersOp, batch: int, heads: int, tokens: int, head_dim: int) -> list[Peak]:
+    """XFormersAttnProcessor.__call__ (diffusers 0.42.1) for self-attention with heads > 1,
+    on top of `held` (what the caller holds, with the processor's input). head_to_batch_dim's
+    reshape after permute copies q, k and v to (batch*heads, tokens, head_dim) (each projection
+    is freed once copied) and the copies stay alive in the locals query, key, value until
+    the processor returns. Two candidate peaks: inside the kernel (copies, output, the
+    kernel's scratch) and at batch_to_head_dim, whose permute-reshape copies the output back
+    to (batch, tokens, heads*head_dim) while the output is still alive (to_out and the
+    division by rescale_output_factor later hold as much, never more)."""
+    bh = batch * heads
+    copies = merge(held, Peak("xformers q, k, v"))
+    copies.add("activations", "q, k, v head_to_batch_dim copies", nbytes(bh, tokens, head_dim), 3)
+    kernel = merge(copies, xformers_kernel(op, bh, tokens, head_dim),
+                   operation=f"{held.operation}: {op}")
+    out = merge(copies, Peak(f"{held.operation}: batch_to_head_dim"))
+    out.add("activations", "memory_efficient_attention output", nbytes(bh, tokens, 1, head_dim))
+    out.add("activations", "batch_to_head_dim copy", nbytes(batch, tokens, heads * head_dim))
+    return [kernel, out]

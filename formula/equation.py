@@ -22,7 +22,7 @@ from . import architecture as arch
 from . import gpu_profiles, kernels, schedule
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
-from .options import InputError, Options
+from .options import XFORMERS, InputError, Options
 from .result import OOM, Boundary, Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
 
@@ -96,9 +96,27 @@ def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
     """The SDPA kernel of each model's attention (kernels.sdpa_backend) at its peak call:
     the UNet's self-attention at level 0, the VAE's mid-block, CLIP's 77 tokens."""
     calls = {"unet": (s.B, act.UNET_HEADS, s.h * s.w), "vae": (1, 1, s.h * s.w), "clip": (1, 12, 77)}
-    return {k: profile.sdpa_backend(o.attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
-                                                                   d_qk=HEAD_DIM[k]))
-            for k, (b, n, t) in calls.items()}
+    out = {k: profile.sdpa_backend(o.sdpa_attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
+                                                                       d_qk=HEAD_DIM[k]))
+           for k, (b, n, t) in calls.items()}
+    if o.attention == XFORMERS:
+        out.update(_xformers_ops(calls, profile))
+    return out
+
+
+def _xformers_ops(calls: dict, profile) -> dict:
+    """With enable_xformers_memory_efficient_attention(): the op xformers picks for the UNet's
+    and the VAE's attention (kernels.xformers_forward_op; the processor passes q, k, v as
+    batch x heads rows); CLIP keeps SDPA."""
+    ops = {}
+    for k in ("unet", "vae"):
+        b, n, t = calls[k]
+        op = kernels.xformers_forward_op(profile, HEAD_DIM[k], batch_heads=b * n, q_len=t, kv_len=t)
+        if op is None:
+            raise InputError(f"xformers {kernels.XFORMERS_VERSION} has no forward operator for the {k}'s head dim "
+                             f"{HEAD_DIM[k]} on compute capability {'.'.join(map(str, profile.compute_capability))}")
+        ops[k] = op
+    return ops
 
 
 def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, list[act.Peak]]:

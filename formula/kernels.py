@@ -563,3 +563,55 @@ def no_conv_workspace(options):
     """The call with cuDNN's fallback engines everywhere (no workspace): max-size's floor. With
     cuDNN off the columns stay: PyTorch's native convolution has no engine to fall back to."""
     return NativeConv() if not getattr(options, "cudnn", True) else ConvWorkspace()
+
+# --- 5. xformers memory_efficient_attention (forward, no grad) ------------------------------------
+# pipe.enable_xformers_memory_efficient_attention() (DERIVATION.md, "xformers attention"): the
+# release that pairs with torch 2.11 is xformers 0.0.35 (its wheel requires torch >= 2.10).
+# Its forward dispatch (xformers/ops/fmha/dispatch.py _dispatch_fw_priority_list, then
+# _run_priority_list: the first op whose not_supported_reasons is empty) tries, on CUDA:
+#   fa3F   flash3.FwOp: only with the separate flash_attn_3 package (flash3.py imports it or
+#          leaves the operator unbuilt); the xformers wheel does not bring it;
+#   fa2F-pt flash.FwOp: PyTorch's own aten._flash_attention_forward (flash.py, _USE_PT_FLASH_ATTN
+#          when the flash_attn package is absent): sm80+, fp16/bf16, head dim <= 256 and a
+#          multiple of 8 (check_lastdim_alignment_stride1), no tensor bias;
+#   cutlassF-pt cutlass.FwOp: PyTorch's aten._efficient_attention_forward with
+#          compute_log_sumexp=False: sm <= 9.0, fp16/bf16/fp32, head dim <= 65536.
+# (The split-KV triton op is prepended only for MQA/GQA keys, which diffusers never passes.)
+# So the kernels and their scratch are PyTorch's, as section 1 gives them for SDPA's flash and
+# memory-efficient backends; only the processor around them differs (activations.py).
+
+XFORMERS_VERSION = "0.0.35"
+XF_FLASH, XF_CUTLASS = "fa2F-pt", "cutlassF-pt"
+
+
+@dataclass(frozen=True)
+class XformersOp:
+    """The xformers operator one attention call runs on, the PyTorch kernel it calls, and
+    that kernel's split-KV count (flash only; 1 for memory-efficient)."""
+
+    name: str
+    kernel: str
+    splits: int = 1
+
+    def __str__(self) -> str:
+        return f"xformers[{self.name}]"
+
+
+def xformers_forward_op(stack, head_dim: int, dtype: str = "float16", bias: bool = False,
+                        batch_heads: int = 1, q_len: int = 1, kv_len: int = 1) -> XformersOp | None:
+    """The op xformers 0.0.35 dispatches a BMK call (q, k, v: batch_heads x tokens x head_dim,
+    what diffusers' XFormersAttnProcessor passes) to in inference, or None: no operator
+    (xformers raises NotImplementedError "No operator found")."""
+    cc = tuple(stack.compute_capability)
+    if cc >= (8, 0) and dtype in HALF and head_dim <= 256 and head_dim % 8 == 0 and not bias:
+        splits = flash_num_splits(stack.multiprocessor_count, batch_heads, 1, q_len, kv_len, head_dim)
+        return XformersOp(XF_FLASH, FLASH, splits)
+    if cc <= (9, 0) and head_dim <= 65536:
+        return XformersOp(XF_CUTLASS, EFFICIENT)
+    return None
+
+
+def flash_head_dim_rounded(head_dim: int) -> int:
+    """flash_api.cpp round_multiple(head_size, head_size <= 128 ? 32 : 64): the last dim of
+    the fp32 split-KV out_accum buffer."""
+    return -(-head_dim // 32) * 32 if head_dim <= 128 else -(-head_dim // 64) * 64

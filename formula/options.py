@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, replace
 
 from . import allocconf
 
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+XFORMERS = "xformers"   # pipe.enable_xformers_memory_efficient_attention() (kernels.py section 4)
+ATTENTION_BACKENDS = SDPA_BACKENDS + (XFORMERS,)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -26,7 +28,8 @@ class Options:
     num_images_per_prompt: int = 1
     strength: float = 0.8
     num_inference_steps: int = 50
-    attention: str = "auto"              # SDPA backend: auto (as PyTorch picks), cudnn, flash, efficient, math
+    attention: str = "auto"              # SDPA backend: auto (as PyTorch picks), cudnn, flash, efficient, math;
+                                         # or xformers: the UNet and VAE through xformers, CLIP on SDPA auto
     attention_slicing: int | str | None = None   # pipe.enable_attention_slicing(x): None, "auto", "max" or an int
     vae_slicing: bool = False            # pipe.enable_vae_slicing()
     vae_tiling: bool = False             # pipe.enable_vae_tiling()
@@ -80,6 +83,13 @@ class Options:
     @property
     def unet_evaluations(self) -> int:
         return unet_evaluations(self.num_inference_steps, self.strength)
+
+    @property
+    def sdpa_attention(self) -> str:
+        """The SDPA backend request for what still calls F.scaled_dot_product_attention: with
+        xformers, transformers' CLIP models (they have no set_use_memory_efficient_attention_xformers)
+        keep PyTorch's own choice."""
+        return "auto" if self.attention == XFORMERS else self.attention
 
     @property
     def allocator(self) -> allocconf.AllocConf:

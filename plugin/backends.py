@@ -30,7 +30,7 @@ class Measurement(TypedDict, total=False):
     """One call as measured: the archive's "measurement" (results/README.md). A call that failed
     ("oom", "error") may lack the peaks; the fake backend leaves out what only a GPU knows."""
 
-    status: Literal["ok", "oom", "error"]
+    status: Literal["ok", "oom", "error", "skipped"]   # skipped: the machine cannot run the case (error says why)
     error: str | None
     peak_allocated_bytes: int | None
     peak_reserved_bytes: int | None

@@ -158,7 +158,7 @@ def checks_to_dict(checks: list[Check]) -> dict:
 
 
 def evaluate(rec: dict, bands: dict, gpu_name: str | None, title: str | None = None) -> None:
-    """Fill rec's errors, stage, outcome ('pass', 'fail', 'oom-expected') and message."""
+    """Fill rec's errors, stage, outcome ('pass', 'fail', 'oom-expected', 'skipped') and message."""
     pred, meas, expect = rec.get("prediction"), rec["measurement"], rec.get("expectation", "fit")
     title = title or f"{rec['id']} on {gpu_name}"
     rec["errors"], rec["stage"] = {}, None
@@ -167,7 +167,9 @@ def evaluate(rec: dict, bands: dict, gpu_name: str | None, title: str | None = N
         rec["outcome"], rec["message"] = "fail", f"{title}: the equation failed: {rec.get('prediction_error')}"
         return
     need = pred.get("peak_reserved_bytes")
-    if meas.get("status") == "error":
+    if meas.get("status") == "skipped":
+        rec["outcome"], rec["message"] = "skipped", f"{title}: skipped: {meas.get('error')}"
+    elif meas.get("status") == "error":
         rec["outcome"], rec["message"] = "fail", f"{title}: the call failed: {meas.get('error')}"
     elif meas.get("status") == "oom":
         if expect in ("oom", "either"):

@@ -184,12 +184,28 @@ def sdpa_recorder(stage: dict):
         F.scaled_dot_product_attention = orig
 
 
+class XformersUnavailable(RuntimeError):
+    """attention="xformers" on a machine where xformers does not import: the case is skipped."""
+
+
+def xformers_version() -> str:
+    """The installed xformers' version, or XformersUnavailable saying why it cannot be used."""
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401  (what diffusers imports)
+    except Exception as e:  # ImportError, or a broken build raising at import
+        raise XformersUnavailable(f"xformers does not import here ({type(e).__name__}: {_short(e, 300)}); "
+                                  "pip install xformers==0.0.35 (3.3 MB wheel, torch >= 2.10) to measure "
+                                  "attention=xformers") from None
+    return getattr(xformers, "__version__", "unknown")
+
+
 def attention_context(name: str):
     """The SDPA backend a case asks for, as formula/kernels.py defines it: that backend first,
     PyTorch's order after it, every backend enabled (sdpa_kernel([FLASH_ATTENTION]) alone
     would raise "No available kernel" for the VAE's head dim 512); "math" alone; "auto"
     leaves PyTorch's choice untouched."""
-    if name == "auto":
+    if name in ("auto", "xformers"):   # xformers: CLIP's SDPA keeps PyTorch's choice
         return contextlib.nullcontext()
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,6 +264,7 @@ class CudaBackend:
         self.dtype = dtype or torch.float16     # fp16 is what the equation predicts; tests on CPU use fp32
         self.hardware: dict = {}
         self.warmup: list[dict] = []
+        self.xformers: str | None = None        # its version, once an xformers case enabled it
         t0 = time.perf_counter()
         self._init_cuda()
         self._build(model)
@@ -351,7 +368,12 @@ class CudaBackend:
                 "attention_slicing": None, "vae_slicing": False, "vae_tiling": False, "safety_checker": True,
                 "output_type": "pil"}
         self.warmup = []
-        for attention in ("auto", "efficient", "math"):
+        try:
+            xformers_version()
+            xformers = ("xformers",)   # the kernels its ops pick load on first use too
+        except XformersUnavailable:
+            xformers = ()
+        for attention in ("auto", "efficient", "math") + xformers:
             case = Case(name=f"warmup-{attention}-64x64", width=64, height=64, prompt="warm-up",
                         options={**base, "attention": attention})
             from .cases import synthetic_image
@@ -391,11 +413,20 @@ class CudaBackend:
             self._checker.to("cpu")            # off the GPU, as if built without one
         pipe.vae.enable_tiling() if opts.vae_tiling else pipe.vae.disable_tiling()
         pipe.vae.enable_slicing() if opts.vae_slicing else pipe.vae.disable_slicing()
-        pipe.unet.set_attn_processor(dict(self._unet_procs))
-        if self._vae_procs:
-            pipe.vae.set_attn_processor(dict(self._vae_procs))
+        self._restore_processors()
+        if opts.attention == "xformers":
+            # before slicing: the later of the two sets the UNet's processors, as in the simulation
+            self.xformers = xformers_version()
+            pipe.enable_xformers_memory_efficient_attention()
         if opts.attention_slicing is not None:
             pipe.enable_attention_slicing(opts.attention_slicing)
+
+    def _restore_processors(self):
+        """The processors the pipeline was built with (AttnProcessor2_0): undoes attention
+        slicing and xformers."""
+        self.pipe.unet.set_attn_processor(dict(self._unet_procs))
+        if self._vae_procs:
+            self.pipe.vae.set_attn_processor(dict(self._vae_procs))
 
     def _reset_scheduler(self):
         # PNDM keeps its last noise predictions after a call; a fresh call starts without them.
@@ -416,6 +447,10 @@ class CudaBackend:
         m: dict = {"status": "ok", "error": None}
         try:
             self._configure(case.opts)
+        except XformersUnavailable as e:
+            self._restore_processors()
+            m.update(status="skipped", error=str(e))
+            return m
         except Exception as e:
             m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
             return m
@@ -478,6 +513,9 @@ class CudaBackend:
                         close_stage()
         finally:
             counter.remove()
+            if case.opts.attention == "xformers":
+                self._restore_processors()
+                m["xformers_version"] = self.xformers
         m["wall_s"] = round(time.perf_counter() - t0, 3)
         del out
         self._reset_scheduler()

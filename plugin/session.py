@@ -252,6 +252,8 @@ class SuiteState:
         node.user_properties.append((PROPERTY, self.row(rec, self.backend().gpu["slug"])))
         if rec["outcome"] == "fail":
             pytest.fail(rec["message"], pytrace=False)
+        if rec["outcome"] == "skipped":
+            pytest.skip(rec["message"])
 
     def run_full_call(self, case, node):
         self.check_time()

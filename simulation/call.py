@@ -7,7 +7,9 @@ call's substitutions each keep the device-side operations of the real call:
 - host-only work, and CUDA devices a CPU-only torch cannot parse (patches.py): the input
   image, ``Tensor.to``/``.cuda``/``.numpy``, numpy_to_pil and the feature extractor, the
   safety checker's thresholds, a fresh PNDMScheduler per call;
-- F.scaled_dot_product_attention picks the backend the GPU would (sdpa.py);
+- F.scaled_dot_product_attention picks the backend the GPU would (sdpa.py); with
+  attention="xformers" diffusers' enable_xformers_memory_efficient_attention() runs on a
+  stand-in xformers (fake_xformers.py);
 - scalar reads (``.item()``, ``bool()``) of small tensors use values computed on the CPU
   alongside (recorder.py shadows), e.g. the PNDM scheduler's ``prev_timestep >= 0``;
 - denoising steps: after the UNet evaluation where PNDM's ets list reaches its steady
@@ -30,7 +32,9 @@ import warnings
 import torch
 
 from sd_vram.formula.gpu_profiles import GPUProfile
+from sd_vram.formula.options import XFORMERS
 
+from .fake_xformers import FakeXformers, enable_xformers, patched_xformers
 from .kernel_hooks import kernel_allocations
 from .memo import ForwardMemo
 from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, set_safety_thresholds
@@ -51,14 +55,18 @@ def _prompt_for(prompt, prompt_length):
 
 
 @contextlib.contextmanager
-def _memory_options(pipe, options):
-    """The call's attention slicing and VAE slicing/tiling on `pipe`, restored afterwards
-    (the meta pipeline is shared)."""
+def _memory_options(pipe, options, xformers: FakeXformers | None = None):
+    """The call's xformers attention (before slicing: the later call wins, as on the GPU),
+    attention slicing and VAE slicing/tiling on `pipe`, restored afterwards (the meta
+    pipeline is shared)."""
     with contextlib.ExitStack() as es:
         unet_procs = dict(pipe.unet.attn_processors)
         vae_procs = dict(pipe.vae.attn_processors)
         es.callback(pipe.vae.set_attn_processor, vae_procs)
         es.callback(pipe.unet.set_attn_processor, unet_procs)
+        if xformers is not None:
+            es.enter_context(patched_xformers(xformers))
+            enable_xformers(pipe, xformers)
         if options.attention_slicing is not None:
             pipe.enable_attention_slicing(options.attention_slicing)
         old_slicing, old_tiling = getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False)
@@ -90,13 +98,16 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
         es.enter_context(pipeline_substitutes(pipe, height, width))
         es.enter_context(patched_tensor_methods(recorder, fake, device_type))
 
-        es.enter_context(_memory_options(pipe, options))
+        xformers = None
+        if options.attention == XFORMERS:
+            xformers = FakeXformers(profile or get_profile(None), recorder)
+        es.enter_context(_memory_options(pipe, options, xformers))
         set_safety_thresholds(pipe, recorder, fake)
 
         patcher = None
         if sdpa and device_type == "cuda":
             profile = profile or get_profile(None)
-            patcher = SDPAPatcher(profile, options.attention, recorder, device_type)
+            patcher = SDPAPatcher(profile, options.sdpa_attention, recorder, device_type)
             es.enter_context(patched_sdpa(patcher))
             es.enter_context(kernel_allocations(recorder, profile, device_type, options))
 
@@ -128,6 +139,8 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
         del out
         if patcher is not None:
             info["sdpa"] = dict(patcher.choices)
+        if xformers is not None:
+            info["sdpa"] = {**info["sdpa"], **xformers.choices}
         if memo_unet:
             info["unet_replays"] = info.pop("memo").replays
     return start, end, info

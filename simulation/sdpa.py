@@ -140,7 +140,7 @@ class SDPAPatcher:
         splits = flash_num_splits(self.profile, q.size(0), q.size(1), q.size(2), k.size(2), q.size(3))
         keys = []
         if rec is not None and splits > 1:
-            d_rounded = -(-q.size(3) // 32) * 32 if q.size(3) <= 128 else -(-q.size(3) // 64) * 64
+            d_rounded = kernels.flash_head_dim_rounded(q.size(3))
             b, h, sq = q.size(0), q.size(1), q.size(2)
             keys.append(rec.synthetic_alloc(splits * b * h * sq * 4, "flash_attn:softmax_lse_accum",
                                             (splits, b, h, sq), "float32"))

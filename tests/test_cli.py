@@ -310,7 +310,7 @@ def _bad_inputs(tmp):
         ["estimate", "640x427", "--prompt", "a cat", "--prompt-length", "3"],
         ["estimate", "640x427", "--prompt-length", "-1"], ["estimate", "640x427", "--prompt-length", "2.5"],
         ["estimate", "640x427", "--strength", "1.5"], ["estimate", "640x427", "--steps", "0"],
-        ["estimate", "640x427", "--attention", "xformers"], ["estimate", "640x427", "--attention-slicing", "0"],
+        ["estimate", "640x427", "--attention", "sage"], ["estimate", "640x427", "--attention-slicing", "0"],
         ["estimate", "640x427", "--num-images-per-prompt", "0"], ["estimate"], [], ["frobnicate"],
         ["max-size", "--vram", "1GiB"], ["max-size", "--vram", "100MiB"], ["max-size", "--vram", "abc"],
         ["max-size", "--vram", "-8GiB"], ["max-size", "--vram", "0"], ["max-size", "--vram", "8XB"],

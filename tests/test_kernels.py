@@ -5,7 +5,7 @@ import pytest
 from sd_vram.formula import gpu_profiles, kernels
 from sd_vram.formula.equation import _backends, estimate
 from sd_vram.formula.activations import Shape
-from sd_vram.formula.options import ATTENTION_BACKENDS, Options
+from sd_vram.formula.options import SDPA_BACKENDS, Options
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -56,7 +56,7 @@ STACKS = {
 
 
 @pytest.mark.parametrize("stack", STACKS, ids=list(STACKS))
-@pytest.mark.parametrize("requested", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("requested", SDPA_BACKENDS)   # xformers: tests/test_xformers.py
 def test_equation_and_simulation_choose_the_same_sdpa_backend(stack, requested):
     """The equation's backends per model are the simulation's for the same tensors."""
     import torch

@@ -170,3 +170,46 @@ def test_cuda_backend_code_path_on_cpu(fake_gpu):
     assert b.measure(_case("g"), synthetic_image(64, 48, "g"))["status"] == "ok"
     assert b.capacity() == 70_000 * MiB + fake_gpu.allocated + 20 * MiB
     b.close()
+
+
+def test_xformers_case_skipped_without_xformers_and_enabled_with_it(fake_gpu, monkeypatch):
+    """attention="xformers": skipped with the reason when xformers does not import; with an
+    importable xformers, diffusers' enable_xformers_memory_efficient_attention() runs before the
+    call, its processor does the UNet's and VAE's attention, and the pipeline's own processors
+    are back afterwards."""
+    from diffusers.models import attention_processor as ap
+
+    from sd_vram.plugin import gpu
+
+    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=False, dtype=torch.float32)
+    before = {k: type(p) for k, p in b.pipe.unet.attn_processors.items()}
+    monkeypatch.setitem(sys.modules, "xformers", None)           # import xformers raises ImportError
+    m = b.measure(_case("xf", attention="xformers"), synthetic_image(64, 48, "xf"))
+    assert m["status"] == "skipped" and "xformers does not import" in m["error"]
+
+    calls = []
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, op=None, scale=None):
+        calls.append(tuple(q.shape))   # not through F.scaled_dot_product_attention: the suite records those
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        return scores.softmax(-1) @ v
+
+    xf = types.ModuleType("xformers")
+    xf.__version__ = "0.0.35"
+    xf.ops = types.ModuleType("xformers.ops")
+    xf.ops.memory_efficient_attention = memory_efficient_attention
+    monkeypatch.setitem(sys.modules, "xformers", xf)
+    monkeypatch.setitem(sys.modules, "xformers.ops", xf.ops)
+    monkeypatch.setattr(ap, "xformers", xf)
+    monkeypatch.setattr(ap, "is_xformers_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    randn = torch.randn      # diffusers' test call asks for device="cuda": on the CPU here
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: randn(*a, device=None if device == "cuda"
+                                                                          else device, **k))
+    m = b.measure(_case("xf", attention="xformers"), synthetic_image(64, 48, "xf"))
+    assert m["status"] == "ok", m["error"]
+    assert m["xformers_version"] == "0.0.35"
+    assert set(calls) - {(1, 2, 40)}                        # more than diffusers' test calls
+    assert {e["stage"] for e in m["sdpa"]} == {"text_encoder", "safety_checker"}   # CLIP keeps SDPA
+    assert {k: type(p) for k, p in b.pipe.unet.attn_processors.items()} == before
+    b.close()

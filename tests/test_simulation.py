@@ -131,7 +131,7 @@ def test_rounding_and_bad_input():
     with pytest.raises(InputError):
         simulate(7, 64)
     with pytest.raises(InputError):
-        simulate(64, 64, attention="xformers")
+        simulate(64, 64, attention="sage")
 
 
 def test_full_step_count_reaches_the_same_peak():
