@@ -14,7 +14,9 @@
 # what overruns), cheapest cases first within a step:
 #   settings  S1 (+130) the alloc-conf cases, in a process started with
 #                       PYTORCH_CUDA_ALLOC_CONF=$SPLIT_CONF (the allocator reads it once)
-#             S2 (+540) every other settings case (SETTINGS_TAGS), in one process
+#             S2 (+470) every other settings case (SETTINGS_TAGS), in one process
+#             S3 (+540) the xformers cases, in the one process that has the carried xformers
+#                       wheel (diffusers imports xformers whenever it is installed)
 #   pipelines T  (+250) the txt2img cases
 #             I  (+540) the inpaint cases
 # Archives go to results/<gpu>/<run>.json; then they are compared in the log.
@@ -33,7 +35,7 @@ DRY=${DRY:-0}
 OUT=${OUT:-/tmp/sd-vram-out}
 BUDGET=${SD_VRAM_BUDGET_S:-540}
 GRACE=20
-SETTINGS_TAGS=${SETTINGS_TAGS:-dtype,scheduler,cudnn,channels-last,lora,xformers}
+SETTINGS_TAGS=${SETTINGS_TAGS:-dtype,scheduler,cudnn,lora}
 SPLIT_CONF=${SPLIT_CONF:-max_split_size_mb:512}
 CASES=${CASES:-*}
 PY=${PYTHON:-python3}
@@ -67,7 +69,13 @@ main() {
 
     if [ "$GROUP" = settings ]; then
         run_step S1 130 env PYTORCH_CUDA_ALLOC_CONF="$SPLIT_CONF" "${PYTEST[@]}" --case-tags alloc-conf
-        run_step S2 540 "${PYTEST[@]}" --case-tags "$SETTINGS_TAGS"
+        run_step S2 470 "${PYTEST[@]}" --case-tags "$SETTINGS_TAGS"
+        if opt_in_site "$SITE-xformers" 'xformers-*'; then
+            run_step S3 540 env PYTHONPATH="$SITE-xformers:$PYTHONPATH" "${PYTEST[@]}" --case-tags xformers
+        else
+            log "step S3: the xformers cases run without xformers (each is skipped with the reason)"
+            run_step S3 540 "${PYTEST[@]}" --case-tags xformers
+        fi
     else
         run_step T 250 "${PYTEST[@]}" --case-tags txt2img
         run_step I 540 "${PYTEST[@]}" --case-tags inpaint

@@ -41,13 +41,32 @@ SHIM
 
 
 # prepare: the carried wheels (.whl/, not in a dry run) and the shim; returns 2 on failure.
+# xformers stays out: diffusers imports it whenever it is installed, so only the process that
+# measures it gets it (opt_in_site).
 prepare() {
     if [ "$DRY" != 1 ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+        local wheels=() w
+        for w in .whl/*.whl; do
+            case "$(basename "$w")" in xformers-*) ;; *) wheels+=("$w") ;; esac
+        done
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" \
             || { log "FATAL: could not install the wheels from .whl/"; return 2; }
     fi
     export PYTHONPATH="$SITE:$PWD"
     make_shim || { log "FATAL: could not write the sd_vram shim in $SITE"; return 2; }
+}
+
+# opt_in_site DIR PATTERN: the carried wheels matching PATTERN (e.g. 'xformers-*') installed in DIR
+# (a PYTHONPATH entry for the one step that needs them); returns 1 when there is none or it fails.
+opt_in_site() {
+    local dir=$1 pattern=$2 wheels=()
+    [ "$DRY" = 1 ] && { mkdir -p "$dir"; return 0; }
+    shopt -s nullglob
+    wheels=(.whl/$pattern.whl)
+    shopt -u nullglob
+    [ ${#wheels[@]} -gt 0 ] || { log "no .whl/$pattern.whl carried"; return 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dir" "${wheels[@]}" \
+        || { log "could not install ${wheels[*]}"; return 1; }
 }
 
 # run_step NAME SECONDS_FROM_START CMD...: runs CMD with SD_VRAM_DEADLINE set, killed GRACE s after

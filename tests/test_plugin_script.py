@@ -135,7 +135,7 @@ def test_no_time_left_skips_every_step(repo, tmp_path):
 def test_settings_script_runs_the_allocator_cases_under_their_settings(repo, tmp_path):
     p, log = run_script(repo, tmp_path, "gpu_cases_validate.sh", "settings", CASES="*square-512x512")
     assert p.returncode == 0, log[-3000:]
-    assert re.search(r"steps: S1:[01] S2:[015]$", log, re.M), log[-3000:]
+    assert re.search(r"steps: S1:[01] S2:[015] S3:[015]$", log, re.M), log[-3000:]
     runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out" / "results").rglob("*.json"))]
     split = [r for r in runs if r["run"]["allocator"] == "max_split_size_mb:512"]
     assert len(split) == 1, [r["run"]["allocator"] for r in runs]
