@@ -94,12 +94,13 @@ def prompt_state(s: Shape) -> Peak:
     return p
 
 
-def latent_state(s: Shape, history: int) -> Peak:
-    """latents (n,4,h,w) and `history` more latent-sized tensors (scheduler ets, last outputs)."""
+def latent_state(s: Shape, history: int, what: str = "scheduler history (ets, cur_sample)") -> Peak:
+    """latents (n,4,h,w) and `history` more latent-sized tensors the scheduler keeps (`what`:
+    PNDM's ets and cur_sample, DPM-Solver's model_outputs, ...: schedulers.py)."""
     p = Peak("latents")
     p.add("state", "latents", nbytes(s.n, 4, s.h, s.w))
     if history:
-        p.add("state", "scheduler history (ets, cur_sample)", nbytes(s.n, 4, s.h, s.w), history)
+        p.add("state", what, nbytes(s.n, 4, s.h, s.w), history)
     return p
 
 
