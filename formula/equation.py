@@ -108,14 +108,15 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     ws = profile.conv_workspace() if ws is None else ws
     prompt = act.prompt_state(s)
     # what the scheduler keeps: during the UNet's evaluations, and after the loop (schedulers.py)
-    during, after = schedulers.history(o.scheduler, o.unet_evaluations)
+    evals = o.unet_evaluations
+    during, after = schedulers.history(o.scheduler, evals)
     kept = schedulers.get(o.scheduler).kept_what
-    latents = act.latent_state(s, after, kept)
+    latents = act.latent_state(s, after, kept, schedulers.noise_pred_held(o.scheduler, evals))
+    in_unet = act.latent_state(s, during, kept, schedulers.noise_pred_held(o.scheduler, evals - 1))
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
-        "unet": [act.merge(prompt, act.latent_state(s, during, kept), p)
-                 for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
+        "unet": [act.merge(prompt, in_unet, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)

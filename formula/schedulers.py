@@ -28,6 +28,7 @@ class Scheduler:
     kept: Callable[[int], int]       # latent-sized tensors it holds after its k-th step() (k >= 1)
     kept_what: str                   # what those tensors are (the equation's term name)
     order: int = 1                   # scheduler.order: get_timesteps drops t_start * order timesteps
+    keeps_noise_pred: bool = False   # its history holds the pipeline's own noise_pred (PNDM's ets[-1])
     max_steps: int | None = None     # set_timesteps refuses more steps (ValueError)
 
     def kept_after(self, k: int) -> int:
@@ -51,7 +52,7 @@ def _pndm_kept(k: int) -> int:
 SCHEDULERS: dict[str, Scheduler] = {s.name: s for s in (
     # PNDM (skip_prk_steps): plms_timesteps repeats the second to last timestep (n + 1 for n >= 2)
     Scheduler("pndm", "PNDMScheduler", lambda n: n + 1 if n >= 2 else n, _pndm_kept,
-              "scheduler history (ets, cur_sample)"),
+              "scheduler history (ets, cur_sample)", keeps_noise_pred=True),
     # DDIM: no history; set_timesteps raises for more steps than num_train_timesteps
     Scheduler("ddim", "DDIMScheduler", lambda n: n, lambda k: 0, "", max_steps=1000),
     # Euler: sigmas stay on the CPU ("to avoid too much CPU/GPU communication"); step() keeps nothing
@@ -91,6 +92,13 @@ def history(scheduler: str, evaluations: int) -> tuple[int, int]:
     an evaluation sees what the steps before it kept, the VAE decode what the last one kept."""
     s = SCHEDULERS[scheduler]
     return max(s.kept_after(k) for k in range(evaluations)), s.kept_after(evaluations)
+
+
+def noise_pred_held(scheduler: str, steps_done: int) -> int:
+    """1 where __call__'s `noise_pred` (the last step's guided prediction, n x 4 x h x w, a local
+    until the next step rebinds it) is a tensor of its own: after a step, unless the
+    scheduler's history holds that very tensor (PNDM appends it to ets)."""
+    return int(steps_done >= 1 and not SCHEDULERS[scheduler].keeps_noise_pred)
 
 
 def steady_state_evals(scheduler: str) -> int:
