@@ -108,11 +108,10 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     ws = profile.conv_workspace() if ws is None else ws
     prompt = act.prompt_state(s)
     # what the scheduler keeps: during the UNet's evaluations, and after the loop (schedulers.py)
-    evals = o.unet_evaluations
-    during, after = schedulers.history(o.scheduler, evals)
+    (during, held_during), (after, held_after) = schedulers.history(o.scheduler, o.unet_evaluations)
     kept = schedulers.get(o.scheduler).kept_what
-    latents = act.latent_state(s, after, kept, schedulers.noise_pred_held(o.scheduler, evals))
-    in_unet = act.latent_state(s, during, kept, schedulers.noise_pred_held(o.scheduler, evals - 1))
+    latents = act.latent_state(s, after, kept, held_after)
+    in_unet = act.latent_state(s, during, kept, held_during)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],

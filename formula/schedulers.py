@@ -28,16 +28,24 @@ class Scheduler:
     kept: Callable[[int], int]       # latent-sized tensors it holds after its k-th step() (k >= 1)
     kept_what: str                   # what those tensors are (the equation's term name)
     order: int = 1                   # scheduler.order: get_timesteps drops t_start * order timesteps
-    keeps_noise_pred: bool = False   # its history holds the pipeline's own noise_pred (PNDM's ets[-1])
+    # after step k, its history holds __call__'s own noise_pred (PNDM appends it to ets)
+    holds_noise_pred: Callable[[int], bool] = lambda k: False
     max_steps: int | None = None     # set_timesteps refuses more steps (ValueError)
 
-    def kept_after(self, k: int) -> int:
-        return 0 if k <= 0 else self.kept(k)
+    def state_after(self, k: int) -> tuple[int, int]:
+        """(tensors the scheduler keeps, 1 if __call__'s noise_pred is one more) after k steps.
+
+        The pipeline's `noise_pred`, the last step's guided prediction, stays a local of
+        __call__ until the next step rebinds it: through the next UNet evaluation and, after
+        the loop, through the VAE decode."""
+        if k <= 0:
+            return 0, 0
+        return self.kept(k), int(not self.holds_noise_pred(k))
 
     def steady_from(self) -> int:
-        """The step from which kept() no longer changes (no earlier step keeps more)."""
+        """The step from which state_after() no longer changes (no earlier step holds more)."""
         k = 0
-        while any(self.kept_after(j) != self.kept_after(k) for j in range(k + 1, k + 8)):
+        while any(self.state_after(j) != self.state_after(k) for j in range(k + 1, k + 8)):
             k += 1
         return k
 
@@ -49,10 +57,14 @@ def _pndm_kept(k: int) -> int:
     return {1: 2, 2: 1}.get(k, min(k - 1, 4))
 
 
+def _pndm_holds_noise_pred(k: int) -> bool:
+    return k != 2     # step 2 appends nothing: its noise_pred is only __call__'s
+
+
 SCHEDULERS: dict[str, Scheduler] = {s.name: s for s in (
     # PNDM (skip_prk_steps): plms_timesteps repeats the second to last timestep (n + 1 for n >= 2)
     Scheduler("pndm", "PNDMScheduler", lambda n: n + 1 if n >= 2 else n, _pndm_kept,
-              "scheduler history (ets, cur_sample)", keeps_noise_pred=True),
+              "scheduler history (ets, cur_sample)", holds_noise_pred=_pndm_holds_noise_pred),
     # DDIM: no history; set_timesteps raises for more steps than num_train_timesteps
     Scheduler("ddim", "DDIMScheduler", lambda n: n, lambda k: 0, "", max_steps=1000),
     # Euler: sigmas stay on the CPU ("to avoid too much CPU/GPU communication"); step() keeps nothing
@@ -87,22 +99,16 @@ def unet_evaluations(num_inference_steps: int, strength: float, scheduler: str =
     return max(s.timesteps(n) - t_start * s.order, 0)
 
 
-def history(scheduler: str, evaluations: int) -> tuple[int, int]:
-    """(tensors alive during the UNet stage's peak evaluation, tensors alive after the loop):
-    an evaluation sees what the steps before it kept, the VAE decode what the last one kept."""
+def history(scheduler: str, evaluations: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """state_after() during the UNet stage's fullest evaluation (an evaluation sees what the
+    steps before it left) and after the loop (the VAE decode sees what the last step left)."""
     s = SCHEDULERS[scheduler]
-    return max(s.kept_after(k) for k in range(evaluations)), s.kept_after(evaluations)
-
-
-def noise_pred_held(scheduler: str, steps_done: int) -> int:
-    """1 where __call__'s `noise_pred` (the last step's guided prediction, n x 4 x h x w, a local
-    until the next step rebinds it) is a tensor of its own: after a step, unless the
-    scheduler's history holds that very tensor (PNDM appends it to ets)."""
-    return int(steps_done >= 1 and not SCHEDULERS[scheduler].keeps_noise_pred)
+    during = max((s.state_after(k) for k in range(evaluations)), key=sum, default=(0, 0))
+    return during, s.state_after(evaluations)
 
 
 def steady_state_evals(scheduler: str) -> int:
     """The fewest UNet evaluations whose peak every longer call shares: the evaluation after
-    the scheduler's history stops changing, and at least the second (from the second on, the
-    pipeline also holds the previous evaluation's noise prediction during the UNet)."""
+    the state stops changing, and at least the second (from the second on, __call__ also
+    holds the previous evaluation's UNet output and noise prediction during the UNet)."""
     return max(2, SCHEDULERS[scheduler].steady_from() + 1)
