@@ -95,12 +95,17 @@ def prompt_state(s: Shape) -> Peak:
     return p
 
 
-def latent_state(s: Shape, history: int) -> Peak:
-    """latents (n,4,h,w) and `history` more latent-sized tensors (scheduler ets, last outputs)."""
+def latent_state(s: Shape, history: int, what: str = "scheduler history (ets, cur_sample)",
+                 noise_pred: int = 0) -> Peak:
+    """latents (n,4,h,w) and `history` more latent-sized tensors the scheduler keeps (`what`:
+    PNDM's ets and cur_sample, DPM-Solver's model_outputs, ...: schedulers.py), and
+    `noise_pred` (0 or 1) for __call__'s last guided prediction where no history holds it."""
     p = Peak("latents")
     p.add("state", "latents", nbytes(s.n, 4, s.h, s.w))
     if history:
-        p.add("state", "scheduler history (ets, cur_sample)", nbytes(s.n, 4, s.h, s.w), history)
+        p.add("state", what, nbytes(s.n, 4, s.h, s.w), history)
+    if noise_pred:
+        p.add("state", "noise_pred of the last step (__call__'s local)", nbytes(s.n, 4, s.h, s.w))
     return p
 
 

@@ -19,7 +19,7 @@ from math import prod
 
 from . import activations as act
 from . import architecture as arch
-from . import gpu_profiles, kernels, schedule
+from . import gpu_profiles, kernels, schedule, schedulers
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import XFORMERS, InputError, Options
@@ -125,12 +125,15 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     be = _backends(s, o, profile)
     ws = kernels.conv_kernels(o, profile) if ws is None else ws
     prompt = act.prompt_state(s)
-    history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
-    latents = act.latent_state(s, history)
+    # what the scheduler keeps: during the UNet's evaluations, and after the loop (schedulers.py)
+    (during, held_during), (after, held_after) = schedulers.history(o.scheduler, o.unet_evaluations)
+    kept = schedulers.get(o.scheduler).kept_what
+    latents = act.latent_state(s, after, kept, held_after)
+    in_unet = act.latent_state(s, during, kept, held_during)
     stages = {
         "text_encoder": act.text_encoder(s, be["clip"]),
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
-        "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
+        "unet": [act.merge(prompt, in_unet, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)

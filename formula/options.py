@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from . import allocconf
+from . import allocconf, schedulers
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 XFORMERS = "xformers"   # pipe.enable_xformers_memory_efficient_attention() (kernels.py section 4)
@@ -41,6 +41,7 @@ class Options:
     cudnn: bool = True                   # torch.backends.cudnn.enabled (False: PyTorch's native convolutions)
     cudnn_benchmark: bool = False        # torch.backends.cudnn.benchmark (the peak depends on run-time state)
     cudnn_deterministic: bool = False    # torch.backends.cudnn.deterministic (deterministic engines only)
+    scheduler: str = schedulers.DEFAULT  # pipe.scheduler = X.from_config(pipe.scheduler.config); schedulers.py
 
     def __post_init__(self):
         def need(cond, msg):
@@ -76,13 +77,20 @@ class Options:
                  f"{name} needs cuDNN: with cudnn=False (torch.backends.cudnn.enabled = False) PyTorch runs its "
                  "native convolutions, which have no engines to search or filter")
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        need(self.scheduler in schedulers.NAMES,
+             f"scheduler must be one of {', '.join(schedulers.NAMES)}, got {self.scheduler!r}")
+        most = schedulers.get(self.scheduler).max_steps
+        need(most is None or self.num_inference_steps <= most,
+             f"scheduler {self.scheduler} takes at most {most} steps (num_train_timesteps), got {self.num_inference_steps}")
         need(self.unet_evaluations >= 1,
              f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
-             "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
+             "then decodes an empty batch and fails "
+             + ("(use strength 1 or at least 2 steps)" if self.scheduler == "pndm"
+                else f"(with {self.scheduler}, use a strength of at least 1/{self.num_inference_steps})"))
 
     @property
     def unet_evaluations(self) -> int:
-        return unet_evaluations(self.num_inference_steps, self.strength)
+        return unet_evaluations(self.num_inference_steps, self.strength, self.scheduler)
 
     @property
     def sdpa_attention(self) -> str:
@@ -113,17 +121,16 @@ class Options:
         return asdict(self)
 
 
-def unet_evaluations(num_inference_steps: int, strength: float) -> int:
-    """UNet evaluations of one img2img call, as diffusers 0.42.1 counts them.
+def unet_evaluations(num_inference_steps: int, strength: float, scheduler: str = schedulers.DEFAULT) -> int:
+    """UNet evaluations of one img2img call, as diffusers 0.42.1 counts them (schedulers.py).
 
     PNDMScheduler (skip_prk_steps) makes n + 1 timesteps for n >= 2 steps (it repeats the
-    second to last; the progress bar shows n) and 1 for n = 1. get_timesteps keeps the last
-    init = min(int(n * strength), n) steps: it drops the first n - init timesteps, so
-    strength 0 still runs one evaluation when n >= 2, and none when n = 1 and strength < 1.
+    second to last; the progress bar shows n) and 1 for n = 1; the others make n. get_timesteps
+    keeps the last init = min(int(n * strength), n) steps: it drops the first n - init
+    timesteps, so with PNDM strength 0 still runs one evaluation when n >= 2, and none when
+    n = 1 and strength < 1; with the others int(n * strength) = 0 runs none.
     """
-    n = num_inference_steps
-    timesteps = n + 1 if n >= 2 else n
-    return timesteps - (n - min(int(n * strength), n))
+    return schedulers.unet_evaluations(num_inference_steps, strength, scheduler)
 
 
 def _is_int(x) -> bool:

@@ -51,7 +51,8 @@ class Case:
 
     @property
     def unet_evals(self) -> int:
-        return unet_evaluations(self.options["num_inference_steps"], self.options["strength"])
+        o = self.options
+        return unet_evaluations(o["num_inference_steps"], o["strength"], o.get("scheduler", "pndm"))
 
     @property
     def cost(self) -> float:

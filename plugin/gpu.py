@@ -354,6 +354,7 @@ class CudaBackend:
             self.pipe = build_pipeline(self.device, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self._checker = self.pipe.safety_checker
+        self._schedulers = {"pndm": self.pipe.scheduler}   # by option name, each built once
         self._unet_procs = dict(self.pipe.unet.attn_processors)
         self._vae_procs = dict(self.pipe.vae.attn_processors) if hasattr(self.pipe.vae, "attn_processors") else None
         gc.collect()
@@ -420,6 +421,21 @@ class CudaBackend:
             pipe.enable_xformers_memory_efficient_attention()
         if opts.attention_slicing is not None:
             pipe.enable_attention_slicing(opts.attention_slicing)
+        pipe.scheduler = self._scheduler(opts.scheduler)
+
+    def _scheduler(self, name: str):
+        """The case's scheduler as users switch it: X.from_config(pipe.scheduler.config) of the
+        pipeline's own (PNDM) scheduler; built once per name, so, like PNDM's, it keeps what it
+        moved to the device (alphas_cumprod) from one case to the next."""
+        if name not in self._schedulers:
+            import importlib.util
+
+            from sd_vram.models import switch_scheduler
+
+            if name == "lms" and importlib.util.find_spec("scipy") is None:
+                raise RuntimeError("the lms scheduler needs scipy (get_lms_coefficient uses scipy.integrate)")
+            self._schedulers[name] = switch_scheduler(self._schedulers["pndm"], name)
+        return self._schedulers[name]
 
     def _restore_processors(self):
         """The processors the pipeline was built with (AttnProcessor2_0): undoes attention
@@ -429,14 +445,16 @@ class CudaBackend:
             self.pipe.vae.set_attn_processor(dict(self._vae_procs))
 
     def _reset_scheduler(self):
-        # PNDM keeps its last noise predictions after a call; a fresh call starts without them.
+        # A scheduler keeps its last model outputs after a call (PNDM's ets and cur_sample,
+        # DPM-Solver's and UniPC's model_outputs, UniPC's last_sample, LMS's derivatives);
+        # a fresh call starts without them.
         s = self.pipe.scheduler
-        if hasattr(s, "ets"):
-            s.ets = []
-        if hasattr(s, "cur_sample"):
-            s.cur_sample = None
-        if hasattr(s, "counter"):
-            s.counter = 0
+        for name, empty in (("ets", list), ("derivatives", list), ("cur_sample", None), ("last_sample", None),
+                            ("counter", 0)):
+            if hasattr(s, name):
+                setattr(s, name, empty() if callable(empty) else empty)
+        if hasattr(s, "model_outputs"):
+            s.model_outputs = [None] * len(s.model_outputs)
 
     def measure(self, case: Case, image, around_call=None, size=None) -> dict:
         """One case's call: a Measurement (plugin/backends.py, the archive's "measurement")."""

@@ -62,6 +62,26 @@ def build_scheduler():
     return PNDMScheduler.from_config(sd15_config()["scheduler"])
 
 
+# diffusers exposes LMSDiscreteScheduler as a dummy that raises without scipy; its module still
+# defines the class (it needs scipy.integrate only in get_lms_coefficient)
+_SCHEDULER_MODULES = {"LMSDiscreteScheduler": "diffusers.schedulers.scheduling_lms_discrete"}
+
+
+def scheduler_class(name: str):
+    """The diffusers class of a scheduler option (formula/schedulers.py names them)."""
+    import importlib
+
+    from sd_vram.formula import schedulers
+
+    cls = schedulers.get(name).diffusers_class
+    return getattr(importlib.import_module(_SCHEDULER_MODULES.get(cls, "diffusers")), cls)
+
+
+def switch_scheduler(scheduler, name: str):
+    """What users write: X.from_config(pipe.scheduler.config), X the class of `name`."""
+    return scheduler_class(name).from_config(scheduler.config)
+
+
 def build_feature_extractor():
     from transformers import CLIPImageProcessor
 

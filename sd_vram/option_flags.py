@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 
 from sd_vram.formula.options import ATTENTION_BACKENDS, OUTPUT_TYPES, Options
+from sd_vram.formula.schedulers import NAMES as SCHEDULER_NAMES
 
 GROUP_TITLE = "pipeline options (defaults are diffusers')"
 
@@ -91,6 +92,11 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",
                    {"metavar": "NAME|FILE"}),
+        OptionFlag("scheduler", "--scheduler",
+                   "pipe.scheduler = X.from_config(pipe.scheduler.config): its UNet evaluations for --steps and "
+                   "--strength and the latents it keeps between steps; derived from diffusers' scheduler sources, "
+                   f"not measured on a GPU except pndm (default {d.scheduler})",
+                   {"metavar": "{" + ",".join(SCHEDULER_NAMES) + "}"}),
     )
 
 

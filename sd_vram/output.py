@@ -64,6 +64,8 @@ def options_line(o: Options) -> str:
         parts.append("VAE tiling")
     parts.append("safety checker" if o.safety_checker else "no safety checker")
     parts.append(f"output {o.output_type}")
+    if o.scheduler != Options().scheduler:
+        parts.append(f"scheduler {o.scheduler} ({plural(o.unet_evaluations, 'UNet evaluation')})")
     if o.alloc_conf or o.expandable_segments:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     return ", ".join(parts)

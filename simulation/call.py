@@ -6,16 +6,17 @@ call's substitutions each keep the device-side operations of the real call:
 
 - host-only work, and CUDA devices a CPU-only torch cannot parse (patches.py): the input
   image, ``Tensor.to``/``.cuda``/``.numpy``, numpy_to_pil and the feature extractor, the
-  safety checker's thresholds, a fresh PNDMScheduler per call;
+  safety checker's thresholds, a fresh scheduler of the call's kind per call;
 - F.scaled_dot_product_attention picks the backend the GPU would (sdpa.py); with
   attention="xformers" diffusers' enable_xformers_memory_efficient_attention() runs on a
   stand-in xformers (fake_xformers.py);
 - scalar reads (``.item()``, ``bool()``) of small tensors use values computed on the CPU
   alongside (recorder.py shadows), e.g. the PNDM scheduler's ``prev_timestep >= 0``;
-- denoising steps: after the UNet evaluation where PNDM's ets list reaches its steady
-  size (``steps="auto"``: 6 evaluations), the remaining steps are skipped through the
-  pipeline's own ``interrupt`` flag. Every later step allocates the same tensors and the
-  ets list keeps 4 noise predictions, so the peak is the same (tests prove it). The UNet's
+- denoising steps: after the UNet evaluation where the scheduler's history reaches its
+  steady size (``steps="auto"``: formula/schedulers.steady_state_evals, 6 evaluations for
+  PNDM, whose ets list then holds 4 noise predictions), the remaining steps are skipped
+  through the pipeline's own ``interrupt`` flag. Every later step allocates the same tensors
+  and the scheduler keeps as many, so the peak is the same (tests prove it). The UNet's
   evaluations after the first replay its recorded stream (memo.py).
 
 Kernel-internal allocations the meta kernels do not show are added as synthetic events
@@ -31,6 +32,7 @@ import warnings
 
 import torch
 
+from sd_vram.formula import schedulers
 from sd_vram.formula.gpu_profiles import GPUProfile
 from sd_vram.formula.options import XFORMERS
 
@@ -43,7 +45,12 @@ from .recorder import MemoryRecorder
 from .resident import WeightSwap, load_weights, meta_pipeline, module_order, resident_setup
 from .sdpa import SDPAPatcher, patched_sdpa
 
-STEADY_STATE_EVALS = 6     # PNDM (skip_prk_steps): ets reaches 4 entries at evaluation 6
+STEADY_STATE_EVALS = schedulers.steady_state_evals("pndm")   # 6: PNDM's ets holds 4 from evaluation 6
+
+
+def steady_state_evals(options) -> int:
+    """The UNet evaluations steps="auto" runs: its scheduler's steady state."""
+    return schedulers.steady_state_evals(options.scheduler)
 
 
 def _prompt_for(prompt, prompt_length):
@@ -81,21 +88,24 @@ def _memory_options(pipe, options, xformers: FakeXformers | None = None):
 
 def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt: str,
              options, device_type: str, profile: GPUProfile | None = None, fake: bool = True,
-             max_unet_evals: int | None = STEADY_STATE_EVALS, sdpa: bool = True,
+             max_unet_evals: int | str | None = "auto", sdpa: bool = True,
              memo_unet: bool = True):
     """Run pipe.__call__ under the recorder with the substitutions of the module docstring.
 
     The caller has already entered FakeTensorMode (fake=True) and put the weights on the
-    device. Returns (call_start_index, call_end_index, info) over recorder.events.
+    device. max_unet_evals: "auto" (steady_state_evals), a number, or None (all). Returns
+    (call_start_index, call_end_index, info) over recorder.events.
     """
     from PIL import Image
 
     from sd_vram.stages import stage_hooks
 
     info = {"unet_evals": 0, "sdpa": {}}
+    if max_unet_evals == "auto":
+        max_unet_evals = steady_state_evals(options)
     es = contextlib.ExitStack()
     with es:
-        es.enter_context(pipeline_substitutes(pipe, height, width))
+        es.enter_context(pipeline_substitutes(pipe, height, width, options.scheduler))
         es.enter_context(patched_tensor_methods(recorder, fake, device_type))
 
         xformers = None
@@ -156,7 +166,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
     # without one; a history that unloads it needs the model built too
     built_with_checker = bool(options.safety_checker) or any(h == "-safety_checker" for h in history)
     pipe = meta_pipeline(built_with_checker)
-    max_evals = None if steps == "full" else (STEADY_STATE_EVALS if steps == "auto" else int(steps))
+    max_evals = None if steps == "full" else (steady_state_evals(options) if steps == "auto" else int(steps))
     recorder = MemoryRecorder("cuda")
     recorder.name_modules({n: m for n, m in module_order(pipe)})
     swap = WeightSwap()
@@ -181,7 +191,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
 
 
 def record_call(height: int, width: int, *, device_type: str = "cuda", fake: bool = True,
-                options=None, profile: GPUProfile | None = None, max_unet_evals=STEADY_STATE_EVALS,
+                options=None, profile: GPUProfile | None = None, max_unet_evals="auto",
                 memo_unet: bool = True, dtype: torch.dtype = torch.float16, prompt: str = "a photo"):
     """Record one call on `device_type`, on fake tensors or (fake=False, CPU) real ones.
 

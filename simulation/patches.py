@@ -23,9 +23,14 @@ Each keeps the device-side operations of the real call:
    ``concept_embeds_weights`` / ``special_care_embeds_weights`` have shadow values of 1.0, so
    ``.item()`` works and no image is flagged: the no-NSFW branch the real-GPU harness also
    takes (it sets the concept thresholds so that random weights never flag).
-6. A fresh PNDMScheduler per call: ``add_noise`` moves alphas_cumprod to the device and keeps
-   it there, so this models the first call of a process (the suite's scheduler keeps it
-   and the last timesteps between calls: 4,608 B more resident there).
+6. A fresh scheduler of the call's kind per call (``Options.scheduler``:
+   ``X.from_config(pipe.scheduler.config)``, built outside the fake mode so its CPU tables
+   hold real values, as set_timesteps and its Python branches need): PNDM's and DDIM's
+   ``add_noise`` move alphas_cumprod to the device and keep it there, so this models the
+   first call of a process (the suite's scheduler keeps it and the last timesteps between
+   calls: 4,608 B more resident there). LMS's ``get_lms_coefficient`` (a host float from
+   scipy.integrate.quad over the CPU sigmas) is computed by Simpson's rule instead, exact for
+   its integrand (a polynomial of degree order - 1 <= 3), so no scipy is needed.
 
 Imports torch, numpy, diffusers and transformers, and the recorder (recorder.py).
 """
@@ -62,17 +67,43 @@ def patch_attr(obj, name, value, use_dict=False):
         setattr(obj, name, old)
 
 
+def fresh_scheduler(pipe, name: str):
+    """Substitution 6: a new scheduler `name` from the pipeline's scheduler config, on real CPU tensors."""
+    from sd_vram.models import switch_scheduler
+
+    with torch.utils._python_dispatch._disable_current_modes():
+        scheduler = switch_scheduler(pipe.scheduler, name)
+    if hasattr(scheduler, "get_lms_coefficient"):
+        scheduler.get_lms_coefficient = _lms_coefficient.__get__(scheduler)
+    return scheduler
+
+
+def _lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+    """LMSDiscreteScheduler.get_lms_coefficient's integral of the Lagrange basis polynomial,
+    by Simpson's rule (exact: the integrand's degree is order - 1 <= 3)."""
+    # float() of a small CPU table: real values (a fake tensor's through its recorder shadow)
+    sigma = {i: float(self.sigmas[i]) for i in {t + 1, *(t - k for k in range(order))}}
+
+    def basis(tau: float) -> float:
+        prod = 1.0
+        for k in range(order):
+            if k != current_order:
+                prod *= (tau - sigma[t - k]) / (sigma[t - current_order] - sigma[t - k])
+        return prod
+
+    a, b = sigma[t], sigma[t + 1]
+    return (b - a) / 6 * (basis(a) + 4 * basis((a + b) / 2) + basis(b))
+
+
 @contextlib.contextmanager
-def pipeline_substitutes(pipe, height: int, width: int):
+def pipeline_substitutes(pipe, height: int, width: int, scheduler: str = "pndm"):
     """Substitutions 1, 4 and 6 on `pipe` for one call of a height x width image, restored
     afterwards (the meta pipeline is shared)."""
-    from diffusers import PNDMScheduler
     from PIL import Image
 
     with contextlib.ExitStack() as es:
         # fresh scheduler: models the first call of a process
-        es.enter_context(patch_attr(pipe, "scheduler", PNDMScheduler.from_config(pipe.scheduler.config),
-                                    use_dict=True))
+        es.enter_context(patch_attr(pipe, "scheduler", fresh_scheduler(pipe, scheduler), use_dict=True))
         ip = pipe.image_processor
         es.enter_context(patch_attr(ip, "preprocess", _make_preprocess(height, width), use_dict=True))
         es.enter_context(patch_attr(ip, "numpy_to_pil",

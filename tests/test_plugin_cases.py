@@ -100,10 +100,26 @@ def test_catalogue_covers_the_issue():
 
 def test_short_runs_reach_pndm_steady_state():
     # PNDM holds 4 past noise predictions from the 5th UNet evaluation on; the suite runs 5.
-    assert {c.unet_evals for c in CAT.cases} == {5}
+    assert {c.unet_evals for c in CAT.cases if c.opts.scheduler == "pndm"} == {5}
     full = CAT.get("balloon-396x380").full_call()
     assert full.unet_evals == 41 and full.id == "balloon-396x380/full-call"   # diffusers: 40 steps + 1
     assert (full.options["num_inference_steps"], full.options["strength"]) == (50, 0.8)
+
+
+def test_scheduler_cases_reach_their_steady_state():
+    """Two schedulers besides PNDM on the four seed images and two other sizes, each run past
+    the evaluation from which its state stops changing."""
+    from sd_vram.formula.schedulers import steady_state_evals
+
+    cases = CAT.select(None, "scheduler")
+    names = {c.opts.scheduler for c in cases}
+    assert len(names) == 2 and "pndm" not in names
+    seeds = {(c.image, c.width, c.height, c.prompt) for c in CAT.cases if "seed" in c.tags}
+    for name in names:
+        mine = [c for c in cases if c.opts.scheduler == name]
+        assert {(c.image, c.width, c.height, c.prompt) for c in mine if c.image} == seeds
+        assert len([c for c in mine if not c.image]) == 2
+        assert all(c.unet_evals >= steady_state_evals(name) for c in mine)
 
 
 def test_selection():

@@ -168,6 +168,23 @@ def test_cuda_backend_code_path_on_cpu(fake_gpu):
     b.pipe.unet.forward = orig
     assert b.pipe.scheduler.ets == []
     assert b.measure(_case("g"), synthetic_image(64, 48, "g"))["status"] == "ok"
+
+    # --scheduler: the case's scheduler from the pipeline's config, its state dropped after the
+    # call; pndm goes back to the pipeline's own scheduler object.
+    pndm = b.pipe.scheduler
+    for name, cls, state in (("dpm++2m", "DPMSolverMultistepScheduler", "model_outputs"),
+                             ("unipc", "UniPCMultistepScheduler", "model_outputs"),
+                             ("euler-a", "EulerAncestralDiscreteScheduler", None)):
+        case = _case(f"s-{name}", scheduler=name)
+        m = b.measure(case, synthetic_image(64, 48, case.name))
+        assert m["status"] == "ok", m["error"]
+        assert type(b.pipe.scheduler).__name__ == cls and m["unet_evals"] == case.unet_evals == 2
+        assert b.pipe.scheduler.config.beta_schedule == pndm.config.beta_schedule == "scaled_linear"
+        if state:
+            assert all(t is None for t in getattr(b.pipe.scheduler, state))
+        if name == "unipc":
+            assert b.pipe.scheduler.last_sample is None
+    assert b.measure(_case("h"), synthetic_image(64, 48, "h"))["status"] == "ok" and b.pipe.scheduler is pndm
     assert b.capacity() == 70_000 * MiB + fake_gpu.allocated + 20 * MiB
     b.close()
 
