@@ -19,7 +19,7 @@ from math import prod
 
 from . import activations as act
 from . import architecture as arch
-from . import gpu_profiles, kernels, schedule
+from . import gpu_profiles, kernels, pipelines, schedule
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import InputError, Options
@@ -61,17 +61,6 @@ def weights(safety_checker: bool = True) -> dict[str, int]:
     """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
     resident, _ = _resident(safety_checker, 0, 0)
     return {k.removeprefix("weights_"): v for k, v in resident.items() if k.startswith("weights_")}
-
-
-def _size(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InputError(f"{what} must be a whole number of pixels, got {value!r}")
-    if value < 8:
-        raise InputError(f"{what} must be at least 8 pixels, got {value}")
-    return value - value % 8  # diffusers: x - x % vae_scale_factor
 
 
 def prompt_tokens(prompt, prompt_length) -> int | None:
@@ -122,6 +111,8 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
             stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
         else:
             stages["vae_decode"].append(act.merge(prompt, latents, act.postprocess(s)))
+    if o.pipeline != "img2img":
+        stages = pipelines.stage_candidates(stages, s, o, be, ws)
     if any(o.allocator.roundup_power2_divisions):
         # the allocator counts whole blocks: with roundup_power2_divisions every tensor's block
         # is its size rounded up to a division (allocator.round_size), allocated bytes too
@@ -204,9 +195,13 @@ class _Replay:
             self.fallbacks += [(name, op) for op in fallbacks or ()]
 
 
-def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
+def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
              **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
+
+    pipeline="txt2img": height, width are the output's (default 512, as options height/width);
+    pipeline="inpaint": the image's, and mask_size its mask's (the call runs at options
+    height/width, default 512; DERIVATION.md, "Pipelines").
 
     vram: the card's memory in bytes (what nvidia-smi shows as total). With it, the call is
     replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
@@ -277,17 +272,17 @@ def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
 
 def _setup(height, width, prompt, prompt_length, options: dict):
     """The validated inputs: (H, W, prompt tokens, options, GPU profile, shape)."""
-    H, W = _size(height, "height"), _size(width, "width")
     tokens = prompt_tokens(prompt, prompt_length)
     try:
         o = Options(**options)
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
+    H, W = pipelines.call_size(height, width, o)   # the image's size, or pipe(height, width)
     profile = gpu_profiles.get(o.gpu)
     return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
 
 
-def peak_allocated(height, width, _floor=False, **options) -> int:
+def peak_allocated(height=None, width=None, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
     _, _, _, o, profile, s = _setup(height, width, None, None, options)
     resident_parts, _ = _resident_of(o, profile)

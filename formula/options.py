@@ -9,6 +9,13 @@ from . import allocconf
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The diffusers pipeline of the call (DERIVATION.md, "Pipelines"): StableDiffusionImg2ImgPipeline,
+# StableDiffusionPipeline, StableDiffusionInpaintPipeline; and the inpaint pipeline's UNet: SD1.5's
+# own (4 input channels) or the inpainting checkpoint's (9: latents, mask, masked-image latents).
+PIPELINES = ("img2img", "txt2img", "inpaint")
+INPAINT_UNETS = {"standard": 4, "inpainting": 9}
+# strength's default in each pipeline's __call__ (txt2img has none: every timestep runs)
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "txt2img": None}
 
 
 class InputError(ValueError):
@@ -19,12 +26,13 @@ class InputError(ValueError):
 class Options:
     """Options of `pipe(prompt, image=..., ...)` and of the setup that change memory.
 
-    Defaults are diffusers' defaults for StableDiffusionImg2ImgPipeline.__call__.
+    Defaults are diffusers' defaults for StableDiffusionImg2ImgPipeline.__call__ (pipeline
+    "img2img"), or for the pipeline chosen (strength, height, width).
     """
 
     guidance_scale: float = 7.5          # > 1 turns classifier-free guidance on (UNet batch x2)
     num_images_per_prompt: int = 1
-    strength: float = 0.8
+    strength: float | None = None        # None: the pipeline's default (DEFAULT_STRENGTH)
     num_inference_steps: int = 50
     attention: str = "auto"              # SDPA backend: auto (as PyTorch picks), cudnn, flash, efficient, math
     attention_slicing: int | str | None = None   # pipe.enable_attention_slicing(x): None, "auto", "max" or an int
@@ -35,16 +43,23 @@ class Options:
     gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
+    pipeline: str = "img2img"            # PIPELINES
+    pipe_height: int | None = None       # pipe(height=...) of txt2img / inpaint; None: unet sample_size x 8 = 512
+    pipe_width: int | None = None        # pipe(width=...)
+    mask_size: tuple | None = None       # inpaint: (height, width) of mask_image; must be the image's
+    inpaint_unet: str = "standard"       # inpaint: INPAINT_UNETS
+    padding_mask_crop: int | None = None # inpaint: pipe(padding_mask_crop=...) (host-side crop; needs output pil)
 
     def __post_init__(self):
         def need(cond, msg):
             if not cond:
                 raise InputError(msg)
 
+        self._check_pipeline(need)
         need(_is_number(self.guidance_scale), f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         need(_is_int(self.num_images_per_prompt) and self.num_images_per_prompt >= 1,
              f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}")
-        need(_is_number(self.strength) and 0 <= self.strength <= 1, f"strength must be in [0, 1], got {self.strength!r}")
+        need(self.strength is None or (_is_number(self.strength) and 0 <= self.strength <= 1), f"strength must be in [0, 1], got {self.strength!r}")
         need(_is_int(self.num_inference_steps) and self.num_inference_steps >= 1,
              f"num_inference_steps must be a positive integer, got {self.num_inference_steps!r}")
         need(self.attention in ATTENTION_BACKENDS,
@@ -66,12 +81,45 @@ class Options:
                                                   or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         need(self.unet_evaluations >= 1,
-             f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
+             f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
+
+    def _check_pipeline(self, need) -> None:
+        """The pipeline options (DERIVATION.md, "Pipelines"); resolves strength's default."""
+        p = self.pipeline
+        need(p in PIPELINES, f"pipeline must be one of {', '.join(PIPELINES)}, got {p!r}")
+        need(p != "txt2img" or self.strength is None,
+             "strength does not apply to txt2img: StableDiffusionPipeline.__call__ runs every timestep from noise")
+        if self.strength is None:
+            object.__setattr__(self, "strength", DEFAULT_STRENGTH[p])
+        for name in ("pipe_height", "pipe_width"):
+            v = getattr(self, name)
+            need(v is None or p != "img2img", f"{name} is not an img2img option: the image's size decides "
+                 "(StableDiffusionImg2ImgPipeline.__call__ has no height or width)")
+            need(v is None or (_is_int(v) and v >= 8 and v % 8 == 0),
+                 f"{name} must be a multiple of 8 pixels (diffusers' check_inputs raises otherwise), got {v!r}")
+        if isinstance(self.mask_size, list):   # from JSON or TOML
+            object.__setattr__(self, "mask_size", tuple(self.mask_size))
+        m = self.mask_size
+        need(m is None or p == "inpaint", f"a mask applies only to the inpaint pipeline, not {p}")
+        need(m is None or (isinstance(m, tuple) and len(m) == 2 and all(_is_int(x) and x >= 1 for x in m)),
+             f"mask_size must be (height, width) in whole pixels, got {m!r}")
+        need(self.inpaint_unet in INPAINT_UNETS,
+             f"inpaint_unet must be one of {', '.join(INPAINT_UNETS)}, got {self.inpaint_unet!r}")
+        need(self.inpaint_unet == "standard" or p == "inpaint", f"inpaint_unet applies only to the inpaint pipeline, not {p}")
+        c = self.padding_mask_crop
+        need(c is None or p == "inpaint", f"padding_mask_crop applies only to the inpaint pipeline, not {p}")
+        need(c is None or (_is_int(c) and c >= 0), f"padding_mask_crop must be a whole number of pixels >= 0, got {c!r}")
+        need(c is None or self.output_type == "pil", "padding_mask_crop needs output_type pil "
+             "(StableDiffusionInpaintPipeline.check_inputs raises otherwise)")
 
     @property
     def unet_evaluations(self) -> int:
-        return unet_evaluations(self.num_inference_steps, self.strength)
+        return unet_evaluations(self.num_inference_steps, 1.0 if self.strength is None else self.strength)
+
+    @property
+    def unet_in_channels(self) -> int:
+        return INPAINT_UNETS[self.inpaint_unet] if self.pipeline == "inpaint" else 4
 
     @property
     def allocator(self) -> allocconf.AllocConf:

@@ -378,6 +378,46 @@ class CudaBackend:
         if opts.attention_slicing is not None:
             pipe.enable_attention_slicing(opts.attention_slicing)
 
+    def _pipeline(self, opts):
+        """The case's pipeline: the img2img one, or StableDiffusionPipeline /
+        StableDiffusionInpaintPipeline made from it by from_pipe, which shares its modules (no
+        second copy of the weights). from_pipe casts every module to its dtype argument
+        (float32 when not given), the shared ones too: it is given the pipeline's."""
+        if opts.pipeline == "img2img":
+            return self.pipe
+        derived = self.__dict__.setdefault("_derived", {})
+        if opts.pipeline not in derived:
+            import diffusers
+
+            cls = {"txt2img": diffusers.StableDiffusionPipeline, "inpaint": diffusers.StableDiffusionInpaintPipeline}
+            derived[opts.pipeline] = cls[opts.pipeline].from_pipe(self.pipe, dtype=self.dtype)
+            derived[opts.pipeline].set_progress_bar_config(disable=True)
+        return derived[opts.pipeline]
+
+    def _unet_for(self, opts):
+        """The inpainting checkpoint's UNet (9 input channels) in place of SD1.5's for the call:
+        with the bundled random weights, its conv_in swapped in (sd_vram.models.unet_in_channels);
+        a user's model must already have the UNet the case asks for."""
+        from sd_vram.models import unet_in_channels
+
+        unet = self.pipe.unet
+        if self.model and unet.config.in_channels != opts.unet_in_channels:
+            raise RuntimeError(f"the model's UNet has {unet.config.in_channels} input channels; the case needs "
+                               f"{opts.unet_in_channels} (inpaint_unet {opts.inpaint_unet})")
+        return unet_in_channels(unet, opts.unet_in_channels)
+
+    @staticmethod
+    def _inputs(opts, image) -> dict:
+        """pipe(...)'s image arguments: img2img the image, inpaint the image and a mask of its size
+        (plugin/cases.py synthetic_mask), txt2img none."""
+        if opts.pipeline == "txt2img":
+            return {}
+        if opts.pipeline == "inpaint":
+            from .cases import synthetic_mask
+
+            return {"image": image, "mask_image": synthetic_mask(*image.size)}
+        return {"image": image}
+
     def _reset_scheduler(self):
         # PNDM keeps its last noise predictions after a call; a fresh call starts without them.
         s = self.pipe.scheduler
@@ -389,17 +429,25 @@ class CudaBackend:
             s.counter = 0
 
     def measure(self, case: Case, image, around_call=None, size=None) -> dict:
-        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement")."""
+        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement"),
+        in the case's pipeline (txt2img and inpaint: from_pipe of the loaded one)."""
+        m: dict = {"status": "ok", "error": None}
+        unet_swap = contextlib.ExitStack()
+        try:
+            self._configure(case.opts)
+            pipe = self._pipeline(case.opts)
+            unet_swap.enter_context(self._unet_for(case.opts))
+        except Exception as e:
+            unet_swap.close()
+            m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
+            return m
+        with unet_swap:
+            return self._measure(case, image, pipe, m, around_call)
+
+    def _measure(self, case: Case, image, pipe, m: dict, around_call) -> dict:
         torch = self.torch
         cuda = torch.cuda
         from sd_vram.stages import stage_hooks
-
-        m: dict = {"status": "ok", "error": None}
-        try:
-            self._configure(case.opts)
-        except Exception as e:
-            m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
-            return m
         self._reset_scheduler()
         gc.collect()
         cuda.synchronize()
@@ -448,7 +496,7 @@ class CudaBackend:
                     attention_context(case.opts.attention), stage_hooks(self.pipe, on_stage):
                 with around_call() if around_call else contextlib.nullcontext():
                     try:
-                        out = self.pipe(case.prompt, image=image, **case.call_kwargs())
+                        out = pipe(case.prompt, **self._inputs(case.opts, image), **case.call_kwargs())
                         cuda.synchronize()
                     except torch.OutOfMemoryError as e:
                         m.update(status="oom", error=_short(e))
