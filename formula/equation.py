@@ -37,7 +37,7 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30):
+              total_memory: int = 80 << 30, unet_in_channels: int = 4):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
@@ -46,15 +46,21 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
-        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in arch.MODELS[name]())
+        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in
+                                     _model_tensors(name, unet_in_channels))
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
+
+
+def _model_tensors(name: str, unet_in_channels: int = 4):
+    """arch.MODELS[name](), with the inpainting UNet's conv_in for unet_in_channels 9."""
+    return arch.unet_tensors(unet_in_channels) if name == "unet" else arch.MODELS[name]()
 
 
 def _resident_of(o: Options, profile):
     """_resident for this call's options and GPU profile."""
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory)
+                     o.allocator, profile.total_memory, o.unet_in_channels)
 
 
 def weights(safety_checker: bool = True) -> dict[str, int]:
@@ -167,12 +173,16 @@ class _Replay:
                 if name == "vae_encode":
                     schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks)
                 else:
+                    if not pipelines.encodes_before_unet(o):   # txt2img: nothing big cached before
+                        schedule.vae_decoder_low_res(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
+                                                     fallbacks=fallbacks)
                     schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
                                          fallbacks=fallbacks)
                 self.release()
                 return
             self.release()
-            if name == "unet" and o.vae_tiling:
+            if name == "unet" and (o.vae_tiling or not pipelines.encodes_before_unet(o)):
+                # (txt2img: no VAE encoder ran, nothing big is cached: the same holds)
                 # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order
                 # decides. An evaluation ends freeing its skips in another order than it made
                 # them, so the next one can start from other free blocks: replay evaluations
@@ -180,7 +190,7 @@ class _Replay:
                 levels = [s.level(i) for i in range(4)]
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
-                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks)
+                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, in_channels=o.unet_in_channels)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -296,7 +306,8 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundar
     text encoder's first matmul), as `oom(stage, operation, error)` reports it."""
     alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
-               if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
+               if model != "safety_checker" or o.safety_checker
+               for name, shape, item in _model_tensors(model, o.unet_in_channels)]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:

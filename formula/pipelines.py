@@ -72,6 +72,13 @@ def encodes_image(o: Options) -> bool:
     return o.unet_in_channels == 4 or o.strength < 1
 
 
+def encodes_before_unet(o: Options) -> bool:
+    """The VAE encoder runs before the UNet (img2img, inpaint): its full-resolution blocks are
+    cached when the UNet starts and hold all its tensors (DERIVATION.md section 8); txt2img's
+    UNet starts from the resident segments alone, so its own order decides its segments."""
+    return o.pipeline != "txt2img"
+
+
 def text_encoder_txt2img(s: act.Shape, backend: str) -> list[act.Peak]:
     """txt2img's text_encoder stage: the CLIP layers, then prepare_latents' randn_tensor on the
     device and latents * init_noise_sigma (a new tensor; the noise dies at the rebinding)."""
@@ -90,4 +97,54 @@ def stage_candidates(stages: dict, s: act.Shape, o: Options, backends: dict, ws)
         del out["vae_encode"]
         out["text_encoder"] = text_encoder_txt2img(s, backends["clip"])
         return out
+    if o.pipeline == "inpaint":
+        return _inpaint(stages, s, o)
     return stages
+
+
+def inpaint_state(s: act.Shape, o: Options) -> act.Peak:
+    """What the inpaint loop carries besides img2img's latents (the PNDM history is the same):
+    prepare_latents' noise (return_noise) and, for the 4-channel UNet, image_latents (the
+    encoded image repeated n times, blended back each step); prepare_mask_latents' mask
+    (interpolated to the latents' size on the host, uploaded, repeated n times and cat x2 with
+    CFG) and masked_image_latents (likewise, 4 channels)."""
+    p = act.Peak("inpaint state")
+    p.add("state", "noise (prepare_latents, return_noise)", act.nbytes(s.n, 4, s.h, s.w))
+    if o.unet_in_channels == 4:
+        p.add("state", "image_latents (repeat n)", act.nbytes(s.n, 4, s.h, s.w))
+    p.add("state", "mask (cat x2 with CFG)", act.nbytes(s.B, 1, s.h, s.w))
+    p.add("state", "masked_image_latents (cat x2 with CFG)", act.nbytes(s.B, 4, s.h, s.w))
+    return p
+
+
+LATENT_MODEL_INPUT = "latent_model_input (cat)"     # activations.unet's name for the UNet's input
+
+
+def _inpaint(stages: dict, s: act.Shape, o: Options) -> dict:
+    """The inpaint pipeline's stages from img2img's: the same text encoder (the image upload in
+    prepare_latents, or with the 9-channel UNet at strength 1 the masked image's in
+    prepare_mask_latents, ends it), the VAE encoder on a (1, 3, H, W) image once or twice (the
+    second pass, on the masked image, also holds latents, noise and image_latents: its live
+    sets are the larger), then the UNet, the decoder and the safety checker with the inpaint
+    state held. The 9-channel UNet's input is cat([latent_model_input, mask,
+    masked_image_latents], dim=1): (B, 9, h, w) instead of (B, 4, h, w)."""
+    held = inpaint_state(s, o)
+    second_encode = act.Peak("second VAE encode: the first one's outputs")
+    second_encode.add("state", "latents, noise", act.nbytes(s.n, 4, s.h, s.w), 2)
+    if encodes_image(o) and o.unet_in_channels == 4:
+        second_encode.add("state", "image_latents (repeat n)", act.nbytes(s.n, 4, s.h, s.w))
+    mask = act.Peak("mask on the device")
+    mask.add("state", "mask (uploaded)", act.nbytes(1, 1, s.h, s.w))
+    out = {}
+    for name, cands in stages.items():
+        if name == "vae_encode":
+            out[name] = [act.merge(second_encode, mask, p) for p in cands]
+        elif name == "text_encoder":
+            out[name] = cands
+        else:
+            out[name] = [act.merge(held, p) for p in cands]
+    if o.unet_in_channels != 4:
+        wide = act.nbytes(s.B, o.unet_in_channels, s.h, s.w)
+        for p in out["unet"]:
+            p.terms = [(c, t, wide if t == LATENT_MODEL_INPUT else b) for c, t, b in p.terms]
+    return out

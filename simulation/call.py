@@ -35,7 +35,7 @@ from sd_vram.models import unet_in_channels
 from .kernel_hooks import kernel_allocations
 from .memo import ForwardMemo
 from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, set_safety_thresholds
-from .pipelines import call_inputs, mask_substitute, pipeline_for
+from .pipelines import call_inputs, host_scalars, mask_substitute, pipeline_for
 from .profile import get_profile
 from .recorder import MemoryRecorder
 from .resident import WeightSwap, load_weights, meta_pipeline, module_order, resident_setup
@@ -91,6 +91,7 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
     with es:
         es.enter_context(pipeline_substitutes(pipe, height, width))
         es.enter_context(mask_substitute(pipe, height, width))
+        es.enter_context(host_scalars())
         es.enter_context(patched_tensor_methods(recorder, fake, device_type))
 
         es.enter_context(_memory_options(pipe, options))

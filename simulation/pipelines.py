@@ -72,3 +72,21 @@ def mask_substitute(pipe, height: int, width: int):
 
     with patch_attr(mp, "preprocess", preprocess, use_dict=True):
         yield
+
+
+@contextlib.contextmanager
+def host_scalars():
+    """torch.tensor([t]) of a device scalar t (the inpaint loop's ``torch.tensor([noise_timestep])``)
+    reads its value on the host: on fake tensors through ``.item()``, whose value the recorder
+    shadows (recorder.py). The result is the same CPU tensor."""
+    orig = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if isinstance(data, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in data):
+            dtype = next(x.dtype for x in data if isinstance(x, torch.Tensor))
+            kwargs.setdefault("dtype", dtype)
+            data = [x.item() if isinstance(x, torch.Tensor) else x for x in data]
+        return orig(data, *args, **kwargs)
+
+    with patch_attr(torch, "tensor", tensor):
+        yield
