@@ -63,6 +63,56 @@ def test_txt2img_has_no_vae_encode_and_the_same_weights():
     assert all(t2i.breakdown[k] == i2i.breakdown[k] for k in resident)
 
 
+# --- inpaint ---------------------------------------------------------------------------------
+
+def _inpaint(h, w, **options):
+    return {"pipeline": "inpaint", "mask_size": (h, w), "pipe_height": h, "pipe_width": w, **options}
+
+
+@pytest.mark.parametrize("height,width,options", [
+    (256, 256, {"inpaint_unet": "standard"}),
+    (256, 256, {"inpaint_unet": "inpainting"}),
+    (384, 512, {"inpaint_unet": "inpainting", "strength": 0.5}),   # strength < 1: the image is encoded too
+    (128, 128, {"inpaint_unet": "standard", "padding_mask_crop": 16}),
+], ids=["standard-256", "inpainting-256", "inpainting-384x512-strength-0.5", "standard-128-padding-crop"])
+def test_inpaint_equation_matches_simulation(height, width, options):
+    pytest.importorskip("diffusers")
+    e, sim = _check(height, width, **_inpaint(height, width, **options))
+    assert sim.weights_bytes == sum(v for k, v in e.breakdown.items() if k.startswith("weights_"))
+
+
+def test_inpaint_runs_at_pipe_size_not_the_image_size():
+    """StableDiffusionInpaintPipeline.__call__: height = height or unet.config.sample_size *
+    vae_scale_factor, and preprocess resizes the image and the mask to it."""
+    default = estimate(380, 396, pipeline="inpaint", mask_size=(380, 396))
+    assert (default.height, default.width) == (512, 512)
+    other_image = estimate(2048, 2048, pipeline="inpaint", mask_size=(2048, 2048))
+    assert other_image.peak_allocated == default.peak_allocated
+    assert Options(pipeline="inpaint").strength == 1.0 and Options().strength == 0.8
+
+
+def test_inpainting_unet_weighs_its_conv_in_more():
+    """The 9-channel UNet differs only in conv_in: 320 x 9 x 3 x 3 fp16 weights instead of 320 x 4 x 3 x 3."""
+    from sd_vram.formula.allocator import block_bytes
+
+    kw = {"pipeline": "inpaint", "mask_size": (512, 512)}
+    std = estimate(512, 512, inpaint_unet="standard", **kw).breakdown["weights_unet"]
+    inp = estimate(512, 512, inpaint_unet="inpainting", **kw).breakdown["weights_unet"]
+    assert inp - std == block_bytes(320 * 9 * 9 * 2) - block_bytes(320 * 4 * 9 * 2)
+
+
+def test_inpaint_standard_unet_keeps_image_latents():
+    """The 4-channel UNet blends image_latents back each step: one latent-sized tensor more at
+    every stage after the encoder than the 9-channel UNet at strength 1."""
+    from sd_vram.formula.activations import nbytes
+
+    kw = {"pipeline": "inpaint", "mask_size": (512, 512), "gpu": "h200"}
+    std = estimate(512, 512, inpaint_unet="standard", **kw)
+    inp = estimate(512, 512, inpaint_unet="inpainting", **kw)
+    conv_in = inp.breakdown["weights_unet"] - std.breakdown["weights_unet"]
+    assert std.stages["vae_decode"].allocated - (inp.stages["vae_decode"].allocated - conv_in) == nbytes(1, 4, 64, 64)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call,needle", [
