@@ -120,7 +120,8 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
         OptionFlag("pipeline", "--pipeline", "the diffusers pipeline: img2img (StableDiffusionImg2ImgPipeline), "
                    "txt2img (StableDiffusionPipeline: IMAGE is the output's WIDTHxHEIGHT, default 512x512), "
-                   "inpaint (StableDiffusionInpaintPipeline: needs --mask) (default img2img)", {"choices": PIPELINES}),
+                   "inpaint (StableDiffusionInpaintPipeline: needs --mask) (default img2img); txt2img and inpaint are "
+                   "derived from diffusers' code, not measured on a GPU", {"choices": PIPELINES}),
         OptionFlag("pipe_height", "--height", "txt2img / inpaint: pipe(height=...), a multiple of 8 (default 512: "
                    "unet sample_size x 8; inpaint resizes the image to it)", {"type": int, "metavar": "PX"}),
         OptionFlag("pipe_width", "--width", "txt2img / inpaint: pipe(width=...) (default 512)", {"type": int, "metavar": "PX"}),
@@ -128,7 +129,7 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    {"type": mask_size, "metavar": "FILE|WxH"}),
         OptionFlag("inpaint_unet", "--inpaint-unet", "inpaint: the UNet, standard (SD1.5, 4 input channels, latents "
                    "blended with the mask) or inpainting (9: noise, mask, masked-image latents), or a model folder "
-                   "to read it from (default standard)", {"type": inpaint_unet, "metavar": "{standard,inpainting,DIR}"}),
+                   "to read it from (default standard); derived, not measured on a GPU", {"type": inpaint_unet, "metavar": "{standard,inpainting,DIR}"}),
         OptionFlag("padding_mask_crop", "--padding-mask-crop", "inpaint: pipe(padding_mask_crop=N): crop to the "
                    "mask's region, on the host (needs --output-type pil)", {"type": int, "metavar": "N"}),
         OptionFlag("gpu", "--gpu-profile",

@@ -135,6 +135,26 @@ def test_bad_input_is_one_line(call, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_inpaint_unet_read_from_a_model_folder(tmp_path, capsys):
+    """--inpaint-unet DIR: unet/config.json's in_channels says which UNet (4 or 9); other counts are refused."""
+    import json
+
+    from sd_vram.cli import main
+
+    (tmp_path / "unet").mkdir()
+    args = ["estimate", "512x512", "--pipeline", "inpaint", "--mask", "512x512", "--json"]
+    for channels, name in ((9, "inpainting"), (4, "standard")):
+        (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": channels}))
+        assert main([*args, "--inpaint-unet", str(tmp_path)]) == 0
+        by_folder = json.loads(capsys.readouterr().out)
+        assert main([*args, "--inpaint-unet", name]) == 0
+        assert json.loads(capsys.readouterr().out) == by_folder
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 8}))
+    assert main([*args, "--inpaint-unet", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "in_channels 8" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["estimate", "512x512", "--pipeline", "txt2img", "--strength", "0.5"], "strength does not apply to txt2img"),
     (["estimate", "512x512", "--pipeline", "inpaint"], "needs a mask"),
