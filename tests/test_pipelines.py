@@ -73,8 +73,8 @@ def _inpaint(h, w, **options):
     (256, 256, {"inpaint_unet": "standard"}),
     (256, 256, {"inpaint_unet": "inpainting"}),
     (384, 512, {"inpaint_unet": "inpainting", "strength": 0.5}),   # strength < 1: the image is encoded too
-    (128, 128, {"inpaint_unet": "standard", "padding_mask_crop": 16}),
-], ids=["standard-256", "inpainting-256", "inpainting-384x512-strength-0.5", "standard-128-padding-crop"])
+    (128, 128, {"inpaint_unet": "standard", "padding_mask_crop": 16, "num_images_per_prompt": 2}),
+], ids=["standard-256", "inpainting-256", "inpainting-384x512-strength-0.5", "standard-128-padding-crop-2-images"])
 def test_inpaint_equation_matches_simulation(height, width, options):
     pytest.importorskip("diffusers")
     e, sim = _check(height, width, **_inpaint(height, width, **options))
