@@ -70,11 +70,13 @@ def _transformer2d(name, c, cross_dim) -> list[Tensor]:
     return _norm(f"{name}.norm", c) + _conv(f"{name}.proj_in", c, c, 1) + block + _conv(f"{name}.proj_out", c, c, 1)
 
 
-def unet_tensors() -> list[Tensor]:
+def unet_tensors(in_channels: int | None = None) -> list[Tensor]:
+    """in_channels: conv_in's input channels where they differ from the config's (the
+    inpainting checkpoint's UNet: 9; UNet2DConditionModel reads in_channels for conv_in alone)."""
     cfg = sd15()["unet"]
     ch, layers, cross = cfg["block_out_channels"], cfg["layers_per_block"], cfg["cross_attention_dim"]
     temb = 4 * ch[0]
-    t = _conv("conv_in", cfg["in_channels"], ch[0], 3)
+    t = _conv("conv_in", in_channels or cfg["in_channels"], ch[0], 3)
     t += _linear("time_embedding.linear_1", ch[0], temb) + _linear("time_embedding.linear_2", temb, temb)
     c_prev = ch[0]
     for i, (kind, c) in enumerate(zip(cfg["down_block_types"], ch)):

@@ -19,7 +19,7 @@ from math import prod
 
 from . import activations as act
 from . import architecture as arch
-from . import gpu_profiles, kernels, schedule, schedulers
+from . import gpu_profiles, kernels, pipelines, schedule, schedulers
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import XFORMERS, InputError, Options
@@ -37,7 +37,7 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30):
+              total_memory: int = 80 << 30, unet_in_channels: int = 4):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
@@ -46,32 +46,27 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
-        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in arch.MODELS[name]())
+        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in
+                                     _model_tensors(name, unet_in_channels))
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
+
+
+def _model_tensors(name: str, unet_in_channels: int = 4):
+    """arch.MODELS[name](), with the inpainting UNet's conv_in for unet_in_channels 9."""
+    return arch.unet_tensors(unet_in_channels) if name == "unet" else arch.MODELS[name]()
 
 
 def _resident_of(o: Options, profile):
     """_resident for this call's options and GPU profile."""
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory)
+                     o.allocator, profile.total_memory, o.unet_in_channels)
 
 
 def weights(safety_checker: bool = True) -> dict[str, int]:
     """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
     resident, _ = _resident(safety_checker, 0, 0)
     return {k.removeprefix("weights_"): v for k, v in resident.items() if k.startswith("weights_")}
-
-
-def _size(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InputError(f"{what} must be a whole number of pixels, got {value!r}")
-    if value < 8:
-        raise InputError(f"{what} must be at least 8 pixels, got {value}")
-    return value - value % 8  # diffusers: x - x % vae_scale_factor
 
 
 def prompt_tokens(prompt, prompt_length) -> int | None:
@@ -143,6 +138,8 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
             stages["safety_checker"].append(act.merge(prompt, latents, act.postprocess(s)))
         else:
             stages["vae_decode"].append(act.merge(prompt, latents, act.postprocess(s)))
+    if o.pipeline != "img2img":
+        stages = pipelines.stage_candidates(stages, s, o, be, ws)
     if any(o.allocator.roundup_power2_divisions):
         # the allocator counts whole blocks: with roundup_power2_divisions every tensor's block
         # is its size rounded up to a division (allocator.round_size), allocated bytes too
@@ -197,12 +194,16 @@ class _Replay:
                 if name == "vae_encode":
                     schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks)
                 else:
+                    if not pipelines.encodes_before_unet(o):   # txt2img: nothing big cached before
+                        schedule.vae_decoder_low_res(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
+                                                     fallbacks=fallbacks)
                     schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
                                          fallbacks=fallbacks)
                 self.release()
                 return
             self.release()
-            if name == "unet" and o.vae_tiling:
+            if name == "unet" and (o.vae_tiling or not pipelines.encodes_before_unet(o)):
+                # (txt2img: no VAE encoder ran, nothing big is cached: the same holds)
                 # Tiled VAE passes leave only tile-sized blocks cached: the UNet's own order
                 # decides. An evaluation ends freeing its skips in another order than it made
                 # them, so the next one can start from other free blocks: replay evaluations
@@ -210,7 +211,7 @@ class _Replay:
                 levels = [s.level(i) for i in range(4)]
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
-                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks)
+                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, in_channels=o.unet_in_channels)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -225,9 +226,13 @@ class _Replay:
             self.fallbacks += [(name, op) for op in fallbacks or ()]
 
 
-def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
+def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
              **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
+
+    pipeline="txt2img": height, width are the output's (default 512, as options height/width);
+    pipeline="inpaint": the image's, and mask_size its mask's (the call runs at options
+    height/width, default 512; DERIVATION.md, "Pipelines").
 
     vram: the card's memory in bytes (what nvidia-smi shows as total). With it, the call is
     replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
@@ -302,17 +307,17 @@ def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
 
 def _setup(height, width, prompt, prompt_length, options: dict):
     """The validated inputs: (H, W, prompt tokens, options, GPU profile, shape)."""
-    H, W = _size(height, "height"), _size(width, "width")
     tokens = prompt_tokens(prompt, prompt_length)
     try:
         o = Options(**options)
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
+    H, W = pipelines.call_size(height, width, o)   # the image's size, or pipe(height, width)
     profile = gpu_profiles.get(o.gpu)
     return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
 
 
-def peak_allocated(height, width, _floor=False, **options) -> int:
+def peak_allocated(height=None, width=None, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
     _, _, _, o, profile, s = _setup(height, width, None, None, options)
     resident_parts, _ = _resident_of(o, profile)
@@ -326,7 +331,8 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundar
     text encoder's first matmul), as `oom(stage, operation, error)` reports it."""
     alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
-               if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
+               if model != "safety_checker" or o.safety_checker
+               for name, shape, item in _model_tensors(model, o.unet_in_channels)]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:

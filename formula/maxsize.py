@@ -33,16 +33,26 @@ def width_for(height: int, aspect: tuple[int, int]) -> int:
     return _floor8(height * aw // ah)
 
 
+def _call_options(height: int, width: int, options: dict) -> dict:
+    """inpaint runs at pipe(height, width), not at its image's size: the search sizes the call,
+    with an image and a mask of that size."""
+    if options.get("pipeline") == "inpaint":
+        return {**options, "pipe_height": height, "pipe_width": width, "mask_size": (height, width)}
+    return options
+
+
 def _estimate(height: int, options: dict, aspect, floor: bool = False, vram=None):
     from . import equation  # looked up at call time so tests can substitute it
 
-    return equation.estimate(height, width_for(height, aspect), vram=vram, _floor=floor, **options)
+    width = width_for(height, aspect)
+    return equation.estimate(height, width, vram=vram, _floor=floor, **_call_options(height, width, options))
 
 
 def _allocated(height: int, options: dict, aspect, floor: bool = False) -> int:
     from . import equation
 
-    return equation.peak_allocated(height, width_for(height, aspect), _floor=floor, **options)
+    width = width_for(height, aspect)
+    return equation.peak_allocated(height, width, _floor=floor, **_call_options(height, width, options))
 
 
 def _peak(est, quantity: str) -> int:

@@ -11,6 +11,13 @@ SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 XFORMERS = "xformers"   # pipe.enable_xformers_memory_efficient_attention() (kernels.py section 4)
 ATTENTION_BACKENDS = SDPA_BACKENDS + (XFORMERS,)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The diffusers pipeline of the call (DERIVATION.md, "Pipelines"): StableDiffusionImg2ImgPipeline,
+# StableDiffusionPipeline, StableDiffusionInpaintPipeline; and the inpaint pipeline's UNet: SD1.5's
+# own (4 input channels) or the inpainting checkpoint's (9: latents, mask, masked-image latents).
+PIPELINES = ("img2img", "txt2img", "inpaint")
+INPAINT_UNETS = {"standard": 4, "inpainting": 9}
+# strength's default in each pipeline's __call__ (txt2img has none: every timestep runs)
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "txt2img": None}
 
 
 class InputError(ValueError):
@@ -21,12 +28,13 @@ class InputError(ValueError):
 class Options:
     """Options of `pipe(prompt, image=..., ...)` and of the setup that change memory.
 
-    Defaults are diffusers' defaults for StableDiffusionImg2ImgPipeline.__call__.
+    Defaults are diffusers' defaults for StableDiffusionImg2ImgPipeline.__call__ (pipeline
+    "img2img"), or for the pipeline chosen (strength, height, width).
     """
 
     guidance_scale: float = 7.5          # > 1 turns classifier-free guidance on (UNet batch x2)
     num_images_per_prompt: int = 1
-    strength: float = 0.8
+    strength: float | None = None        # None: the pipeline's default (DEFAULT_STRENGTH)
     num_inference_steps: int = 50
     attention: str = "auto"              # SDPA backend: auto (as PyTorch picks), cudnn, flash, efficient, math;
                                          # or xformers: the UNet and VAE through xformers, CLIP on SDPA auto
@@ -42,16 +50,23 @@ class Options:
     cudnn_benchmark: bool = False        # torch.backends.cudnn.benchmark (the peak depends on run-time state)
     cudnn_deterministic: bool = False    # torch.backends.cudnn.deterministic (deterministic engines only)
     scheduler: str = schedulers.DEFAULT  # pipe.scheduler = X.from_config(pipe.scheduler.config); schedulers.py
+    pipeline: str = "img2img"            # PIPELINES
+    pipe_height: int | None = None       # pipe(height=...) of txt2img / inpaint; None: unet sample_size x 8 = 512
+    pipe_width: int | None = None        # pipe(width=...)
+    mask_size: tuple | None = None       # inpaint: (height, width) of mask_image; must be the image's
+    inpaint_unet: str = "standard"       # inpaint: INPAINT_UNETS
+    padding_mask_crop: int | None = None # inpaint: pipe(padding_mask_crop=...) (host-side crop; needs output pil)
 
     def __post_init__(self):
         def need(cond, msg):
             if not cond:
                 raise InputError(msg)
 
+        self._check_pipeline(need)
         need(_is_number(self.guidance_scale), f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         need(_is_int(self.num_images_per_prompt) and self.num_images_per_prompt >= 1,
              f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}")
-        need(_is_number(self.strength) and 0 <= self.strength <= 1, f"strength must be in [0, 1], got {self.strength!r}")
+        need(self.strength is None or (_is_number(self.strength) and 0 <= self.strength <= 1), f"strength must be in [0, 1], got {self.strength!r}")
         need(_is_int(self.num_inference_steps) and self.num_inference_steps >= 1,
              f"num_inference_steps must be a positive integer, got {self.num_inference_steps!r}")
         need(self.attention in ATTENTION_BACKENDS,
@@ -83,14 +98,44 @@ class Options:
         need(most is None or self.num_inference_steps <= most,
              f"scheduler {self.scheduler} takes at most {most} steps (num_train_timesteps), got {self.num_inference_steps}")
         need(self.unet_evaluations >= 1,
-             f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
+             f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails "
              + ("(use strength 1 or at least 2 steps)" if self.scheduler == "pndm"
                 else f"(with {self.scheduler}, use a strength of at least 1/{self.num_inference_steps})"))
 
+    def _check_pipeline(self, need) -> None:
+        """The pipeline options (DERIVATION.md, "Pipelines"); resolves strength's default."""
+        p = self.pipeline
+        need(p in PIPELINES, f"pipeline must be one of {', '.join(PIPELINES)}, got {p!r}")
+        need(p != "txt2img" or self.strength is None,
+             "strength does not apply to txt2img: StableDiffusionPipeline.__call__ runs every timestep from noise")
+        if self.strength is None:
+            object.__setattr__(self, "strength", DEFAULT_STRENGTH[p])
+        for name in ("pipe_height", "pipe_width"):
+            v = getattr(self, name)
+            need(v is None or p != "img2img", f"{name} is not an img2img option: the image's size decides "
+                 "(StableDiffusionImg2ImgPipeline.__call__ has no height or width)")
+            need(v is None or (_is_int(v) and v >= 8 and v % 8 == 0),
+                 f"{name} must be a multiple of 8 pixels (diffusers' check_inputs raises otherwise), got {v!r}")
+        if isinstance(self.mask_size, list):   # from JSON or TOML
+            object.__setattr__(self, "mask_size", tuple(self.mask_size))
+        m = self.mask_size
+        need(m is None or p == "inpaint", f"a mask applies only to the inpaint pipeline, not {p}")
+        need(m is None or (isinstance(m, tuple) and len(m) == 2 and all(_is_int(x) and x >= 1 for x in m)),
+             f"mask_size must be (height, width) in whole pixels, got {m!r}")
+        need(self.inpaint_unet in INPAINT_UNETS,
+             f"inpaint_unet must be one of {', '.join(INPAINT_UNETS)}, got {self.inpaint_unet!r}")
+        need(self.inpaint_unet == "standard" or p == "inpaint", f"inpaint_unet applies only to the inpaint pipeline, not {p}")
+        c = self.padding_mask_crop
+        need(c is None or p == "inpaint", f"padding_mask_crop applies only to the inpaint pipeline, not {p}")
+        need(c is None or (_is_int(c) and c >= 0), f"padding_mask_crop must be a whole number of pixels >= 0, got {c!r}")
+        need(c is None or self.output_type == "pil", "padding_mask_crop needs output_type pil "
+             "(StableDiffusionInpaintPipeline.check_inputs raises otherwise)")
+
     @property
     def unet_evaluations(self) -> int:
-        return unet_evaluations(self.num_inference_steps, self.strength, self.scheduler)
+        return unet_evaluations(self.num_inference_steps, 1.0 if self.strength is None else self.strength,
+                                self.scheduler)
 
     @property
     def sdpa_attention(self) -> str:
@@ -98,6 +143,10 @@ class Options:
         xformers, transformers' CLIP models (they have no set_use_memory_efficient_attention_xformers)
         keep PyTorch's own choice."""
         return "auto" if self.attention == XFORMERS else self.attention
+
+    @property
+    def unet_in_channels(self) -> int:
+        return INPAINT_UNETS[self.inpaint_unet] if self.pipeline == "inpaint" else 4
 
     @property
     def allocator(self) -> allocconf.AllocConf:

@@ -196,13 +196,14 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) 
 
 
 def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
-         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None) -> None:
+         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None,
+         in_channels: int = 4) -> None:
     """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
     s = Schedule(alloc, ws, B, fallbacks)
-    sample = s.conv(None, 4, channels[0], 3, *levels[0], module="unet.conv_in")
+    sample = s.conv(None, in_channels, channels[0], 3, *levels[0], module="unet.conv_in")  # 9: inpainting UNet
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]
     for i, c in enumerate(channels):
@@ -254,3 +255,31 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
     a = s.new(channels[0], *levels[0]); s.free(n)        # conv_act
     out = s.conv(a, channels[0], 4, 3, *levels[0], module="unet.conv_out")
     s.free(a, *(t for t, _ in reversed(res)), out)       # forward returns
+
+
+def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, c: int = 512, layers: int = 3,
+                        fallbacks: list | None = None) -> None:
+    """Decoder.forward before vae_decoder's part: conv_in, the mid block and up_blocks[0] at
+    H/8, up_blocks[1]'s resnets at H/4, all 512 channels. After the VAE encoder these maps fit
+    in its cached blocks and need no replay; with nothing big cached (txt2img: no encoder ran)
+    they open their own segments (DERIVATION.md, "Pipelines")."""
+    s = Schedule(alloc, ws, b, fallbacks)
+    h, w = H // 8, W // 8
+    sample = s.conv(None, 4, c, 3, h, w, module="vae.decoder.conv_in")
+    x = s.resnet(sample, c, c, h, w, "vae.decoder.mid_block.resnets.0"); s.free(sample)
+    n = s.new(c, h, w)                                   # group_norm
+    q, k, v = s.new(c, h, w), s.new(c, h, w), s.new(c, h, w); s.free(n)
+    o = s.new(c, h, w); s.free(q, k, v)                  # sdpa output (q, k, v dropped with the processor's names)
+    t = s.new(c, h, w); s.free(o)                        # to_out
+    y = s.new(c, h, w); s.free(t, x)                     # + residual, / rescale_output_factor
+    x = s.resnet(y, c, c, h, w, "vae.decoder.mid_block.resnets.1"); s.free(y)
+    for i in (0, 1):
+        for j in range(layers):
+            y = s.resnet(x, c, c, h, w, f"vae.decoder.up_blocks.{i}.resnets.{j}"); s.free(x)
+            x = y
+        if i == 0:
+            u = s.new(c, 2 * h, 2 * w)                   # interpolate
+            y = s.conv(u, c, c, 3, 2 * h, 2 * w, module="vae.decoder.up_blocks.0.upsamplers.0.conv"); s.free(u, x)
+            x = y
+            h, w = 2 * h, 2 * w
+    s.free(x)                                            # vae_decoder starts from this output again

@@ -119,6 +119,8 @@ class FakeBackend:
     def _model(self, case, height, width) -> dict:
         """A crude size model: weights, plus per-pixel VAE and UNet costs, plus math attention's N^2."""
         o = case.opts
+        if o.pipeline == "inpaint":    # the call runs at pipe(height, width), not at the image's size
+            height, width = o.pipe_height or 512, o.pipe_width or 512
         px = (height - height % 8) * (width - width % 8)
         tokens = px // 64
         weights = 2_200_000_000 - (0 if o.safety_checker else 608_000_000)
@@ -128,6 +130,8 @@ class FakeBackend:
         vae_decode = 0 if not o.decodes else px * o.num_images_per_prompt * (700 if o.vae_tiling else 1400)
         stages = {"setup": weights + 10_000_000, "text_encoder": weights + 60_000_000,
                   "vae_encode": weights + px * 900, "unet": weights + unet}
+        if o.pipeline == "txt2img":    # no image: the VAE encoder never runs
+            del stages["vae_encode"]
         if o.decodes:
             stages["vae_decode"] = weights + vae_decode
             if o.safety_checker:

@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sd_vram.formula.options import InputError, Options, unet_evaluations
+from sd_vram.formula.options import InputError, Options
 
 try:
     import tomllib                      # Python 3.11+
@@ -47,12 +47,20 @@ class Case:
         return Options(**self.options)
 
     def call_kwargs(self) -> dict:
-        return {k: self.options[k] for k in CALL_FIELDS}
+        """The options that are pipe(...) arguments; txt2img has no strength, and txt2img and
+        inpaint take pipe(height=, width=) (inpaint: when the case sets them, else 512)."""
+        o = self.opts
+        kw = {k: getattr(o, k) for k in CALL_FIELDS if k != "strength" or o.pipeline != "txt2img"}
+        if o.pipeline == "txt2img":
+            kw.update(height=self.height, width=self.width)
+        if o.pipeline == "inpaint":
+            kw.update({k: v for k, v in (("height", o.pipe_height), ("width", o.pipe_width),
+                                         ("padding_mask_crop", o.padding_mask_crop)) if v is not None})
+        return kw
 
     @property
     def unet_evals(self) -> int:
-        o = self.options
-        return unet_evaluations(o["num_inference_steps"], o["strength"], o.get("scheduler", "pndm"))
+        return self.opts.unet_evaluations
 
     @property
     def cost(self) -> float:
@@ -61,7 +69,8 @@ class Case:
         return self.width * self.height * (o.unet_batch * self.unet_evals + 2)
 
     def full_call(self) -> "Case":
-        return replace(self, options={**self.options, **FULL_CALL}, variant="full")
+        full = {k: v for k, v in FULL_CALL.items() if k != "strength" or self.opts.pipeline == "img2img"}
+        return replace(self, options={**self.options, **full}, variant="full")
 
     # --- the input image -------------------------------------------------------------------
     def image_path(self, images_dir: Path | None) -> Path | None:
@@ -94,6 +103,17 @@ class Case:
             im = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
             return im, {"source": "file", "file": p.name}
         return synthetic_image(self.width, self.height, self.name), {"source": "generated", "file": None}
+
+
+def synthetic_mask(width: int, height: int):
+    """The inpaint cases' mask_image: white (repaint) over the middle half of each side, black
+    elsewhere, an "L" image of the image's size. Memory does not depend on its content."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((width // 4, height // 4, width - width // 4 - 1, height - height // 4 - 1),
+                                   fill=255)
+    return mask
 
 
 def synthetic_image(width: int, height: int, seed_text: str):
@@ -192,6 +212,13 @@ def load_catalogue(path: str | Path) -> Catalogue:
             raise CatalogueError(f"{where}: unknown options {sorted(unknown)} (fields of Options: {', '.join(OPTION_FIELDS)})")
         opts.update(raw.get("options", {}))
         opts.pop("gpu", None)
+        if opts.get("pipeline", "img2img") != "img2img":
+            # [defaults]' strength is img2img's short call: another pipeline keeps its own default
+            if "strength" not in raw.get("options", {}):
+                opts["strength"] = None
+            # an inpaint case's mask is synthetic_mask at the image's size unless it says otherwise
+            if opts["pipeline"] == "inpaint" and opts.get("mask_size") is None:
+                opts["mask_size"] = [h, w]
         try:
             Options(**opts)
         except InputError as e:

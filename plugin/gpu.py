@@ -444,6 +444,49 @@ class CudaBackend:
         if self._vae_procs:
             self.pipe.vae.set_attn_processor(dict(self._vae_procs))
 
+    def _pipeline(self, opts):
+        """The case's pipeline: the img2img one, or StableDiffusionPipeline /
+        StableDiffusionInpaintPipeline made from it by from_pipe, which shares its modules (no
+        second copy of the weights). from_pipe casts every module to its dtype argument
+        (float32 when not given), the shared ones too: it is given the pipeline's."""
+        if opts.pipeline == "img2img":
+            return self.pipe
+        derived = self.__dict__.setdefault("_derived", {})
+        if opts.pipeline not in derived:
+            import diffusers
+
+            cls = {"txt2img": diffusers.StableDiffusionPipeline, "inpaint": diffusers.StableDiffusionInpaintPipeline}
+            derived[opts.pipeline] = cls[opts.pipeline].from_pipe(self.pipe, dtype=self.dtype)
+            derived[opts.pipeline].set_progress_bar_config(disable=True)
+        pipe = derived[opts.pipeline]
+        # what _configure set on the img2img pipeline's attributes (its modules are shared)
+        pipe.scheduler, pipe.safety_checker = self.pipe.scheduler, self.pipe.safety_checker
+        return pipe
+
+    def _unet_for(self, opts):
+        """The inpainting checkpoint's UNet (9 input channels) in place of SD1.5's for the call:
+        with the bundled random weights, its conv_in swapped in (sd_vram.models.unet_in_channels);
+        a user's model must already have the UNet the case asks for."""
+        from sd_vram.models import unet_in_channels
+
+        unet = self.pipe.unet
+        if self.model and unet.config.in_channels != opts.unet_in_channels:
+            raise RuntimeError(f"the model's UNet has {unet.config.in_channels} input channels; the case needs "
+                               f"{opts.unet_in_channels} (inpaint_unet {opts.inpaint_unet})")
+        return unet_in_channels(unet, opts.unet_in_channels)
+
+    @staticmethod
+    def _inputs(opts, image) -> dict:
+        """pipe(...)'s image arguments: img2img the image, inpaint the image and a mask of its size
+        (plugin/cases.py synthetic_mask), txt2img none."""
+        if opts.pipeline == "txt2img":
+            return {}
+        if opts.pipeline == "inpaint":
+            from .cases import synthetic_mask
+
+            return {"image": image, "mask_image": synthetic_mask(*image.size)}
+        return {"image": image}
+
     def _reset_scheduler(self):
         # A scheduler keeps its last model outputs after a call (PNDM's ets and cur_sample,
         # DPM-Solver's and UniPC's model_outputs, UniPC's last_sample, LMS's derivatives);
@@ -457,21 +500,30 @@ class CudaBackend:
             s.model_outputs = [None] * len(s.model_outputs)
 
     def measure(self, case: Case, image, around_call=None, size=None) -> dict:
-        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement")."""
-        torch = self.torch
-        cuda = torch.cuda
-        from sd_vram.stages import stage_hooks
-
+        """One case's call: a Measurement (plugin/backends.py, the archive's "measurement"),
+        in the case's pipeline (txt2img and inpaint: from_pipe of the loaded one)."""
         m: dict = {"status": "ok", "error": None}
+        unet_swap = contextlib.ExitStack()
         try:
             self._configure(case.opts)
+            pipe = self._pipeline(case.opts)
+            unet_swap.enter_context(self._unet_for(case.opts))
         except XformersUnavailable as e:
+            unet_swap.close()
             self._restore_processors()
             m.update(status="skipped", error=str(e))
             return m
         except Exception as e:
+            unet_swap.close()
             m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
             return m
+        with unet_swap:
+            return self._measure(case, image, pipe, m, around_call)
+
+    def _measure(self, case: Case, image, pipe, m: dict, around_call) -> dict:
+        torch = self.torch
+        cuda = torch.cuda
+        from sd_vram.stages import stage_hooks
         self._reset_scheduler()
         gc.collect()
         cuda.synchronize()
@@ -521,7 +573,7 @@ class CudaBackend:
                     stage_hooks(self.pipe, on_stage):
                 with around_call() if around_call else contextlib.nullcontext():
                     try:
-                        out = self.pipe(case.prompt, image=image, **case.call_kwargs())
+                        out = pipe(case.prompt, **self._inputs(case.opts, image), **case.call_kwargs())
                         cuda.synchronize()
                     except torch.OutOfMemoryError as e:
                         m.update(status="oom", error=_short(e))

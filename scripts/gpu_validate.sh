@@ -87,7 +87,7 @@ missing_full_calls() {
 }
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q
-        --gpu "${BACKEND[@]}" --results-dir "$RESULTS_DIR" -m "not sd_vram_archived and not settings and not pipelines and not txt2img and not inpaint")
+        --gpu "${BACKEND[@]}" --results-dir "$RESULTS_DIR" -m "not sd_vram_archived and not settings and not pipelines")
 
 main() {
     log "sd-vram gpu_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR"

@@ -193,7 +193,7 @@ def resolve_input(text: str) -> dict:
         width, height = image_size(text)
         if width < 8 or height < 8:
             raise InputError(f"{text} is {width}x{height}: an image needs at least 8 px a side")
-        return {"width": width, "height": height, "source": f"{text} ({width}x{height})"}
+        return {"width": width, "height": height, "source": f"{text} ({width}x{height})", "file": text}
     name = text.strip().lower()
     catalogue = _load_catalogue()
     found = _catalogue_case(name, catalogue)
@@ -261,11 +261,27 @@ def _prompt_kwargs(args, case: dict) -> dict:
     return {}
 
 
+def resolve_call(image: str | None, cli_options: dict) -> tuple[dict, dict]:
+    """(the input as resolve_input reads it, the call's options: the case's, then the flags'). txt2img
+    takes no image: IMAGE is the output's WIDTHxHEIGHT, and may be left out (512x512)."""
+    if image is None:
+        pipeline = cli_options.get("pipeline", "img2img")
+        if pipeline != "txt2img":
+            raise InputError(f"{pipeline} needs an IMAGE: WIDTHxHEIGHT, an image file or a case name "
+                             "(only --pipeline txt2img may leave it out: 512x512)")
+        case = {"width": None, "height": None, "source": "txt2img at the default size"}
+    else:
+        case = resolve_input(image)
+    opts = {**case.get("options", {}), **cli_options}
+    if opts.get("pipeline") == "txt2img" and "file" in case:
+        raise InputError(f"txt2img takes no image ({case['file']}): give the output's WIDTHxHEIGHT, or none for 512x512")
+    return case, opts
+
+
 def cmd_estimate(args) -> int:
     from sd_vram.formula import equation  # the module attribute, so tests can substitute estimate
 
-    case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **option_kwargs(args)}
+    case, opts = resolve_call(args.image, option_kwargs(args))
     options = Options(**opts)  # validates before the equation runs
     prompt = _prompt_kwargs(args, case)
     vram, read_as = parse_budget(args.vram) if args.vram is not None else (None, "")
@@ -330,8 +346,7 @@ def cmd_max_size(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    case = resolve_input(args.image)
-    opts = {**case.get("options", {}), **option_kwargs(args)}
+    case, opts = resolve_call(args.image, option_kwargs(args))
     Options(**opts)
     prompt = _prompt_kwargs(args, case)
     try:
@@ -404,10 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     image_help = (f"WIDTHxHEIGHT (640x427 is 640 wide), an image file, a seed case ({seeds}) "
-                  "or a case name of cases/catalogue.toml")
+                  "or a case name of cases/catalogue.toml; txt2img: the output's WIDTHxHEIGHT (default 512x512)")
     p = sub.add_parser("estimate", help="predict the peak memory of one call (no GPU, no torch)",
                        description="Predict the peak GPU memory of one img2img call with the closed-form equation.")
-    p.add_argument("image", metavar="IMAGE", help=image_help)
+    p.add_argument("image", metavar="IMAGE", nargs="?", help=image_help)
     _add_prompt(p)
     add_option_flags(p)
     p.add_argument("--vram", metavar="BUDGET", help="the card's memory: 8GiB or 8G (2^30 B), 8GB (10^9 B), "
@@ -428,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run the pipeline on fake CUDA tensors (needs sd-vram[sim])",
                        description="Replay the real diffusers pipeline on fake CUDA tensors through a model of the caching allocator.")
-    p.add_argument("image", metavar="IMAGE", help=image_help)
+    p.add_argument("image", metavar="IMAGE", nargs="?", help=image_help)
     _add_prompt(p)
     add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -169,6 +169,40 @@ def _randomize(module, gen):
             getattr(module, name).fill_(2.0)
 
 
+@contextlib.contextmanager
+def unet_in_channels(unet, channels: int, seed: int = 0):
+    """The UNet with `channels` input channels while the block runs: the inpainting checkpoint's
+    UNet (9: latents, mask, masked-image latents) differs from SD1.5's only in conv_in
+    (UNet2DConditionModel.__init__ reads in_channels for conv_in alone). A conv_in of that many
+    input channels replaces the current one, with config.in_channels; on a real device it gets
+    random weights there and the old one waits on the CPU (so the device holds one conv_in,
+    as with the checkpoint loaded). Restored afterwards."""
+    conv = unet.conv_in
+    if conv.in_channels == channels:
+        yield
+        return
+    from diffusers.configuration_utils import FrozenDict
+
+    device = conv.weight.device
+    new = torch.nn.Conv2d(channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                          device=device, dtype=conv.weight.dtype).requires_grad_(False)
+    real = device.type != "meta"
+    if real:
+        conv.to("cpu")
+        _randomize(new, torch.Generator(device=device).manual_seed(seed))
+    old_config = unet._internal_dict
+    unet._modules["conv_in"] = new
+    unet._internal_dict = FrozenDict({**old_config, "in_channels": channels})
+    try:
+        yield
+    finally:
+        unet._modules["conv_in"] = conv
+        unet._internal_dict = old_config
+        if real:
+            del new
+            conv.to(device)
+
+
 def load_pipeline(model: str, device="cuda", dtype=torch.float16, safety_checker: bool = True):
     """The user's own weights: a local diffusers folder or a hub id (as the issue's snippet)."""
     from diffusers import AutoPipelineForImage2Image

@@ -3,7 +3,7 @@ of formula/options.Options (flag, help, argparse type or choices), and the two w
 flags onto a parser and parsed flags back into Options fields.
 
 A field of Options without a row here fails tests/test_cli.py, which names the missing flag.
-Imports only sd_vram.formula.
+Imports sd_vram.formula (and, to read --mask, sd_vram.imagesize and sd_vram.cli's parse_size).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from sd_vram.formula.options import ATTENTION_BACKENDS, OUTPUT_TYPES, Options
+from sd_vram.formula.options import ATTENTION_BACKENDS, INPAINT_UNETS, OUTPUT_TYPES, PIPELINES, InputError, Options
 from sd_vram.formula.schedulers import NAMES as SCHEDULER_NAMES
 
 GROUP_TITLE = "pipeline options (defaults are diffusers')"
@@ -45,6 +45,50 @@ def attention_slicing(text: str):
     return v
 
 
+def mask_size(text: str) -> tuple[int, int]:
+    """--mask: an image file (its size, read from the header as for the image) or WIDTHxHEIGHT
+    -> (height, width), the order of Options.mask_size."""
+    import os
+
+    from sd_vram.imagesize import image_size
+
+    try:
+        if os.path.exists(text):
+            width, height = image_size(text)
+        elif any(c.isdigit() for c in text):
+            from sd_vram.cli import parse_size
+
+            width, height = parse_size(text)
+        else:
+            raise InputError("no such mask file (or give WIDTHxHEIGHT)")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(f"--mask {text}: {e}") from None
+    return height, width
+
+
+def inpaint_unet(text: str) -> str:
+    """--inpaint-unet: standard, inpainting, or a diffusers model folder whose unet/config.json
+    says which (in_channels 4 or 9)."""
+    import json
+    import os
+
+    if text in INPAINT_UNETS:
+        return text
+    config = os.path.join(text, "unet", "config.json")
+    if not os.path.isfile(config):
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(INPAINT_UNETS)} or a model folder with "
+                                         f"unet/config.json, got {text!r}")
+    try:
+        channels = json.loads(open(config, encoding="utf-8").read())["in_channels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{config}: no in_channels ({type(e).__name__})") from None
+    for name, c in INPAINT_UNETS.items():
+        if channels == c:
+            return name
+    raise argparse.ArgumentTypeError(f"{config}: in_channels {channels!r}: the inpaint pipeline takes a UNet of "
+                                     f"{' or '.join(map(str, INPAINT_UNETS.values()))} input channels")
+
+
 def option_flags() -> tuple[OptionFlag, ...]:
     """The flags in the order --help lists them."""
     from sd_vram.formula import gpu_profiles
@@ -56,8 +100,8 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    {"type": float, "metavar": "X"}),
         OptionFlag("num_images_per_prompt", "--num-images-per-prompt",
                    f"images per prompt (default {d.num_images_per_prompt})", {"type": int, "metavar": "N"}),
-        OptionFlag("strength", "--strength", f"img2img strength in [0, 1] (default {d.strength:g})",
-                   {"type": float, "metavar": "S"}),
+        OptionFlag("strength", "--strength", f"img2img / inpaint strength in [0, 1] (default {d.strength:g}; "
+                   "inpaint 1; txt2img has none)", {"type": float, "metavar": "S"}),
         OptionFlag("num_inference_steps", "--steps", f"num_inference_steps (default {d.num_inference_steps})",
                    {"type": int, "metavar": "N"}),
         OptionFlag("attention", "--attention",
@@ -88,6 +132,20 @@ def option_flags() -> tuple[OptionFlag, ...]:
         OptionFlag("cudnn_deterministic", "--cudnn-deterministic",
                    "torch.backends.cudnn.deterministic = True: deterministic engines only; their workspaces "
                    "are derived, not measured on a GPU (the answer is a range)", switch=True),
+        OptionFlag("pipeline", "--pipeline", "the diffusers pipeline: img2img (StableDiffusionImg2ImgPipeline), "
+                   "txt2img (StableDiffusionPipeline: IMAGE is the output's WIDTHxHEIGHT, default 512x512), "
+                   "inpaint (StableDiffusionInpaintPipeline: needs --mask) (default img2img); txt2img and inpaint are "
+                   "derived from diffusers' code, not measured on a GPU", {"choices": PIPELINES}),
+        OptionFlag("pipe_height", "--height", "txt2img / inpaint: pipe(height=...), a multiple of 8 (default 512: "
+                   "unet sample_size x 8; inpaint resizes the image to it)", {"type": int, "metavar": "PX"}),
+        OptionFlag("pipe_width", "--width", "txt2img / inpaint: pipe(width=...) (default 512)", {"type": int, "metavar": "PX"}),
+        OptionFlag("mask_size", "--mask", "inpaint: the mask_image, a file or WIDTHxHEIGHT; the image's size",
+                   {"type": mask_size, "metavar": "FILE|WxH"}),
+        OptionFlag("inpaint_unet", "--inpaint-unet", "inpaint: the UNet, standard (SD1.5, 4 input channels, latents "
+                   "blended with the mask) or inpainting (9: noise, mask, masked-image latents), or a model folder "
+                   "to read it from (default standard); derived, not measured on a GPU", {"type": inpaint_unet, "metavar": "{standard,inpainting,DIR}"}),
+        OptionFlag("padding_mask_crop", "--padding-mask-crop", "inpaint: pipe(padding_mask_crop=N): crop to the "
+                   "mask's region, on the host (needs --output-type pil)", {"type": int, "metavar": "N"}),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

@@ -54,8 +54,13 @@ def label(key: str) -> str:
 
 def options_line(o: Options) -> str:
     cfg = f"CFG on, UNet batch {o.unet_batch}" if o.cfg else "CFG off"
+    strength = [] if o.strength is None else [f"strength {o.strength:g}"]   # txt2img has none
     parts = [f"guidance {o.guidance_scale:g} ({cfg})", f"{o.num_images_per_prompt} image(s)",
-             f"strength {o.strength:g}", plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
+             *strength, plural(o.num_inference_steps, "step"), f"attention {o.attention}"]
+    if o.pipeline != "img2img":
+        parts.insert(0, f"pipeline {o.pipeline}" + (f" ({o.inpaint_unet} UNet)" if o.pipeline == "inpaint" else ""))
+        if o.padding_mask_crop is not None:
+            parts.append(f"padding_mask_crop {o.padding_mask_crop}")
     if o.attention_slicing is not None:
         parts.append(f"attention slicing {o.attention_slicing}")
     if o.vae_slicing:
@@ -78,7 +83,10 @@ def plural(n: int, word: str) -> str:
 def format_estimate(est, source: str, options: Options) -> str:
     out = [f"sd-vram estimate: {source}"]
     size = f"{est.width}x{est.height}"
-    out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
+    if options.pipeline == "img2img":
+        out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
+    else:   # txt2img and inpaint run at pipe(height=, width=), default 512x512
+        out.append(f"{options.pipeline} at {size} (width x height: pipe(height=, width=), default 512x512)")
     if est.prompt_tokens is not None:
         out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
     out.append(f"options: {options_line(options)}")

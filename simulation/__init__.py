@@ -32,10 +32,12 @@ __all__ = ["simulate", "SimResult", "StageSim", "LiveTensor", "GPUProfile", "DEF
            "get_profile", "CachingAllocator", "replay", "round_size", "get_allocation_size"]
 
 
-def simulate(height: int, width: int, prompt: str | None = None, prompt_length: int | None = None,
+def simulate(height: int | None = None, width: int | None = None, prompt: str | None = None, prompt_length: int | None = None,
              *, profile: GPUProfile | None = None, steps="auto", history=(), vram: int | None = None,
              **options) -> SimResult:
-    """Simulate one img2img call on an image of height x width pixels.
+    """Simulate one img2img call on an image of height x width pixels (pipeline="txt2img":
+    the output's size; "inpaint": the image's, the call at options height/width, as
+    sd_vram.formula.estimate reads them).
 
     options: fields of sd_vram.formula.options.Options (guidance_scale, strength,
     num_inference_steps, attention, attention_slicing, vae_slicing, vae_tiling,
@@ -53,6 +55,10 @@ def simulate(height: int, width: int, prompt: str | None = None, prompt_length: 
     from sd_vram.formula.options import InputError, Options
 
     opts = Options(**options)
+    if opts.pipeline != "img2img":   # the call's size: pipe(height, width) (formula/pipelines.py)
+        from sd_vram.formula.pipelines import call_size
+
+        height, width = call_size(height, width, opts)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 8:
             raise InputError(f"{name} must be an integer >= 8, got {v!r}")

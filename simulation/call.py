@@ -35,11 +35,13 @@ import torch
 from sd_vram.formula import schedulers
 from sd_vram.formula.gpu_profiles import GPUProfile
 from sd_vram.formula.options import XFORMERS
+from sd_vram.models import unet_in_channels
 
 from .fake_xformers import FakeXformers, enable_xformers, patched_xformers
 from .kernel_hooks import kernel_allocations
 from .memo import ForwardMemo
 from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, set_safety_thresholds
+from .pipelines import call_inputs, host_scalars, mask_substitute, pipeline_for
 from .profile import get_profile
 from .recorder import MemoryRecorder
 from .resident import WeightSwap, load_weights, meta_pipeline, module_order, resident_setup
@@ -96,16 +98,18 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
     device. max_unet_evals: "auto" (steady_state_evals), a number, or None (all). Returns
     (call_start_index, call_end_index, info) over recorder.events.
     """
-    from PIL import Image
 
     from sd_vram.stages import stage_hooks
 
     info = {"unet_evals": 0, "sdpa": {}}
     if max_unet_evals == "auto":
         max_unet_evals = steady_state_evals(options)
+    pipe = pipeline_for(pipe, options.pipeline)   # txt2img, inpaint: the same components (pipelines.py)
     es = contextlib.ExitStack()
     with es:
         es.enter_context(pipeline_substitutes(pipe, height, width, options.scheduler))
+        es.enter_context(mask_substitute(pipe, height, width))
+        es.enter_context(host_scalars())
         es.enter_context(patched_tensor_methods(recorder, fake, device_type))
 
         xformers = None
@@ -139,7 +143,7 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
         warnings.filterwarnings("ignore", message=r"You have passed \d+ text prompts", category=FutureWarning)
         start = len(recorder.events)
         with recorder:
-            out = pipe(prompt, image=Image.new("RGB", (8, 8)), strength=options.strength,
+            out = pipe(prompt, **call_inputs(options, height, width),
                        num_inference_steps=options.num_inference_steps,
                        guidance_scale=options.guidance_scale,
                        num_images_per_prompt=options.num_images_per_prompt,
@@ -171,9 +175,10 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
     recorder.name_modules({n: m for n, m in module_order(pipe)})
     swap = WeightSwap()
     t0 = time.perf_counter()
+    pipeline_for(pipe, options.pipeline)   # from_pipe moves modules (.to): before the weights are swapped
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with fake_mode, contextlib.ExitStack() as es:
+        with unet_in_channels(pipe.unet, options.unet_in_channels), fake_mode, contextlib.ExitStack() as es:
             loaded = resident_setup(pipe, recorder, swap, profile, history)
             if pipe.safety_checker is not None and (not options.safety_checker or "safety_checker" not in loaded):
                 if options.safety_checker:
@@ -214,9 +219,10 @@ def record_call(height: int, width: int, *, device_type: str = "cuda", fake: boo
             return torch.arange(like.shape[-1], dtype=dt, device=device_type).expand(like.shape).contiguous()
         return torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=device_type)
 
+    pipeline_for(pipe, options.pipeline)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     try:
-        with mode:
+        with unet_in_channels(pipe.unet, options.unet_in_channels), mode:
             load_weights(pipe, recorder, device_type, swap, make=make)
             start, end, info = run_call(pipe, recorder, height=height, width=width, prompt=prompt,
                                         options=options, device_type=device_type, profile=profile,

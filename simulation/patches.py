@@ -59,18 +59,44 @@ def patch_attr(obj, name, value, use_dict=False):
             else:
                 del obj.__dict__[name]
         return
+    # An attribute the object only inherits is deleted again, not set to the inherited value: on
+    # a class, setting a dunder such as __getitem__ rewires the type's C slots (torch.Tensor then
+    # passes PySequence_Check, and torch.tensor([0-d tensor]) calls len() on the element).
+    owned = name in getattr(obj, "__dict__", {})
     old = getattr(obj, name)
     setattr(obj, name, value)
     try:
         yield
     finally:
-        setattr(obj, name, old)
+        if owned:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+class _GuardedGetitem(torch.overrides.TorchFunctionMode):
+    """Tensor.__getitem__ calls go to `getitem` (patched_tensor_methods' device guard)."""
+
+    def __init__(self, getitem):
+        super().__init__()
+        self.getitem = getitem
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            return self.getitem(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def fresh_scheduler(pipe, name: str):
     """Substitution 6: a new scheduler `name` from the pipeline's scheduler config, on real CPU tensors."""
     from sd_vram.models import switch_scheduler
 
+    if name == "pndm":
+        # built in the call's own (fake) mode, as it always was: the recorder's shadows give
+        # the values its step reads, and its fake CPU tables move as real ones do; a table
+        # built outside the mode would be converted on first use, an allocation no real CPU
+        # run makes (tests/test_simulation_faithful.py)
+        return switch_scheduler(pipe.scheduler, name)
     with torch.utils._python_dispatch._disable_current_modes():
         scheduler = switch_scheduler(pipe.scheduler, name)
     if hasattr(scheduler, "get_lms_coefficient"):
@@ -254,11 +280,16 @@ def patched_tensor_methods(recorder: MemoryRecorder | None, fake: bool, device_t
                 return out
             return method
 
-        for name in ("__getitem__", "__setitem__", "contiguous", "item", "tolist", "__bool__",
+        for name in ("__setitem__", "contiguous", "item", "tolist", "__bool__",
                      "__float__", "__int__", "__index__", "copy_", "new_tensor", "type", "chunk",
                      "split", "unbind"):
             if hasattr(torch.Tensor, name):
                 stack.enter_context(patch_attr(torch.Tensor, name, guard_free(getattr(torch.Tensor, name))))
+        # __getitem__ through a torch-function mode, not as a class attribute: set on torch.Tensor it
+        # would give every tensor, for the rest of the process, a sequence slot (sq_item) that
+        # deleting the attribute does not take back, and torch.tensor([a 0-d tensor]) then calls
+        # len() on it
+        stack.enter_context(_GuardedGetitem(guard_free(torch.Tensor.__getitem__)))
         if recorder is not None:
             recorder.device_types = {"cuda", "meta"}
             stack.callback(setattr, recorder, "device_types", {recorder.device_type})

@@ -160,12 +160,21 @@ def test_each_flag_sets_its_field(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(equation, "estimate", lambda h, w, **kw: (seen.update(kw), fake_estimate(h, w, **kw))[1])
     values = {"attention": "math", "output_type": "latent", "attention_slicing": "max", "gpu": "h200",
-              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5", "scheduler": "euler"}
+              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5", "scheduler": "euler",
+              "pipeline": "txt2img", "pipe_height": "64", "pipe_width": "64", "mask_size": "64x64", "inpaint_unet": "inpainting"}
+    # a pipeline's own options are given with that pipeline (and inpaint's with its mask): alone, on img2img,
+    # they are an error
+    companions = {"pipe_height": {"pipeline": "txt2img"}, "pipe_width": {"pipeline": "txt2img"},
+                  "mask_size": {"pipeline": "inpaint"},
+                  "inpaint_unet": {"pipeline": "inpaint", "mask_size": "64x64"},
+                  "padding_mask_crop": {"pipeline": "inpaint", "mask_size": "64x64"}}
+    flag_of = {f.field: f.flag for f in option_flags()}
     for f in option_flags():
         seen.clear()
         given = [f.flag] if f.switch is not None else [f.flag, values.get(f.field, "3")]
-        assert call(capsys, "estimate", "64x64", *given, "--json")[0] == 0, f.flag
-        assert list(seen) == [f.field], (f.flag, seen)
+        extra = [x for field, v in companions.get(f.field, {}).items() for x in (flag_of[field], v)]
+        assert call(capsys, "estimate", "64x64", *given, *extra, "--json")[0] == 0, f.flag
+        assert sorted(seen) == sorted([f.field, *companions.get(f.field, {})]), (f.flag, seen)
         assert seen[f.field] != getattr(Options(), f.field), f.flag
     assert {f.field for f in option_flags()} == {f.name for f in dc_fields(Options)}
 

@@ -229,4 +229,33 @@ def test_xformers_case_skipped_without_xformers_and_enabled_with_it(fake_gpu, mo
     assert set(calls) - {(1, 2, 40)}                        # more than diffusers' test calls
     assert {e["stage"] for e in m["sdpa"]} == {"text_encoder", "safety_checker"}   # CLIP keeps SDPA
     assert {k: type(p) for k, p in b.pipe.unet.attn_processors.items()} == before
+
+
+def test_cuda_backend_runs_txt2img_and_inpaint(fake_gpu):
+    """txt2img and inpaint (issue 13) run from_pipe pipelines of the loaded one (its modules,
+    its dtype); the inpainting UNet's 9-channel conv_in replaces the 4-channel one for its case
+    only (on a GPU the 4-channel one waits on the CPU meanwhile)."""
+    from sd_vram.plugin import gpu
+
+    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=False, dtype=torch.float32)
+    conv_in = b.pipe.unet.conv_in
+    m = b.measure(_case("t2i", pipeline="txt2img", strength=None), None)
+    assert m["status"] == "ok", m["error"]
+    assert m["stage_order"] == ["setup", "text_encoder", "unet", "vae_decode", "safety_checker"]
+    assert m["unet_evals"] == 3
+    assert all(p.dtype == torch.float32 for p in b.pipe.unet.parameters())   # from_pipe kept the dtype
+    seen = []
+    hook = b.pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append((mod.conv_in.in_channels,
+                                                                               mod.conv_in is conv_in)))
+    for unet, channels in (("standard", 4), ("inpainting", 9)):
+        seen.clear()
+        case = _case(f"inpaint-{unet}", pipeline="inpaint", inpaint_unet=unet, mask_size=[48, 64],
+                     pipe_height=48, pipe_width=64)
+        m = b.measure(case, synthetic_image(64, 48, case.name))
+        assert m["status"] == "ok", m["error"]
+        assert m["stage_order"] == ["setup", "text_encoder", "vae_encode", "unet", "vae_decode", "safety_checker"]
+        assert {c for c, _ in seen} == {channels}
+        assert {own for _, own in seen} == {channels == 4}
+    hook.remove()
+    assert b.pipe.unet.conv_in is conv_in and b.pipe.unet.config.in_channels == 4   # restored
     b.close()
