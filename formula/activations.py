@@ -19,6 +19,7 @@ from math import ceil, prod
 
 from .allocator import block_bytes
 from .kernels import ConvWorkspace, conv_rules, efficient_output_accumulator
+from .options import DTYPE_ITEMSIZE, DTYPE_TORCH_NAME
 
 FP16, FP32 = 2, 4
 
@@ -60,6 +61,20 @@ class Shape:
     n: int          # images per prompt (VAE decode batch)
     B: int          # UNet batch
     cfg: bool
+    dtype: str = "fp16"   # the pipeline's torch_dtype (Options.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def torch_dtype(self) -> str:
+        """torch's name of the dtype ("float16"), as kernels.SdpaCall takes it."""
+        return DTYPE_TORCH_NAME[self.dtype]
+
+    def bytes(self, *shape: int) -> int:
+        """nbytes of a tensor of the pipeline's dtype."""
+        return nbytes(*shape, itemsize=self.itemsize)
 
     @property
     def h(self):
@@ -87,19 +102,19 @@ def prompt_state(s: Shape) -> Peak:
     negative_prompt_embeds and the cat([negative, prompt]) it feeds the UNet."""
     p = Peak("prompt embeddings")
     if s.cfg:
-        p.add("state", "negative_prompt_embeds", nbytes(s.n, TOKENS, TEXT_DIM))
-        p.add("state", "prompt_embeds (cat)", nbytes(2 * s.n, TOKENS, TEXT_DIM))
+        p.add("state", "negative_prompt_embeds", s.bytes(s.n, TOKENS, TEXT_DIM))
+        p.add("state", "prompt_embeds (cat)", s.bytes(2 * s.n, TOKENS, TEXT_DIM))
     else:
-        p.add("state", "prompt_embeds", nbytes(s.n, TOKENS, TEXT_DIM))
+        p.add("state", "prompt_embeds", s.bytes(s.n, TOKENS, TEXT_DIM))
     return p
 
 
 def latent_state(s: Shape, history: int) -> Peak:
     """latents (n,4,h,w) and `history` more latent-sized tensors (scheduler ets, last outputs)."""
     p = Peak("latents")
-    p.add("state", "latents", nbytes(s.n, 4, s.h, s.w))
+    p.add("state", "latents", s.bytes(s.n, 4, s.h, s.w))
     if history:
-        p.add("state", "scheduler history (ets, cur_sample)", nbytes(s.n, 4, s.h, s.w), history)
+        p.add("state", "scheduler history (ets, cur_sample)", s.bytes(s.n, 4, s.h, s.w), history)
     return p
 
 
@@ -112,21 +127,24 @@ def merge(*peaks: Peak, operation: str | None = None) -> Peak:
 
 # --- attention -------------------------------------------------------------------------------
 
-def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_dim: int, kv_tokens: int | None = None) -> Peak:
+def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_dim: int, kv_tokens: int | None = None,
+                      dtype: str = "fp16") -> Peak:
     """What one attention call allocates besides its output, at its own peak.
 
-    math: PyTorch's math kernel upcasts fp16 q, k, v to fp32 (allow_fp16_bf16_reduction_math_sdp
-    is off by default), scales q, and holds the fp32 score matrix and its softmax together,
-    with _safe_softmax's boolean mask of the same shape.
+    math: PyTorch's math kernel upcasts fp16 and bf16 q, k, v to fp32
+    (allow_fp16_bf16_reduction_math_sdp is off by default; fp32 inputs are used as they are),
+    scales q, and holds the fp32 score matrix and its softmax together, with _safe_softmax's
+    boolean mask of the same shape.
     flash: the kernel also returns a fp32 log-sum-exp (batch, heads, tokens).
-    efficient: for head_dim > 128 in fp16 the kernel keeps a fp32 output accumulator.
+    efficient: for head_dim > 128 in fp16 or bf16 the kernel keeps a fp32 output accumulator.
     cudnn: no extra tensor in inference.
     """
     kv = kv_tokens or tokens
     p = Peak(f"sdpa[{backend}]")
     if backend == "math":
-        p.add("attention", "q upcast to fp32", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
-        p.add("attention", "k, v upcast to fp32", nbytes(batch, heads, kv, head_dim, itemsize=FP32), 2)
+        if dtype != "fp32":
+            p.add("attention", "q upcast to fp32", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
+            p.add("attention", "k, v upcast to fp32", nbytes(batch, heads, kv, head_dim, itemsize=FP32), 2)
         p.add("attention", "q * scale", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
         p.add("attention", "scores q@k^T (fp32)", nbytes(batch * heads, tokens, kv, itemsize=FP32))
         p.add("attention", "softmax(scores) (fp32)", nbytes(batch, heads, tokens, kv, itemsize=FP32))
@@ -136,18 +154,19 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
         p.add("attention", "_safe_softmax -inf row mask (bool)", nbytes(batch * heads, tokens, kv, itemsize=1))
     elif backend == "flash":
         p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch, heads, tokens, itemsize=FP32))
-    elif backend == "efficient" and efficient_output_accumulator("float16", head_dim, head_dim):
+    elif backend == "efficient" and efficient_output_accumulator(DTYPE_TORCH_NAME[dtype], head_dim, head_dim):
         p.add("workspace", "fp32 output accumulator", nbytes(batch, tokens, heads, head_dim, itemsize=FP32))
     return p
 
 
-def sliced_attention_scratch(batch: int, heads: int, tokens: int, kv: int, slice_size: int) -> Peak:
-    """diffusers SlicedAttnProcessor (enable_attention_slicing): baddbmm + softmax in fp16 over
-    `slice_size` of the batch x heads rows at a time; SDPA is not used at all."""
-    rows = min(slice_size, batch * heads)
+def sliced_attention_scratch(batch: int, heads: int, tokens: int, kv: int, slice_size: int,
+                             dtype: str = "fp16") -> Peak:
+    """diffusers SlicedAttnProcessor (enable_attention_slicing): baddbmm + softmax in the
+    pipeline's dtype over `slice_size` of the batch x heads rows at a time; SDPA is not used."""
+    rows, item = min(slice_size, batch * heads), DTYPE_ITEMSIZE[dtype]
     p = Peak("sliced attention")
-    p.add("attention", "scores slice (fp16)", nbytes(rows, tokens, kv))
-    p.add("attention", "softmax slice (fp16)", nbytes(rows, tokens, kv))
+    p.add("attention", f"scores slice ({dtype})", nbytes(rows, tokens, kv, itemsize=item))
+    p.add("attention", f"softmax slice ({dtype})", nbytes(rows, tokens, kv, itemsize=item))
     return p
 
 
@@ -173,33 +192,33 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     h, w = s.level(0)
     N, B, C = h * w, s.B, UNET_C0
     base = Peak("up_blocks.3.attentions.0")
-    base.add("state", "latent_model_input (cat)", nbytes(B, 4, h, w))
-    base.add("state", "time embedding emb", nbytes(B, 4 * C))
-    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", nbytes(B, C, h, w), 3)
-    base.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", nbytes(B, 2 * C, h, w))
-    base.add("activations", "resnets.0 output (transformer residual)", nbytes(B, C, h, w))
-    base.add("activations", "proj_in output", nbytes(B, C, h, w))
+    base.add("state", "latent_model_input (cat)", s.bytes(B, 4, h, w))
+    base.add("state", "time embedding emb", s.bytes(B, 4 * C))
+    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w), 3)
+    base.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", s.bytes(B, 2 * C, h, w))
+    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
+    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
 
     ff = merge(base, Peak("transformer_blocks.0.ff GEGLU: gelu(gate) * hidden"))
-    ff.add("activations", "attn2 output (/ rescale_output_factor)", nbytes(B, N, C))
-    ff.add("activations", "hidden_states after attn2 residual", nbytes(B, N, C))
-    ff.add("activations", "norm3 output", nbytes(B, N, C))
-    ff.add("activations", "ff.net.0.proj output (2 x 4C)", nbytes(B * N, 2 * FF_MULT * C))
-    ff.add("activations", "gelu(gate)", nbytes(B, N, FF_MULT * C))
-    ff.add("activations", "hidden * gelu(gate)", nbytes(B, N, FF_MULT * C))
+    ff.add("activations", "attn2 output (/ rescale_output_factor)", s.bytes(B, N, C))
+    ff.add("activations", "hidden_states after attn2 residual", s.bytes(B, N, C))
+    ff.add("activations", "norm3 output", s.bytes(B, N, C))
+    ff.add("activations", "ff.net.0.proj output (2 x 4C)", s.bytes(B * N, 2 * FF_MULT * C))
+    ff.add("activations", "gelu(gate)", s.bytes(B, N, FF_MULT * C))
+    ff.add("activations", "hidden * gelu(gate)", s.bytes(B, N, FF_MULT * C))
 
     attn = merge(base, Peak("transformer_blocks.0.attn1 (self-attention)"))
-    attn.add("activations", "norm1 output", nbytes(B, N, C))
+    attn.add("activations", "norm1 output", s.bytes(B, N, C))
     rows = slice_rows(slicing, UNET_HEADS)
     if rows is None:
-        attn.add("activations", "q, k, v projections", nbytes(B * N, C), 3)
+        attn.add("activations", "q, k, v projections", s.bytes(B * N, C), 3)
         if backend != "math":
-            attn.add("activations", "sdpa output", nbytes(B, N, UNET_HEADS, C // UNET_HEADS))
-        attn = merge(attn, attention_scratch(backend, B, UNET_HEADS, N, C // UNET_HEADS))
+            attn.add("activations", "sdpa output", s.bytes(B, N, UNET_HEADS, C // UNET_HEADS))
+        attn = merge(attn, attention_scratch(backend, B, UNET_HEADS, N, C // UNET_HEADS, dtype=s.dtype))
     else:
-        attn.add("activations", "q, k, v as (B*heads, N, d)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS), 3)
-        attn.add("activations", "sliced output buffer (zeros)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS))
-        attn = merge(attn, sliced_attention_scratch(B, UNET_HEADS, N, N, rows))
+        attn.add("activations", "q, k, v as (B*heads, N, d)", s.bytes(B * UNET_HEADS, N, C // UNET_HEADS), 3)
+        attn.add("activations", "sliced output buffer (zeros)", s.bytes(B * UNET_HEADS, N, C // UNET_HEADS))
+        attn = merge(attn, sliced_attention_scratch(B, UNET_HEADS, N, N, rows, dtype=s.dtype))
     attn.operation = f"{attn.operation}: {attn.terms[-1][1]}"
     return [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
 
@@ -213,20 +232,20 @@ def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
     B, C = s.B, UNET_C0
     lvl = 3 - block
     p = Peak(f"up_blocks.{block}.resnets.0.conv1 (2560 -> 1280, 3x3, level {lvl})")
-    p.add("state", "latent_model_input (cat)", nbytes(B, 4, s.h, s.w))
-    p.add("state", "time embedding emb", nbytes(B, 4 * C))
+    p.add("state", "latent_model_input (cat)", s.bytes(B, 4, s.h, s.w))
+    p.add("state", "time embedding emb", s.bytes(B, 4 * C))
     skips = [(0, C), (0, C), (0, C), (1, C), (1, 2 * C), (1, 2 * C), (2, 2 * C), (2, 4 * C), (2, 4 * C), (3, 4 * C)]
     if block == 0:
         skips += [(3, 4 * C), (3, 4 * C)]
     for level, ch in skips:
-        p.add("activations", f"skip ({ch} ch, level {level})", nbytes(B, ch, *s.level(level)))
+        p.add("activations", f"skip ({ch} ch, level {level})", s.bytes(B, ch, *s.level(level)))
     hl, wl = s.level(lvl)
-    p.add("activations", "UNet sample (1280 ch)", nbytes(B, 4 * C, hl, wl))
-    p.add("activations", "cat(sample, skip) (2560 ch)", nbytes(B, 8 * C, hl, wl))
-    p.add("activations", "silu(norm1(x)) (2560 ch)", nbytes(B, 8 * C, hl, wl))
-    p.add("activations", "conv1 output (1280 ch)", nbytes(B, 4 * C, hl, wl))
+    p.add("activations", "UNet sample (1280 ch)", s.bytes(B, 4 * C, hl, wl))
+    p.add("activations", "cat(sample, skip) (2560 ch)", s.bytes(B, 8 * C, hl, wl))
+    p.add("activations", "silu(norm1(x)) (2560 ch)", s.bytes(B, 8 * C, hl, wl))
+    p.add("activations", "conv1 output (1280 ch)", s.bytes(B, 4 * C, hl, wl))
     ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, 8 * C, hl, wl),
-                        nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
+                        s.bytes(B, 8 * C, hl, wl), s.bytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * s.itemsize)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
@@ -237,27 +256,27 @@ VAE_TILE, VAE_TILE_LATENT = 512, 64     # AutoencoderKL.tile_sample_min_size / t
 VAE_TILE_OVERLAP = 0.25
 
 
-def _vae_mid_attention(b: int, h: int, w: int, backend: str, where: str) -> Peak:
+def _vae_mid_attention(s: Shape, b: int, h: int, w: int, backend: str, where: str) -> Peak:
     """Mid-block Attention over N = h*w tokens: the block input (held by the caller), the
     resnet output (residual), group_norm output, q, k, v, and the attention kernel's own."""
     N, C = h * w, VAE_MID_C
     p = Peak(f"{where}.mid_block.attentions.0")
-    p.add("activations", "mid-block input, resnets.0 output", nbytes(b, C, h, w), 2)
-    p.add("activations", "group_norm output", nbytes(b, C, N))
-    p.add("activations", "q, k, v projections", nbytes(b * N, C), 3)
+    p.add("activations", "mid-block input, resnets.0 output", s.bytes(b, C, h, w), 2)
+    p.add("activations", "group_norm output", s.bytes(b, C, N))
+    p.add("activations", "q, k, v projections", s.bytes(b * N, C), 3)
     if backend != "math":
-        p.add("activations", "sdpa output", nbytes(b, N, 1, C))
-    return merge(p, attention_scratch(backend, b, 1, N, C), operation=f"{p.operation}: sdpa[{backend}]")
+        p.add("activations", "sdpa output", s.bytes(b, N, 1, C))
+    return merge(p, attention_scratch(backend, b, 1, N, C, dtype=s.dtype), operation=f"{p.operation}: sdpa[{backend}]")
 
 
-def vae_decode_full(b: int, H: int, W: int) -> Peak:
+def vae_decode_full(s: Shape, b: int, H: int, W: int) -> Peak:
     """Decoder up_blocks[3].resnets[0] (256 -> 128 channels at full resolution), at its SiLU:
     the block input (up_blocks[2]'s upsampled conv output, held by Decoder.forward's `sample`),
     norm1's output and the SiLU's output are three 256-channel full-resolution maps."""
     p = Peak("decoder.up_blocks.3.resnets.0: silu(norm1(x))")
-    p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", nbytes(b, 256, H, W))
-    p.add("activations", "norm1 output (256 ch, full res)", nbytes(b, 256, H, W))
-    p.add("activations", "silu output (256 ch, full res)", nbytes(b, 256, H, W))
+    p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", s.bytes(b, 256, H, W))
+    p.add("activations", "norm1 output (256 ch, full res)", s.bytes(b, 256, H, W))
+    p.add("activations", "silu output (256 ch, full res)", s.bytes(b, 256, H, W))
     return p
 
 
@@ -274,19 +293,19 @@ def conv_workspace(ws, module: str, kernel: int, input_shape, in_bytes: int, out
     return ws(module, kernel, input_shape, in_bytes, out_bytes, weight_bytes)
 
 
-def vae_decode_upsampler(b: int, H: int, W: int, ws_rule) -> Peak:
+def vae_decode_upsampler(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     """Decoder up_blocks[2]'s upsampler: nearest x2 to full resolution, then a 256->256 3x3
     conv. Alive: Decoder.forward's `sample` (up_blocks[1] output, 512 ch at H/2), the block's
     hidden state (256 ch at H/2), the interpolated input and the conv output (256 ch, full
     res), and cuDNN's workspace."""
     p = Peak("decoder.up_blocks.2.upsamplers.0.conv (256 -> 256, 3x3, full res)")
-    full = nbytes(b, 256, H, W)
-    p.add("activations", "decoder.up_blocks.1 output (512 ch, H/2)", nbytes(b, 512, H // 2, W // 2))
-    p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", nbytes(b, 256, H // 2, W // 2))
+    full = s.bytes(b, 256, H, W)
+    p.add("activations", "decoder.up_blocks.1 output (512 ch, H/2)", s.bytes(b, 512, H // 2, W // 2))
+    p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", s.bytes(b, 256, H // 2, W // 2))
     p.add("activations", "interpolate(x, 2) (256 ch, full res)", full)
     p.add("activations", "conv output (256 ch, full res)", full)
     ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.2.upsamplers.0.conv", 3, (b, 256, H, W),
-                        full, full, 256 * 256 * 9 * FP16)
+                        full, full, 256 * 256 * 9 * s.itemsize)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
@@ -305,84 +324,84 @@ def vae_tile(s: Shape, tiling: bool, latent: bool) -> tuple[int, int]:
     return max(_tiles(s.H, stride, VAE_TILE)), max(_tiles(s.W, stride, VAE_TILE))
 
 
-def vae_decode_conv1(b: int, H: int, W: int, ws_rule) -> Peak:
+def vae_decode_conv1(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     """Decoder up_blocks[3].resnets[0].conv1 (256 -> 128, 3x3, full res): the block input,
     the SiLU output it convolves (256 ch), the conv output (128 ch) and cuDNN's workspace."""
     p = Peak("decoder.up_blocks.3.resnets.0.conv1 (256 -> 128, 3x3, full res)")
-    x, y = nbytes(b, 256, H, W), nbytes(b, 128, H, W)
+    x, y = s.bytes(b, 256, H, W), s.bytes(b, 128, H, W)
     p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", x)
     p.add("activations", "silu(norm1(x)) (256 ch, full res)", x)
     p.add("activations", "conv1 output (128 ch, full res)", y)
     ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.3.resnets.0.conv1", 3, (b, 256, H, W),
-                        x, y, 128 * 256 * 9 * FP16)
+                        x, y, 128 * 256 * 9 * s.itemsize)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
 
 
-def _vae_decode_at(b: int, H: int, W: int, ws_rule) -> list[Peak]:
-    return [vae_decode_full(b, H, W), vae_decode_upsampler(b, H, W, ws_rule), vae_decode_conv1(b, H, W, ws_rule)]
+def _vae_decode_at(s: Shape, b: int, H: int, W: int, ws_rule) -> list[Peak]:
+    return [vae_decode_full(s, b, H, W), vae_decode_upsampler(s, b, H, W, ws_rule), vae_decode_conv1(s, b, H, W, ws_rule)]
 
 
 def vae_decode(s: Shape, backend: str, slicing: bool, tiling: bool, ws_rule=None) -> list[Peak]:
     h, w = s.h, s.w
     b = 1 if slicing else s.n
     state = Peak("decode inputs")
-    state.add("state", "latents / scaling_factor", nbytes(s.n, 4, h, w))
-    state.add("state", "post_quant_conv output", nbytes(b, 4, h, w))
+    state.add("state", "latents / scaling_factor", s.bytes(s.n, 4, h, w))
+    state.add("state", "post_quant_conv output", s.bytes(b, 4, h, w))
     if slicing and s.n > 1:  # decoded slices wait in a list for torch.cat
-        state.add("state", "decoded images of earlier slices", nbytes(1, 3, s.H, s.W), s.n - 1)
+        state.add("state", "decoded images of earlier slices", s.bytes(1, 3, s.H, s.W), s.n - 1)
     peaks = []
     if tiling and (h > VAE_TILE_LATENT or w > VAE_TILE_LATENT):
         stride = int(VAE_TILE_LATENT * (1 - VAE_TILE_OVERLAP))
         rows, cols = _tiles(h, stride, VAE_TILE_LATENT), _tiles(w, stride, VAE_TILE_LATENT)
-        stored = sum(nbytes(b, 3, 8 * th, 8 * tw) for th in rows for tw in cols)
+        stored = sum(s.bytes(b, 3, 8 * th, 8 * tw) for th in rows for tw in cols)
         big = max(rows) * max(cols)
         th, tw = max(rows), max(cols)
         # The largest tile is decoded while (at most) all other decoded tiles wait in `rows`.
-        for tile_peak in _vae_decode_at(b, 8 * th, 8 * tw, ws_rule):
+        for tile_peak in _vae_decode_at(s, b, 8 * th, 8 * tw, ws_rule):
             p = merge(state, tile_peak, operation=f"tiled_decode, largest tile: {tile_peak.operation}")
-            p.add("state", "decoded tiles waiting for blending", stored - nbytes(b, 3, 8 * th, 8 * tw))
+            p.add("state", "decoded tiles waiting for blending", stored - s.bytes(b, 3, 8 * th, 8 * tw))
             peaks.append(p)
         end = merge(state, Peak("tiled_decode: torch.cat of blended rows"))
         end.add("state", "decoded tiles", stored)
-        end.add("state", "blended rows (cat)", nbytes(b, 3, s.H, s.W))
-        end.add("state", "decoded image (cat)", nbytes(b, 3, s.H, s.W))
+        end.add("state", "blended rows (cat)", s.bytes(b, 3, s.H, s.W))
+        end.add("state", "decoded image (cat)", s.bytes(b, 3, s.H, s.W))
         peaks.append(end)
         mid_hw = (th, tw)
         del big
     else:
-        peaks += [merge(state, p) for p in _vae_decode_at(b, s.H, s.W, ws_rule)]
+        peaks += [merge(state, p) for p in _vae_decode_at(s, b, s.H, s.W, ws_rule)]
         mid_hw = (h, w)
-    peaks.append(merge(state, _vae_mid_attention(b, *mid_hw, backend, "decoder")))
+    peaks.append(merge(state, _vae_mid_attention(s, b, *mid_hw, backend, "decoder")))
     return peaks
 
 
-def vae_encode_full(H: int, W: int) -> Peak:
+def vae_encode_full(s: Shape, H: int, W: int) -> Peak:
     """Encoder down_blocks[0].resnets[1] at its output division by output_scale_factor: conv_in's
     output (held by Encoder.forward's `sample`), resnets[0]'s output (the residual), conv2's
     output, the residual sum and the quotient: five 128-channel full-resolution maps."""
     p = Peak("encoder.down_blocks.0.resnets.1: (x + conv2) / output_scale_factor")
-    p.add("activations", "conv_in output (128 ch, full res)", nbytes(1, 128, H, W))
-    p.add("activations", "resnets.0 output", nbytes(1, 128, H, W))
-    p.add("activations", "conv2 output", nbytes(1, 128, H, W))
-    p.add("activations", "x + conv2", nbytes(1, 128, H, W))
-    p.add("activations", "(x + conv2) / 1.0", nbytes(1, 128, H, W))
+    p.add("activations", "conv_in output (128 ch, full res)", s.bytes(1, 128, H, W))
+    p.add("activations", "resnets.0 output", s.bytes(1, 128, H, W))
+    p.add("activations", "conv2 output", s.bytes(1, 128, H, W))
+    p.add("activations", "x + conv2", s.bytes(1, 128, H, W))
+    p.add("activations", "(x + conv2) / 1.0", s.bytes(1, 128, H, W))
     return p
 
 
-def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
+def vae_encode_conv(s: Shape, H: int, W: int, ws_rule) -> Peak:
     """Encoder down_blocks[0].resnets[1].conv2 (128 -> 128, 3x3, full res): conv_in's output,
     resnets[0]'s output (the residual), the SiLU output it convolves and the conv output are
     alive, with cuDNN's workspace."""
     p = Peak("encoder.down_blocks.0.resnets.1.conv2 (128 -> 128, 3x3, full res)")
-    full = nbytes(1, 128, H, W)
+    full = s.bytes(1, 128, H, W)
     p.add("activations", "conv_in output (128 ch, full res)", full)
     p.add("activations", "resnets.0 output", full)
     p.add("activations", "silu(norm2(.)) (conv input)", full)
     p.add("activations", "conv2 output", full)
     ws = conv_workspace(ws_rule, "vae.encoder.down_blocks.0.resnets.1.conv2", 3, (1, 128, H, W),
-                        full, full, 128 * 128 * 9 * FP16)
+                        full, full, 128 * 128 * 9 * s.itemsize)
     if ws:
         p.add("workspace", "cuDNN conv workspace", ws)
     return p
@@ -391,40 +410,40 @@ def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
 def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]:
     """The image is encoded once (batch 1); latents are repeated for n images afterwards."""
     state = Peak("encode input")
-    state.add("state", "image on the GPU (fp16)", nbytes(1, 3, s.H, s.W))
+    state.add("state", f"image on the GPU ({s.dtype})", s.bytes(1, 3, s.H, s.W))
     if tiling and (s.H > VAE_TILE or s.W > VAE_TILE):
         stride = int(VAE_TILE * (1 - VAE_TILE_OVERLAP))
         rows, cols = _tiles(s.H, stride, VAE_TILE), _tiles(s.W, stride, VAE_TILE)
         th, tw = max(rows), max(cols)
-        moments = sum(nbytes(1, 8, r // 8, c // 8) for r in rows for c in cols)
+        moments = sum(s.bytes(1, 8, r // 8, c // 8) for r in rows for c in cols)
         out = []
-        for tile_peak in (vae_encode_full(th, tw), vae_encode_conv(th, tw, ws_rule)):
+        for tile_peak in (vae_encode_full(s, th, tw), vae_encode_conv(s, th, tw, ws_rule)):
             p = merge(state, tile_peak, operation=f"tiled_encode, largest tile: {tile_peak.operation}")
             p.add("state", "encoded tiles (moments)", moments)
             out.append(p)
-        return out + [merge(state, _vae_mid_attention(1, th // 8, tw // 8, backend, "encoder"))]
-    return [merge(state, vae_encode_full(s.H, s.W)), merge(state, vae_encode_conv(s.H, s.W, ws_rule)),
-            merge(state, _vae_mid_attention(1, s.h, s.w, backend, "encoder"))]
+        return out + [merge(state, _vae_mid_attention(s, 1, th // 8, tw // 8, backend, "encoder"))]
+    return [merge(state, vae_encode_full(s, s.H, s.W)), merge(state, vae_encode_conv(s, s.H, s.W, ws_rule)),
+            merge(state, _vae_mid_attention(s, 1, s.h, s.w, backend, "encoder"))]
 
 
 CLIP_TEXT = dict(tokens=77, d=768, mlp=3072, heads=12)
 CLIP_VISION = dict(tokens=257, d=1024, mlp=4096, heads=16)
 
 
-def _clip_layer(batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:
+def _clip_layer(s: Shape, batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:
     """A CLIP encoder layer after the first: the residual stream and the layer input held by
     the caller; quick_gelu(x) = x * sigmoid(1.702 x) holds fc1's output, the sigmoid and the
     product; attention holds q, k, v and the kernel's own."""
     mlp_peak = Peak(f"{where} mlp: x * sigmoid(1.702 x)")
-    mlp_peak.add("activations", "residual stream", nbytes(batch, tokens, d), 2)
-    mlp_peak.add("activations", "layer_norm2 output", nbytes(batch, tokens, d))
-    mlp_peak.add("activations", "fc1 output, sigmoid, product", nbytes(batch, tokens, mlp), 3)
+    mlp_peak.add("activations", "residual stream", s.bytes(batch, tokens, d), 2)
+    mlp_peak.add("activations", "layer_norm2 output", s.bytes(batch, tokens, d))
+    mlp_peak.add("activations", "fc1 output, sigmoid, product", s.bytes(batch, tokens, mlp), 3)
     att = Peak(f"{where} self_attn")
-    att.add("activations", "residual stream, layer_norm1 output", nbytes(batch, tokens, d), 2)
-    att.add("activations", "q, k, v projections", nbytes(batch, tokens, d), 3)
+    att.add("activations", "residual stream, layer_norm1 output", s.bytes(batch, tokens, d), 2)
+    att.add("activations", "q, k, v projections", s.bytes(batch, tokens, d), 3)
     if backend != "math":
-        att.add("activations", "sdpa output", nbytes(batch, tokens, d))
-    att = merge(att, attention_scratch(backend, batch, heads, tokens, d // heads))
+        att.add("activations", "sdpa output", s.bytes(batch, tokens, d))
+    att = merge(att, attention_scratch(backend, batch, heads, tokens, d // heads, dtype=s.dtype))
     return [mlp_peak, att]
 
 
@@ -433,18 +452,20 @@ def text_encoder(s: Shape, backend: str) -> list[Peak]:
     before the VAE encoder starts (so in this stage), prepare_latents uploads the image."""
     held = Peak("first prompt's embeddings")
     if s.cfg:
-        held.add("state", "prompt_embeds (repeat)", nbytes(s.n, TOKENS, TEXT_DIM))
-    return [merge(held, p) for p in _clip_layer(1, backend=backend, where="text_encoder", **CLIP_TEXT)] + [
+        held.add("state", "prompt_embeds (repeat)", s.bytes(s.n, TOKENS, TEXT_DIM))
+    return [merge(held, p) for p in _clip_layer(s, 1, backend=backend, where="text_encoder", **CLIP_TEXT)] + [
         merge(prompt_state(s), image_upload(s))]
 
 
 def image_upload(s: Shape) -> Peak:
-    """image.to(device, fp16): the preprocessed image is a channels-last fp32 CPU tensor, so
-    the fp16 destination is channels-last; Copy.cu's CPU->GPU copy needs a contiguous
-    destination and stages through a contiguous fp16 temporary on the GPU."""
-    p = Peak("prepare_latents: image.to(cuda, fp16)")
-    p.add("state", "image on the GPU (fp16, channels-last)", nbytes(1, 3, s.H, s.W))
-    p.add("workspace", "contiguous staging copy (Copy.cu)", nbytes(1, 3, s.H, s.W))
+    """image.to(device, dtype): the preprocessed image is a channels-last fp32 CPU tensor, so
+    the destination is channels-last. Copy.cu's CPU->GPU copy of another dtype needs a
+    contiguous destination and stages through a contiguous temporary of the destination
+    dtype on the GPU; in fp32 (same dtype, same strides) it is one cudaMemcpy, no temporary."""
+    p = Peak(f"prepare_latents: image.to(cuda, {s.dtype})")
+    p.add("state", f"image on the GPU ({s.dtype}, channels-last)", s.bytes(1, 3, s.H, s.W))
+    if s.dtype != "fp32":
+        p.add("workspace", "contiguous staging copy (Copy.cu)", s.bytes(1, 3, s.H, s.W))
     return p
 
 
@@ -452,20 +473,23 @@ def safety_checker(s: Shape, backend: str) -> list[Peak]:
     """CLIP ViT-L/14 on one (n,3,224,224) input; the decoded image waits. Then the final
     postprocess (denormalize per image, stack) before the copy to the host."""
     held = Peak("decoded images")
-    held.add("state", "decoded image(s)", nbytes(s.n, 3, s.H, s.W))
+    held.add("state", "decoded image(s)", s.bytes(s.n, 3, s.H, s.W))
     inputs = Peak("pixel_values")
+    # run_safety_checker: feature_extractor(...).to(device) keeps CLIPImageProcessor's fp32,
+    # then pixel_values.to(dtype) copies it (no copy in fp32)
     inputs.add("state", "pixel_values fp32 and fp16", nbytes(s.n, 3, 224, 224, itemsize=FP32))
-    inputs.add("state", "pixel_values fp16", nbytes(s.n, 3, 224, 224))
+    if s.dtype != "fp32":
+        inputs.add("state", f"pixel_values {s.dtype}", s.bytes(s.n, 3, 224, 224))
     peaks = [merge(held, inputs, p) for p in
-             _clip_layer(s.n, backend=backend, where="safety_checker", **CLIP_VISION)]
+             _clip_layer(s, s.n, backend=backend, where="safety_checker", **CLIP_VISION)]
     return peaks
 
 
 def postprocess(s: Shape) -> Peak:
     """image_processor.postprocess: (image * 0.5 + 0.5).clamp(0, 1) per image, then stack."""
     p = Peak("postprocess: denormalize")
-    p.add("state", "decoded image(s)", nbytes(s.n, 3, s.H, s.W))
-    p.add("state", "image * 0.5 + 0.5, clamp", nbytes(1, 3, s.H, s.W), 2)
+    p.add("state", "decoded image(s)", s.bytes(s.n, 3, s.H, s.W))
+    p.add("state", "image * 0.5 + 0.5, clamp", s.bytes(1, 3, s.H, s.W), 2)
     if s.n > 1:
-        p.add("state", "denormalized images waiting for stack", nbytes(1, 3, s.H, s.W), s.n - 1)
+        p.add("state", "denormalized images waiting for stack", s.bytes(1, 3, s.H, s.W), s.n - 1)
     return p

@@ -209,5 +209,12 @@ MODELS = {
 }
 
 
+def in_dtype(tensors: list[Tensor], itemsize: int) -> list[Tensor]:
+    """The tensors as a pipeline of that element size holds them: build_pipeline's
+    ``m.to(dtype)`` and from_pretrained(torch_dtype=...) cast the floating tensors (enumerated
+    at FP16 above); the int64 position_ids keep 8 bytes."""
+    return [(n, s, itemsize if b == FP16 else b) for n, s, b in tensors]
+
+
 def numel(tensors: list[Tensor], floating_only=True) -> int:
     return sum(prod(s) for _, s, b in tensors if b == FP16 or not floating_only)

@@ -37,7 +37,7 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30):
+              total_memory: int = 80 << 30, itemsize: int = arch.FP16):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
@@ -46,7 +46,8 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
-        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in arch.MODELS[name]())
+        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size
+                                     for _, shape, item in arch.in_dtype(arch.MODELS[name](), itemsize))
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
 
@@ -54,12 +55,12 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
 def _resident_of(o: Options, profile):
     """_resident for this call's options and GPU profile."""
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory)
+                     o.allocator, profile.total_memory, o.itemsize)
 
 
-def weights(safety_checker: bool = True) -> dict[str, int]:
+def weights(safety_checker: bool = True, dtype: str = "fp16") -> dict[str, int]:
     """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
-    resident, _ = _resident(safety_checker, 0, 0)
+    resident, _ = _resident(safety_checker, 0, 0, itemsize=Options(dtype=dtype).itemsize)
     return {k.removeprefix("weights_"): v for k, v in resident.items() if k.startswith("weights_")}
 
 
@@ -97,7 +98,7 @@ def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
     the UNet's self-attention at level 0, the VAE's mid-block, CLIP's 77 tokens."""
     calls = {"unet": (s.B, act.UNET_HEADS, s.h * s.w), "vae": (1, 1, s.h * s.w), "clip": (1, 12, 77)}
     return {k: profile.sdpa_backend(o.attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
-                                                                   d_qk=HEAD_DIM[k]))
+                                                                   d_qk=HEAD_DIM[k], dtype=s.torch_dtype))
             for k, (b, n, t) in calls.items()}
 
 
@@ -105,7 +106,7 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
     """Candidate peak live sets per stage, with what the pipeline carries into each stage.
     `ws`: the convolution workspaces (profile.conv_workspace())."""
     be = _backends(s, o, profile)
-    ws = profile.conv_workspace() if ws is None else ws
+    ws = profile.conv_workspace(dtype=o.dtype) if ws is None else ws
     prompt = act.prompt_state(s)
     history = min(4, o.unet_evaluations)  # PNDM keeps the last 4 model outputs
     latents = act.latent_state(s, history)
@@ -174,10 +175,10 @@ class _Replay:
             if name in ("vae_encode", "vae_decode"):
                 H, W = act.vae_tile(s, o.vae_tiling, latent=False)
                 if name == "vae_encode":
-                    schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks)
+                    schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks, itemsize=s.itemsize)
                 else:
                     schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
-                                         fallbacks=fallbacks)
+                                         fallbacks=fallbacks, itemsize=s.itemsize)
                 self.release()
                 return
             self.release()
@@ -189,7 +190,7 @@ class _Replay:
                 levels = [s.level(i) for i in range(4)]
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
-                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks)
+                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, itemsize=s.itemsize)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -217,7 +218,7 @@ def estimate(height, width, prompt=None, prompt_length=None, *, vram=None, limit
     H, W, tokens, o, profile, s = _setup(height, width, prompt, prompt_length, options)
     if vram is not None:
         _check_vram(vram, profile)
-    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace(dtype=o.dtype)
     call = _call(s, o, profile, ws)
     stages, peak_stage, peak_reserved = call.stages, call.peak_stage, call.peak_reserved
     peak = stages[peak_stage]
@@ -284,14 +285,15 @@ def _setup(height, width, prompt, prompt_length, options: dict):
     except TypeError as e:  # unknown keyword
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
     profile = gpu_profiles.get(o.gpu)
-    return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
+    return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg,
+                                               dtype=o.dtype)
 
 
 def peak_allocated(height, width, _floor=False, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
     _, _, _, o, profile, s = _setup(height, width, None, None, options)
     resident_parts, _ = _resident_of(o, profile)
-    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace()
+    ws = kernels.ConvWorkspace() if _floor else profile.conv_workspace(dtype=o.dtype)
     candidates = _stage_candidates(s, o, profile, ws)
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
 
@@ -301,7 +303,8 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundar
     text encoder's first matmul), as `oom(stage, operation, error)` reports it."""
     alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
-               if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
+               if model != "safety_checker" or o.safety_checker
+               for name, shape, item in arch.in_dtype(arch.MODELS[model](), o.itemsize)]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:
@@ -383,7 +386,8 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
                 "peak_device_bytes": [reserved + profile.cuda_context] * 2}
     span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}
     if "rule" in ws.used:
-        for variant in (profile.conv_workspace(floor=True), profile.conv_workspace(heaviest=True)):
+        for variant in (profile.conv_workspace(floor=True, dtype=o.dtype),
+                        profile.conv_workspace(heaviest=True, dtype=o.dtype)):
             c = _call(s, o, profile, variant)
             for key, v in (("allocated", c.stages[c.peak_stage].allocated), ("reserved", c.peak_reserved)):
                 span[key] = [min(span[key][0], v), max(span[key][1], v)]

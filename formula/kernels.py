@@ -331,6 +331,11 @@ CONV_RULE_SETS["heaviest"] = _scaled(
     scale={(r"^vae\.", "input + output + weight"): "1.29", (r"^unet\.", "input + output + weight"): "1.52"},
     replace={(r"^vae\.decoder\.up_blocks\.2\.upsamplers\.0\.conv$", 2): "input * 5 // 2"})
 HEAVIEST_CONV_RULE_SET, NO_CONV_WORKSPACE = "heaviest", "none"
+# Every workspace above and every probed profile's per-shape workspace was measured on fp16
+# convolutions. The rules are byte formulas (input + output + weight bytes), so another dtype
+# scales them with its element size; that cuDNN picks the same engines for bf16 and for fp32
+# (TF32 on by default for convolutions: torch.backends.cudnn.allow_tf32) is derived, not measured.
+MEASURED_CONV_DTYPE = "fp16"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ from . import allocconf
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The pipeline's torch_dtype: element size of weights and activations, torch's name for it.
+DTYPE_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+DTYPE_TORCH_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = tuple(DTYPE_ITEMSIZE)
 
 
 class InputError(ValueError):
@@ -35,6 +39,7 @@ class Options:
     gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
+    dtype: str = "fp16"                  # the pipeline's torch_dtype: fp16, bf16 or fp32
 
     def __post_init__(self):
         def need(cond, msg):
@@ -65,6 +70,7 @@ class Options:
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.unet_evaluations >= 1,
              f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
@@ -90,6 +96,11 @@ class Options:
     @property
     def decodes(self) -> bool:
         return self.output_type != "latent"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the pipeline's floating tensors."""
+        return DTYPE_ITEMSIZE[self.dtype]
 
     def to_dict(self) -> dict:
         return asdict(self)

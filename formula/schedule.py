@@ -33,13 +33,14 @@ class Schedule:
     falls back to no workspace and names the convolution here. None: the OOM propagates.
     An OOM carries `operation`: the module and whether its output or workspace failed."""
 
-    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None):
+    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None, itemsize: int = FP16):
         self.alloc, self.ws, self.b, self.fallbacks = alloc, ws, batch, fallbacks  # ws: kernels.ConvWorkspace
+        self.itemsize = itemsize                     # the pipeline's dtype (weights and feature maps)
         self._blocks: dict[int, object] = {}
         self._next = 0
 
     def new(self, c: int, h: int, w: int, what: str = "") -> int:
-        return self._alloc(self.b * c * h * w * FP16, what or f"feature map ({self.b}, {c}, {h}, {w})")
+        return self._alloc(self.b * c * h * w * self.itemsize, what or f"feature map ({self.b}, {c}, {h}, {w})")
 
     def _alloc(self, size: int, what: str = "") -> int:
         t = self._next
@@ -62,7 +63,8 @@ class Schedule:
         oh, ow = out_hw or (h // stride, w // stride)
         op = module or f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
         y = self.new(c_out, oh, ow, f"{op}: output ({self.b}, {c_out}, {oh}, {ow})")
-        i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
+        e = self.itemsize
+        i, o, f = nbytes(self.b, c_in, h, w, itemsize=e), nbytes(self.b, c_out, oh, ow, itemsize=e), c_in * c_out * k * k * e
         ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f)
         if ws:
             try:
@@ -95,9 +97,9 @@ class Schedule:
 
 
 def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256, 512, 512), layers: int = 2,
-                fallbacks: list | None = None) -> None:
+                fallbacks: list | None = None, itemsize: int = FP16) -> None:
     """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
-    s = Schedule(alloc, ws, 1, fallbacks)
+    s = Schedule(alloc, ws, 1, fallbacks, itemsize)
     h, w = H, W
     sample = s.conv(None, 3, channels[0], 3, h, w, module="vae.encoder.conv_in")
     c_prev = channels[0]
@@ -109,7 +111,7 @@ def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256,
                 s.free(x)
             x = y
         if i == 0:
-            p = s._alloc(nbytes(1, c, h + 1, w + 1), f"F.pad (1, {c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
+            p = s._alloc(nbytes(1, c, h + 1, w + 1, itemsize=itemsize), f"F.pad (1, {c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
             y = s.conv(p, c, c, 3, h, w, stride=2, module=f"vae.encoder.down_blocks.{i}.downsamplers.0.conv",
                        in_hw=(h + 1, w + 1))
             s.free(p, x)
@@ -122,9 +124,9 @@ def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256,
 
 
 def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, channels=(512, 512, 256, 128),
-                layers: int = 3, fallbacks: list | None = None) -> None:
+                layers: int = 3, fallbacks: list | None = None, itemsize: int = FP16) -> None:
     """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image."""
-    s = Schedule(alloc, ws, b, fallbacks)
+    s = Schedule(alloc, ws, b, fallbacks, itemsize)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
     u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
@@ -194,12 +196,13 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) 
 
 
 def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
-         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None) -> None:
+         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None,
+         itemsize: int = FP16) -> None:
     """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
     tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
-    s = Schedule(alloc, ws, B, fallbacks)
+    s = Schedule(alloc, ws, B, fallbacks, itemsize)
     sample = s.conv(None, 4, channels[0], 3, *levels[0], module="unet.conv_in")
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]

@@ -96,6 +96,13 @@ def quiet_libraries():
         dlog.set_verbosity(levels[1])
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an Options.dtype name (fp16, bf16, fp32)."""
+    from sd_vram.formula.options import DTYPE_TORCH_NAME
+
+    return getattr(torch, DTYPE_TORCH_NAME[name])
+
+
 def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0):
     """StableDiffusionImg2ImgPipeline from the bundled config with random weights.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from sd_vram.formula.options import ATTENTION_BACKENDS, OUTPUT_TYPES, Options
+from sd_vram.formula.options import ATTENTION_BACKENDS, DTYPES, OUTPUT_TYPES, Options
 
 GROUP_TITLE = "pipeline options (defaults are diffusers')"
 
@@ -74,6 +74,10 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
                    "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
                    "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
+        OptionFlag("dtype", "--dtype",
+                   "the pipeline's torch_dtype (default fp16). bf16 keeps fp16's sizes; fp32 doubles weights and "
+                   "activations. Convolution workspaces and SDPA backends outside fp16 are derived, not measured on "
+                   "a GPU", {"choices": DTYPES}),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

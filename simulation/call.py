@@ -98,7 +98,7 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
             profile = profile or get_profile(None)
             patcher = SDPAPatcher(profile, options.attention, recorder, device_type)
             es.enter_context(patched_sdpa(patcher))
-            es.enter_context(kernel_allocations(recorder, profile, device_type))
+            es.enter_context(kernel_allocations(recorder, profile, device_type, options.dtype))
 
         def on_step_end(p, i, t, kwargs):
             info["unet_evals"] += 1
@@ -142,7 +142,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
     # the suite builds the pipeline with its safety checker and sets it to None for a case
     # without one; a history that unloads it needs the model built too
     built_with_checker = bool(options.safety_checker) or any(h == "-safety_checker" for h in history)
-    pipe = meta_pipeline(built_with_checker)
+    pipe = meta_pipeline(built_with_checker, options.dtype)
     max_evals = None if steps == "full" else (STEADY_STATE_EVALS if steps == "auto" else int(steps))
     recorder = MemoryRecorder("cuda")
     recorder.name_modules({n: m for n, m in module_order(pipe)})

@@ -22,8 +22,10 @@ from .recorder import MemoryRecorder
 
 
 @contextlib.contextmanager
-def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str):
-    """Add this module's synthetic events to `recorder` for the duration of the block."""
+def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str, dtype: str = "fp16"):
+    """Add this module's synthetic events to `recorder` for the duration of the block.
+    dtype: the pipeline's (Options.dtype); it decides whether the profile's measured fp16
+    convolution workspaces apply (GPUProfile.conv_workspace)."""
     with contextlib.ExitStack() as es:
         h2d = _h2d_copy_hook(recorder, device_type)
         recorder.post_op_hooks.append(h2d)
@@ -33,7 +35,7 @@ def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_typ
         recorder.post_op_hooks.append(ss)
         es.callback(recorder.post_op_hooks.remove, ss)
 
-        ws = profile.conv_workspace()
+        ws = profile.conv_workspace(dtype=dtype)
         if ws:
             hook = _conv_workspace_hook(recorder, ws)
             recorder.post_op_hooks.append(hook)

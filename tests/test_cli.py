@@ -160,7 +160,7 @@ def test_each_flag_sets_its_field(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(equation, "estimate", lambda h, w, **kw: (seen.update(kw), fake_estimate(h, w, **kw))[1])
     values = {"attention": "math", "output_type": "latent", "attention_slicing": "max", "gpu": "h200",
-              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5"}
+              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5", "dtype": "fp32"}
     for f in option_flags():
         seen.clear()
         given = [f.flag] if f.switch is not None else [f.flag, values.get(f.field, "3")]
