@@ -16,6 +16,7 @@ Imports torch and the recorder (recorder.py); the caller chooses the device and 
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import torch
@@ -25,13 +26,20 @@ from sd_vram.formula.gpu_profiles import GPUProfile
 from .recorder import MemoryRecorder
 
 
+def config_json(architecture: dict | None) -> str | None:
+    """The hashable form meta_pipeline takes a config in (None: the bundled sd15.json)."""
+    return None if architecture is None else json.dumps(architecture, sort_keys=True)
+
+
 @lru_cache(maxsize=4)
-def meta_pipeline(safety_checker: bool = True, dtype: str = "fp16"):
-    """The pipeline on the meta device in the case's dtype (Options.dtype), built once per
-    process and dtype: diffusers' init is slow."""
+def meta_pipeline(safety_checker: bool = True, dtype: str = "fp16", config: str | None = None):
+    """The pipeline on the meta device in the case's dtype (Options.dtype), from `config`
+    (config_json of a config of sd15.json's layout; None: the bundled one), built once per
+    process and arguments: diffusers' init is slow."""
     from sd_vram.models import build_pipeline, torch_dtype
 
-    pipe = build_pipeline("meta", dtype=torch_dtype(dtype), safety_checker=safety_checker)
+    pipe = build_pipeline("meta", dtype=torch_dtype(dtype), safety_checker=safety_checker,
+                          config=None if config is None else json.loads(config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
