@@ -244,7 +244,6 @@ class Spec:
     unet_heads: int                      # attention_head_dim: diffusers reads it as the head count
     unet_in_channels: int                # conv_in: 4 (img2img, txt2img), 9 (the inpainting UNet)
     unet_out_channels: int
-    unet_cross_dim: int
     unet_down_attention: tuple[bool, ...]    # down block i has cross-attention transformers
     unet_up_attention: tuple[bool, ...]
     vae_channels: tuple[int, ...]
@@ -298,8 +297,14 @@ def _parsed(config_json: str) -> dict:
 def spec(config: dict | None = None) -> Spec:
     """The Spec of a config (default: the bundled sd15.json); ValueError for a block pattern
     the live sets do not model."""
-    config = config or sd15()
+    if config is None:
+        return _bundled_spec()
     return _spec(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=1)
+def _bundled_spec() -> Spec:
+    return _spec(json.dumps(sd15(), sort_keys=True))
 
 
 @lru_cache(maxsize=None)
@@ -318,7 +323,7 @@ def _spec(config_json: str) -> Spec:
     return Spec(
         unet_channels=tuple(u["block_out_channels"]), unet_layers=u["layers_per_block"],
         unet_heads=u["attention_head_dim"], unet_in_channels=u["in_channels"], unet_out_channels=u["out_channels"],
-        unet_cross_dim=u["cross_attention_dim"], unet_down_attention=down, unet_up_attention=up,
+        unet_down_attention=down, unet_up_attention=up,
         vae_channels=tuple(v["block_out_channels"]), vae_layers=v["layers_per_block"], vae_sample_size=v["sample_size"],
         vae_in_channels=v["in_channels"], vae_out_channels=v["out_channels"], latent_channels=v["latent_channels"],
         text_tokens=t["max_position_embeddings"], text_dim=t["hidden_size"], text_mlp=t["intermediate_size"],
