@@ -231,10 +231,11 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
 def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
     """up_blocks[block].resnets[0].conv1 at level (levels - 1 - block) (SD1.5: 2560 -> 1280,
     3x3): its filter alone is 59 MB, and cuDNN's workspace holds a transposed copy (in + out +
-    filter), so at small images this convolution is the UNet's peak. Alive: the skips the up
-    blocks have not dropped yet (each earlier up block has dropped `layers` of its
-    `layers + 1`), the UNet's `sample`, the resnet's input cat(sample, skip) and SiLU output,
-    the conv output."""
+    filter), so at small images this convolution is the UNet's peak. Alive: the down path's
+    skips less `layers` per earlier up block (its res_samples slice takes `layers + 1`; the
+    SD1.5 live set has always counted one of them as still held, a map at that block's level,
+    small, and the simulation agrees within the bands), the UNet's `sample`, the resnet's
+    input cat(sample, skip) and SiLU output, the conv output."""
     m = s.model
     B, ch = s.B, m.unet_channels
     lvl = len(ch) - 1 - block
