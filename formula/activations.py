@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from math import ceil, prod
 
+from . import architecture as arch
 from .allocator import block_bytes
 from .kernels import (FLASH, ConvWorkspace, XformersOp, conv_rules, efficient_output_accumulator,
                       flash_head_dim_rounded)
+from .options import DTYPE_ITEMSIZE, DTYPE_TORCH_NAME
 
 FP16, FP32 = 2, 4
 
@@ -54,21 +56,37 @@ class Peak:
 
 @dataclass(frozen=True)
 class Shape:
-    """Sizes of one call: image, latent, batches, and the UNet's level sizes."""
+    """Sizes of one call: image, latent, batches, and the UNet's level sizes; `model` holds the
+    architecture's channel, head and token counts (architecture.spec(config))."""
 
     H: int
     W: int
     n: int          # images per prompt (VAE decode batch)
     B: int          # UNet batch
     cfg: bool
+    dtype: str = "fp16"   # the pipeline's torch_dtype (Options.dtype)
+    model: arch.Spec = arch.spec()
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def torch_dtype(self) -> str:
+        """torch's name of the dtype ("float16"), as kernels.SdpaCall takes it."""
+        return DTYPE_TORCH_NAME[self.dtype]
+
+    def bytes(self, *shape: int) -> int:
+        """nbytes of a tensor of the pipeline's dtype."""
+        return nbytes(*shape, itemsize=self.itemsize)
 
     @property
     def h(self):
-        return self.H // 8
+        return self.H // self.model.vae_scale_factor
 
     @property
     def w(self):
-        return self.W // 8
+        return self.W // self.model.vae_scale_factor
 
     def level(self, i: int) -> tuple[int, int]:
         """UNet feature size at level i: each stride-2 conv (padding 1) gives ceil(x / 2)."""
@@ -80,18 +98,15 @@ class Shape:
 
 # --- state the pipeline carries -------------------------------------------------------------
 
-TOKENS, TEXT_DIM = 77, 768
-
-
 def prompt_state(s: Shape) -> Peak:
     """encode_prompt: prompt_embeds.repeat(1, n, 1) per prompt; with CFG __call__ keeps
     negative_prompt_embeds and the cat([negative, prompt]) it feeds the UNet."""
-    p = Peak("prompt embeddings")
+    p, tokens, dim = Peak("prompt embeddings"), s.model.text_tokens, s.model.text_dim
     if s.cfg:
-        p.add("state", "negative_prompt_embeds", nbytes(s.n, TOKENS, TEXT_DIM))
-        p.add("state", "prompt_embeds (cat)", nbytes(2 * s.n, TOKENS, TEXT_DIM))
+        p.add("state", "negative_prompt_embeds", s.bytes(s.n, tokens, dim))
+        p.add("state", "prompt_embeds (cat)", s.bytes(2 * s.n, tokens, dim))
     else:
-        p.add("state", "prompt_embeds", nbytes(s.n, TOKENS, TEXT_DIM))
+        p.add("state", "prompt_embeds", s.bytes(s.n, tokens, dim))
     return p
 
 
@@ -100,12 +115,12 @@ def latent_state(s: Shape, history: int, what: str = "scheduler history (ets, cu
     """latents (n,4,h,w) and `history` more latent-sized tensors the scheduler keeps (`what`:
     PNDM's ets and cur_sample, DPM-Solver's model_outputs, ...: schedulers.py), and
     `noise_pred` (0 or 1) for __call__'s last guided prediction where no history holds it."""
-    p = Peak("latents")
-    p.add("state", "latents", nbytes(s.n, 4, s.h, s.w))
+    p, z = Peak("latents"), s.model.latent_channels
+    p.add("state", "latents", s.bytes(s.n, z, s.h, s.w))
     if history:
-        p.add("state", what, nbytes(s.n, 4, s.h, s.w), history)
+        p.add("state", what, s.bytes(s.n, z, s.h, s.w), history)
     if noise_pred:
-        p.add("state", "noise_pred of the last step (__call__'s local)", nbytes(s.n, 4, s.h, s.w))
+        p.add("state", "noise_pred of the last step (__call__'s local)", s.bytes(s.n, z, s.h, s.w))
     return p
 
 
@@ -118,21 +133,24 @@ def merge(*peaks: Peak, operation: str | None = None) -> Peak:
 
 # --- attention -------------------------------------------------------------------------------
 
-def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_dim: int, kv_tokens: int | None = None) -> Peak:
+def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_dim: int, kv_tokens: int | None = None,
+                      dtype: str = "fp16") -> Peak:
     """What one attention call allocates besides its output, at its own peak.
 
-    math: PyTorch's math kernel upcasts fp16 q, k, v to fp32 (allow_fp16_bf16_reduction_math_sdp
-    is off by default), scales q, and holds the fp32 score matrix and its softmax together,
-    with _safe_softmax's boolean mask of the same shape.
+    math: PyTorch's math kernel upcasts fp16 and bf16 q, k, v to fp32
+    (allow_fp16_bf16_reduction_math_sdp is off by default; fp32 inputs are used as they are),
+    scales q, and holds the fp32 score matrix and its softmax together, with _safe_softmax's
+    boolean mask of the same shape.
     flash: the kernel also returns a fp32 log-sum-exp (batch, heads, tokens).
-    efficient: for head_dim > 128 in fp16 the kernel keeps a fp32 output accumulator.
+    efficient: for head_dim > 128 in fp16 or bf16 the kernel keeps a fp32 output accumulator.
     cudnn: no extra tensor in inference.
     """
     kv = kv_tokens or tokens
     p = Peak(f"sdpa[{backend}]")
     if backend == "math":
-        p.add("attention", "q upcast to fp32", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
-        p.add("attention", "k, v upcast to fp32", nbytes(batch, heads, kv, head_dim, itemsize=FP32), 2)
+        if dtype != "fp32":
+            p.add("attention", "q upcast to fp32", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
+            p.add("attention", "k, v upcast to fp32", nbytes(batch, heads, kv, head_dim, itemsize=FP32), 2)
         p.add("attention", "q * scale", nbytes(batch, heads, tokens, head_dim, itemsize=FP32))
         p.add("attention", "scores q@k^T (fp32)", nbytes(batch * heads, tokens, kv, itemsize=FP32))
         p.add("attention", "softmax(scores) (fp32)", nbytes(batch, heads, tokens, kv, itemsize=FP32))
@@ -142,25 +160,25 @@ def attention_scratch(backend: str, batch: int, heads: int, tokens: int, head_di
         p.add("attention", "_safe_softmax -inf row mask (bool)", nbytes(batch * heads, tokens, kv, itemsize=1))
     elif backend == "flash":
         p.add("attention", "softmax log-sum-exp (fp32)", nbytes(batch, heads, tokens, itemsize=FP32))
-    elif backend == "efficient" and efficient_output_accumulator("float16", head_dim, head_dim):
+    elif backend == "efficient" and efficient_output_accumulator(DTYPE_TORCH_NAME[dtype], head_dim, head_dim):
         p.add("workspace", "fp32 output accumulator", nbytes(batch, tokens, heads, head_dim, itemsize=FP32))
     return p
 
 
-def sliced_attention_scratch(batch: int, heads: int, tokens: int, kv: int, slice_size: int) -> Peak:
-    """diffusers SlicedAttnProcessor (enable_attention_slicing): baddbmm + softmax in fp16 over
-    `slice_size` of the batch x heads rows at a time; SDPA is not used at all."""
-    rows = min(slice_size, batch * heads)
+def sliced_attention_scratch(batch: int, heads: int, tokens: int, kv: int, slice_size: int,
+                             dtype: str = "fp16") -> Peak:
+    """diffusers SlicedAttnProcessor (enable_attention_slicing): baddbmm + softmax in the
+    pipeline's dtype over `slice_size` of the batch x heads rows at a time; SDPA is not used."""
+    rows, item = min(slice_size, batch * heads), DTYPE_ITEMSIZE[dtype]
     p = Peak("sliced attention")
-    p.add("attention", "scores slice (fp16)", nbytes(rows, tokens, kv))
-    p.add("attention", "softmax slice (fp16)", nbytes(rows, tokens, kv))
+    p.add("attention", f"scores slice ({dtype})", nbytes(rows, tokens, kv, itemsize=item))
+    p.add("attention", f"softmax slice ({dtype})", nbytes(rows, tokens, kv, itemsize=item))
     return p
 
 
 # --- stages ----------------------------------------------------------------------------------
 
-UNET_C0, UNET_HEADS = 320, 8          # level-0 channels and attention heads (head dim 40)
-FF_MULT = 4                           # GEGLU: proj to 2 x 4C, gelu(gate) and product at 4C
+FF_MULT = 4                           # GEGLU (BasicTransformerBlock's default): proj to 2 x 4C, gelu(gate) and product at 4C
 
 
 def slice_rows(slicing, heads: int) -> int | None:
@@ -171,129 +189,150 @@ def slice_rows(slicing, heads: int) -> int | None:
 
 
 def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
-    """One UNet evaluation. The peak sits in up_blocks[3] (level 0, N = h*w tokens): the three
-    level-0 skips (conv_in, down_blocks[0].attentions[0..1]) are still held by the UNet's
-    res_samples tuple, the block's input (640 channels from up_blocks[2]'s upsampler) by the
-    UNet's `sample`, and the transformer's residual (resnets[0] output) and proj_in output by
-    Transformer2DModel.forward."""
+    """One UNet evaluation. The peak sits in the last up block (level 0, N = h*w tokens; SD1.5:
+    up_blocks[3]): the layers + 1 level-0 skips (conv_in, down_blocks[0]'s attentions) are
+    still held by the UNet's res_samples tuple, the block's input (channels[1], from the
+    up block before's upsampler) by the UNet's `sample`, and the transformer's residual
+    (resnets[0] output) and proj_in output by Transformer2DModel.forward."""
+    m = s.model
     h, w = s.level(0)
-    N, B, C = h * w, s.B, UNET_C0
-    base = Peak("up_blocks.3.attentions.0")
-    base.add("state", "latent_model_input (cat)", nbytes(B, 4, h, w))
-    base.add("state", "time embedding emb", nbytes(B, 4 * C))
-    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", nbytes(B, C, h, w), 3)
-    base.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", nbytes(B, 2 * C, h, w))
-    base.add("activations", "resnets.0 output (transformer residual)", nbytes(B, C, h, w))
-    base.add("activations", "proj_in output", nbytes(B, C, h, w))
+    N, B, C, heads, last = h * w, s.B, m.unet_channels[0], m.unet_heads, len(m.unet_channels) - 1
+    peaks = [unet_up_conv(s, i, ws_rule) for i in range(min(2, last))]
+    if not m.unet_up_attention[last]:
+        return peaks
+    base = Peak(f"up_blocks.{last}.attentions.0")
+    base.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
+    base.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
+    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
+             m.unet_layers + 1)
+    base.add("activations", f"up_blocks.{last} input (up_blocks.{last - 1} upsampler conv)",
+             s.bytes(B, m.unet_channels[1], h, w))
+    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
+    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
 
     ff = merge(base, Peak("transformer_blocks.0.ff GEGLU: gelu(gate) * hidden"))
-    ff.add("activations", "attn2 output (/ rescale_output_factor)", nbytes(B, N, C))
-    ff.add("activations", "hidden_states after attn2 residual", nbytes(B, N, C))
-    ff.add("activations", "norm3 output", nbytes(B, N, C))
-    ff.add("activations", "ff.net.0.proj output (2 x 4C)", nbytes(B * N, 2 * FF_MULT * C))
-    ff.add("activations", "gelu(gate)", nbytes(B, N, FF_MULT * C))
-    ff.add("activations", "hidden * gelu(gate)", nbytes(B, N, FF_MULT * C))
+    ff.add("activations", "attn2 output (/ rescale_output_factor)", s.bytes(B, N, C))
+    ff.add("activations", "hidden_states after attn2 residual", s.bytes(B, N, C))
+    ff.add("activations", "norm3 output", s.bytes(B, N, C))
+    ff.add("activations", "ff.net.0.proj output (2 x 4C)", s.bytes(B * N, 2 * FF_MULT * C))
+    ff.add("activations", "gelu(gate)", s.bytes(B, N, FF_MULT * C))
+    ff.add("activations", "hidden * gelu(gate)", s.bytes(B, N, FF_MULT * C))
 
     attn = merge(base, Peak("transformer_blocks.0.attn1 (self-attention)"))
-    attn.add("activations", "norm1 output", nbytes(B, N, C))
-    rows = slice_rows(slicing, UNET_HEADS)
-    if rows is None and isinstance(backend, XformersOp):
-        xf = xformers_self_attention(attn, backend, B, UNET_HEADS, N, C // UNET_HEADS)
-        return [ff, *xf] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
-    if rows is None:
-        attn.add("activations", "q, k, v projections", nbytes(B * N, C), 3)
-        if backend != "math":
-            attn.add("activations", "sdpa output", nbytes(B, N, UNET_HEADS, C // UNET_HEADS))
-        attn = merge(attn, attention_scratch(backend, B, UNET_HEADS, N, C // UNET_HEADS))
-    else:
-        attn.add("activations", "q, k, v as (B*heads, N, d)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS), 3)
-        attn.add("activations", "sliced output buffer (zeros)", nbytes(B * UNET_HEADS, N, C // UNET_HEADS))
-        attn = merge(attn, sliced_attention_scratch(B, UNET_HEADS, N, N, rows))
-    attn.operation = f"{attn.operation}: {attn.terms[-1][1]}"
-    cands = [ff, attn] + [unet_up_conv(s, i, ws_rule) for i in (0, 1)]
+    attn.add("activations", "norm1 output", s.bytes(B, N, C))
+    rows = slice_rows(slicing, heads)
     if not getattr(ws_rule, "elastic", True):     # cuDNN off: the level-0 im2col columns
-        cands.append(unet_level0_conv(s, ws_rule))
-    return cands
+        peaks.append(unet_level0_conv(s, ws_rule))
+    if rows is None and isinstance(backend, XformersOp):
+        return [ff, *xformers_self_attention(attn, backend, B, heads, N, C // heads)] + peaks
+    if rows is None:
+        attn.add("activations", "q, k, v projections", s.bytes(B * N, C), 3)
+        if backend != "math":
+            attn.add("activations", "sdpa output", s.bytes(B, N, heads, C // heads))
+        attn = merge(attn, attention_scratch(backend, B, heads, N, C // heads, dtype=s.dtype))
+    else:
+        attn.add("activations", "q, k, v as (B*heads, N, d)", s.bytes(B * heads, N, C // heads), 3)
+        attn.add("activations", "sliced output buffer (zeros)", s.bytes(B * heads, N, C // heads))
+        attn = merge(attn, sliced_attention_scratch(B, heads, N, N, rows, dtype=s.dtype))
+    attn.operation = f"{attn.operation}: {attn.terms[-1][1]}"
+    return [ff, attn] + peaks
 
 
 def unet_level0_conv(s: Shape, ws) -> Peak:
-    """up_blocks[3].resnets[0].conv1 (960 -> 320, 3x3, level 0) with cuDNN off: the three
-    level-0 skips (the UNet's res_samples tuple), the block input (the UNet's `sample`),
-    cat(sample, skip), its SiLU, the conv output, and the im2col columns of one batch element
-    (C_in x 9 x N: without CFG they outweigh the feed-forward)."""
+    """The last up block's resnets[0].conv1 at level 0 (SD1.5: up_blocks[3], 960 -> 320, 3x3)
+    with cuDNN off: the layers + 1 level-0 skips (the UNet's res_samples tuple), the block input
+    (the UNet's `sample`), cat(sample, skip), its SiLU, the conv output, and the im2col columns
+    of one batch element (C_in x 9 x N: without CFG they outweigh the feed-forward)."""
+    m = s.model
     h, w = s.level(0)
-    B, C = s.B, UNET_C0
-    p = Peak("up_blocks.3.resnets.0.conv1 (960 -> 320, 3x3, level 0)")
-    p.add("state", "latent_model_input (cat)", nbytes(B, 4, h, w))
-    p.add("state", "time embedding emb", nbytes(B, 4 * C))
-    p.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", nbytes(B, C, h, w), 3)
-    p.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", nbytes(B, 2 * C, h, w))
-    p.add("activations", "cat(sample, skip) (960 ch)", nbytes(B, 3 * C, h, w))
-    p.add("activations", "silu(norm1(x)) (960 ch)", nbytes(B, 3 * C, h, w))
-    p.add("activations", "conv1 output (320 ch)", nbytes(B, C, h, w))
-    cols = conv_workspace(ws, "unet.up_blocks.3.resnets.0.conv1", 3, (B, 3 * C, h, w), nbytes(B, 3 * C, h, w),
-                          nbytes(B, C, h, w), 3 * C * C * 9 * FP16)
+    B, C, last = s.B, m.unet_channels[0], len(m.unet_channels) - 1
+    c_in = m.unet_channels[1] + C
+    p = Peak(f"up_blocks.{last}.resnets.0.conv1 ({c_in} -> {C}, 3x3, level 0)")
+    p.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
+    p.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
+    p.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
+          m.unet_layers + 1)
+    p.add("activations", f"up_blocks.{last} input (up_blocks.{last - 1} upsampler conv)",
+          s.bytes(B, m.unet_channels[1], h, w))
+    p.add("activations", f"cat(sample, skip) ({c_in} ch)", s.bytes(B, c_in, h, w))
+    p.add("activations", f"silu(norm1(x)) ({c_in} ch)", s.bytes(B, c_in, h, w))
+    p.add("activations", f"conv1 output ({C} ch)", s.bytes(B, C, h, w))
+    cols = conv_workspace(ws, f"unet.up_blocks.{last}.resnets.0.conv1", 3, (B, c_in, h, w), s.bytes(B, c_in, h, w),
+                          s.bytes(B, C, h, w), c_in * C * 9 * s.itemsize)
     if cols:
         p.add("workspace", workspace_term(ws), cols)
     return p
 
 
 def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
-    """up_blocks[block].resnets[0].conv1 (2560 -> 1280, 3x3) at level 3 - block: its filter
-    alone is 59 MB, and cuDNN's workspace holds a transposed copy (in + out + filter), so at
-    small images this convolution is the UNet's peak. Alive: every skip the up blocks have
-    not consumed yet, the UNet's `sample`, the resnet's input cat(sample, skip) and SiLU
-    output, the conv output."""
-    B, C = s.B, UNET_C0
-    lvl = 3 - block
-    p = Peak(f"up_blocks.{block}.resnets.0.conv1 (2560 -> 1280, 3x3, level {lvl})")
-    p.add("state", "latent_model_input (cat)", nbytes(B, 4, s.h, s.w))
-    p.add("state", "time embedding emb", nbytes(B, 4 * C))
-    skips = [(0, C), (0, C), (0, C), (1, C), (1, 2 * C), (1, 2 * C), (2, 2 * C), (2, 4 * C), (2, 4 * C), (3, 4 * C)]
-    if block == 0:
-        skips += [(3, 4 * C), (3, 4 * C)]
-    for level, ch in skips:
-        p.add("activations", f"skip ({ch} ch, level {level})", nbytes(B, ch, *s.level(level)))
+    """up_blocks[block].resnets[0].conv1 at level (levels - 1 - block) (SD1.5: 2560 -> 1280,
+    3x3): its filter alone is 59 MB, and cuDNN's workspace holds a transposed copy (in + out +
+    filter), so at small images this convolution is the UNet's peak. Alive: the down path's
+    skips less `layers` per earlier up block (its res_samples slice takes `layers + 1`; the
+    SD1.5 live set has always counted one of them as still held, a map at that block's level,
+    small, and the simulation agrees within the bands), the UNet's `sample`, the resnet's
+    input cat(sample, skip) and SiLU output, the conv output."""
+    m = s.model
+    B, ch = s.B, m.unet_channels
+    lvl = len(ch) - 1 - block
+    down = m.unet_skips()
+    skips = down[:len(down) - block * m.unet_layers]
+    c_sample = ch[-1] if block == 0 else ch[::-1][block - 1]     # the mid block's or the up block before's
+    c_skip = down[len(down) - block * (m.unet_layers + 1) - 1][1]   # what resnets[0] concatenates
+    c_in, c_out = c_sample + c_skip, ch[lvl]
+    p = Peak(f"up_blocks.{block}.resnets.0.conv1 ({c_in} -> {c_out}, 3x3, level {lvl})")
+    p.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, s.h, s.w))
+    p.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
+    for level, c in skips:
+        p.add("activations", f"skip ({c} ch, level {level})", s.bytes(B, c, *s.level(level)))
     hl, wl = s.level(lvl)
-    p.add("activations", "UNet sample (1280 ch)", nbytes(B, 4 * C, hl, wl))
-    p.add("activations", "cat(sample, skip) (2560 ch)", nbytes(B, 8 * C, hl, wl))
-    p.add("activations", "silu(norm1(x)) (2560 ch)", nbytes(B, 8 * C, hl, wl))
-    p.add("activations", "conv1 output (1280 ch)", nbytes(B, 4 * C, hl, wl))
-    ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, 8 * C, hl, wl),
-                        nbytes(B, 8 * C, hl, wl), nbytes(B, 4 * C, hl, wl), 8 * C * 4 * C * 9 * FP16)
+    p.add("activations", f"UNet sample ({c_sample} ch)", s.bytes(B, c_sample, hl, wl))
+    p.add("activations", f"cat(sample, skip) ({c_in} ch)", s.bytes(B, c_in, hl, wl))
+    p.add("activations", f"silu(norm1(x)) ({c_in} ch)", s.bytes(B, c_in, hl, wl))
+    p.add("activations", f"conv1 output ({c_out} ch)", s.bytes(B, c_out, hl, wl))
+    ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, c_in, hl, wl),
+                        s.bytes(B, c_in, hl, wl), s.bytes(B, c_out, hl, wl), c_in * c_out * 9 * s.itemsize)
     if ws:
         p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 
-VAE_MID_C = 512                         # VAE mid-block channels; its attention: 1 head of dim 512
-VAE_TILE, VAE_TILE_LATENT = 512, 64     # AutoencoderKL.tile_sample_min_size / tile_latent_min_size
-VAE_TILE_OVERLAP = 0.25
+VAE_TILE_OVERLAP = 0.25                 # AutoencoderKL.tile_overlap_factor
 
 
-def _vae_mid_attention(b: int, h: int, w: int, backend: str, where: str) -> Peak:
-    """Mid-block Attention over N = h*w tokens: the block input (held by the caller), the
-    resnet output (residual), group_norm output, q, k, v, and the attention kernel's own."""
-    N, C = h * w, VAE_MID_C
+def _vae_tile_sizes(s: Shape) -> tuple[int, int]:
+    """AutoencoderKL.tile_sample_min_size (config sample_size, 512) and tile_latent_min_size."""
+    tile = s.model.vae_sample_size
+    return tile, tile // s.model.vae_scale_factor
+
+
+def _vae_mid_attention(s: Shape, b: int, h: int, w: int, backend: str, where: str) -> Peak:
+    """Mid-block Attention over N = h*w tokens (one head over the deepest channels, SD1.5: 512):
+    the block input (held by the caller), the resnet output (residual), group_norm output,
+    q, k, v, and the attention kernel's own."""
+    N, C = h * w, s.model.vae_channels[-1]
     p = Peak(f"{where}.mid_block.attentions.0")
-    p.add("activations", "mid-block input, resnets.0 output", nbytes(b, C, h, w), 2)
-    p.add("activations", "group_norm output", nbytes(b, C, N))
-    p.add("activations", "q, k, v projections", nbytes(b * N, C), 3)
+    p.add("activations", "mid-block input, resnets.0 output", s.bytes(b, C, h, w), 2)
+    p.add("activations", "group_norm output", s.bytes(b, C, N))
+    p.add("activations", "q, k, v projections", s.bytes(b * N, C), 3)
     if isinstance(backend, XformersOp):   # one head: head_to_batch_dim and batch_to_head_dim are views
         return merge(p, xformers_kernel(backend, b, N, C), operation=f"{p.operation}: {backend}")
     if backend != "math":
-        p.add("activations", "sdpa output", nbytes(b, N, 1, C))
-    return merge(p, attention_scratch(backend, b, 1, N, C), operation=f"{p.operation}: sdpa[{backend}]")
+        p.add("activations", "sdpa output", s.bytes(b, N, 1, C))
+    return merge(p, attention_scratch(backend, b, 1, N, C, dtype=s.dtype), operation=f"{p.operation}: sdpa[{backend}]")
 
 
-def vae_decode_full(b: int, H: int, W: int) -> Peak:
-    """Decoder up_blocks[3].resnets[0] (256 -> 128 channels at full resolution), at its SiLU:
-    the block input (up_blocks[2]'s upsampled conv output, held by Decoder.forward's `sample`),
-    norm1's output and the SiLU's output are three 256-channel full-resolution maps."""
-    p = Peak("decoder.up_blocks.3.resnets.0: silu(norm1(x))")
-    p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", nbytes(b, 256, H, W))
-    p.add("activations", "norm1 output (256 ch, full res)", nbytes(b, 256, H, W))
-    p.add("activations", "silu output (256 ch, full res)", nbytes(b, 256, H, W))
+def vae_decode_full(s: Shape, b: int, H: int, W: int) -> Peak:
+    """Decoder's last up block's resnets[0] (SD1.5: up_blocks[3], 256 -> 128 channels at full
+    resolution), at its SiLU: the block input (the up block before's upsampled conv output,
+    held by Decoder.forward's `sample`), norm1's output and the SiLU's output are three
+    channels[1] full-resolution maps."""
+    ch, last = s.model.vae_channels, len(s.model.vae_channels) - 1
+    p = Peak(f"decoder.up_blocks.{last}.resnets.0: silu(norm1(x))")
+    x = s.bytes(b, ch[1], H, W)
+    p.add("activations", f"decoder.up_blocks.{last - 1} upsampler output ({ch[1]} ch, full res)", x)
+    p.add("activations", f"norm1 output ({ch[1]} ch, full res)", x)
+    p.add("activations", f"silu output ({ch[1]} ch, full res)", x)
     return p
 
 
@@ -318,19 +357,22 @@ def workspace_term(ws) -> str:
     return getattr(ws, "term", ConvWorkspace.term)
 
 
-def vae_decode_upsampler(b: int, H: int, W: int, ws_rule) -> Peak:
-    """Decoder up_blocks[2]'s upsampler: nearest x2 to full resolution, then a 256->256 3x3
-    conv. Alive: Decoder.forward's `sample` (up_blocks[1] output, 512 ch at H/2), the block's
-    hidden state (256 ch at H/2), the interpolated input and the conv output (256 ch, full
-    res), and cuDNN's workspace."""
-    p = Peak("decoder.up_blocks.2.upsamplers.0.conv (256 -> 256, 3x3, full res)")
-    full = nbytes(b, 256, H, W)
-    p.add("activations", "decoder.up_blocks.1 output (512 ch, H/2)", nbytes(b, 512, H // 2, W // 2))
-    p.add("activations", "up_blocks.2.resnets.2 output (256 ch, H/2)", nbytes(b, 256, H // 2, W // 2))
-    p.add("activations", "interpolate(x, 2) (256 ch, full res)", full)
-    p.add("activations", "conv output (256 ch, full res)", full)
-    ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.2.upsamplers.0.conv", 3, (b, 256, H, W),
-                        full, full, 256 * 256 * 9 * FP16)
+def vae_decode_upsampler(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
+    """The upsampler into full resolution (SD1.5: up_blocks[2]'s): nearest x2, then a
+    channels[1] 3x3 conv. Alive: Decoder.forward's `sample` (the up block before's output,
+    channels[2] at H/2), the block's hidden state (channels[1] at H/2), the interpolated input
+    and the conv output (full res), and cuDNN's workspace."""
+    m = s.model
+    ch, blk = m.vae_channels, len(m.vae_channels) - 2
+    c = ch[1]
+    p = Peak(f"decoder.up_blocks.{blk}.upsamplers.0.conv ({c} -> {c}, 3x3, full res)")
+    full = s.bytes(b, c, H, W)
+    p.add("activations", f"decoder.up_blocks.{blk - 1} output ({ch[2]} ch, H/2)", s.bytes(b, ch[2], H // 2, W // 2))
+    p.add("activations", f"up_blocks.{blk}.resnets.{m.vae_layers} output ({c} ch, H/2)", s.bytes(b, c, H // 2, W // 2))
+    p.add("activations", f"interpolate(x, 2) ({c} ch, full res)", full)
+    p.add("activations", f"conv output ({c} ch, full res)", full)
+    ws = conv_workspace(ws_rule, f"vae.decoder.up_blocks.{blk}.upsamplers.0.conv", 3, (b, c, H, W),
+                        full, full, c * c * 9 * s.itemsize)
     if ws:
         p.add("workspace", workspace_term(ws_rule), ws)
     return p
@@ -343,90 +385,109 @@ def _tiles(size: int, stride: int, tile: int) -> list[int]:
 def vae_tile(s: Shape, tiling: bool, latent: bool) -> tuple[int, int]:
     """(height, width) in pixels that one VAE pass works on: the whole image, or with
     enable_vae_tiling() and an image larger than a tile, the largest tile."""
-    if not tiling or (s.H <= VAE_TILE and s.W <= VAE_TILE):
+    tile, _ = _vae_tile_sizes(s)
+    if not tiling or (s.H <= tile and s.W <= tile):
         return s.H, s.W
-    stride = int(VAE_TILE * (1 - VAE_TILE_OVERLAP))
-    return max(_tiles(s.H, stride, VAE_TILE)), max(_tiles(s.W, stride, VAE_TILE))
+    stride = int(tile * (1 - VAE_TILE_OVERLAP))
+    return max(_tiles(s.H, stride, tile)), max(_tiles(s.W, stride, tile))
 
 
-def vae_decode_conv1(b: int, H: int, W: int, ws_rule) -> Peak:
-    """Decoder up_blocks[3].resnets[0].conv1 (256 -> 128, 3x3, full res): the block input,
-    the SiLU output it convolves (256 ch), the conv output (128 ch) and cuDNN's workspace."""
-    p = Peak("decoder.up_blocks.3.resnets.0.conv1 (256 -> 128, 3x3, full res)")
-    x, y = nbytes(b, 256, H, W), nbytes(b, 128, H, W)
-    p.add("activations", "decoder.up_blocks.2 upsampler output (256 ch, full res)", x)
-    p.add("activations", "silu(norm1(x)) (256 ch, full res)", x)
-    p.add("activations", "conv1 output (128 ch, full res)", y)
-    ws = conv_workspace(ws_rule, "vae.decoder.up_blocks.3.resnets.0.conv1", 3, (b, 256, H, W),
-                        x, y, 128 * 256 * 9 * FP16)
+def vae_decode_conv1(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
+    """The last up block's resnets[0].conv1 (SD1.5: up_blocks[3], 256 -> 128, 3x3, full res):
+    the block input, the SiLU output it convolves (channels[1]), the conv output (channels[0])
+    and cuDNN's workspace."""
+    ch, last = s.model.vae_channels, len(s.model.vae_channels) - 1
+    c_in, c_out = ch[1], ch[0]
+    p = Peak(f"decoder.up_blocks.{last}.resnets.0.conv1 ({c_in} -> {c_out}, 3x3, full res)")
+    x, y = s.bytes(b, c_in, H, W), s.bytes(b, c_out, H, W)
+    p.add("activations", f"decoder.up_blocks.{last - 1} upsampler output ({c_in} ch, full res)", x)
+    p.add("activations", f"silu(norm1(x)) ({c_in} ch, full res)", x)
+    p.add("activations", f"conv1 output ({c_out} ch, full res)", y)
+    ws = conv_workspace(ws_rule, f"vae.decoder.up_blocks.{last}.resnets.0.conv1", 3, (b, c_in, H, W),
+                        x, y, c_out * c_in * 9 * s.itemsize)
     if ws:
         p.add("workspace", workspace_term(ws_rule), ws)
     return p
 
 
-def _vae_decode_at(b: int, H: int, W: int, ws_rule) -> list[Peak]:
-    return [vae_decode_full(b, H, W), vae_decode_upsampler(b, H, W, ws_rule), vae_decode_conv1(b, H, W, ws_rule)]
+def _vae_decode_at(s: Shape, b: int, H: int, W: int, ws_rule) -> list[Peak]:
+    return [vae_decode_full(s, b, H, W), vae_decode_upsampler(s, b, H, W, ws_rule), vae_decode_conv1(s, b, H, W, ws_rule)]
 
 
 def vae_decode(s: Shape, backend: str, slicing: bool, tiling: bool, ws_rule=None) -> list[Peak]:
     h, w = s.h, s.w
     b = 1 if slicing else s.n
+    m = s.model
+    z, rgb, f = m.latent_channels, m.vae_out_channels, m.vae_scale_factor
+    _, tile_latent = _vae_tile_sizes(s)
     state = Peak("decode inputs")
-    state.add("state", "latents / scaling_factor", nbytes(s.n, 4, h, w))
-    state.add("state", "post_quant_conv output", nbytes(b, 4, h, w))
+    state.add("state", "latents / scaling_factor", s.bytes(s.n, z, h, w))
+    state.add("state", "post_quant_conv output", s.bytes(b, z, h, w))
     if slicing and s.n > 1:  # decoded slices wait in a list for torch.cat
-        state.add("state", "decoded images of earlier slices", nbytes(1, 3, s.H, s.W), s.n - 1)
+        state.add("state", "decoded images of earlier slices", s.bytes(1, rgb, s.H, s.W), s.n - 1)
     peaks = []
-    if tiling and (h > VAE_TILE_LATENT or w > VAE_TILE_LATENT):
-        stride = int(VAE_TILE_LATENT * (1 - VAE_TILE_OVERLAP))
-        rows, cols = _tiles(h, stride, VAE_TILE_LATENT), _tiles(w, stride, VAE_TILE_LATENT)
-        stored = sum(nbytes(b, 3, 8 * th, 8 * tw) for th in rows for tw in cols)
-        big = max(rows) * max(cols)
+    if tiling and (h > tile_latent or w > tile_latent):
+        stride = int(tile_latent * (1 - VAE_TILE_OVERLAP))
+        rows, cols = _tiles(h, stride, tile_latent), _tiles(w, stride, tile_latent)
+        stored = sum(s.bytes(b, rgb, f * th, f * tw) for th in rows for tw in cols)
         th, tw = max(rows), max(cols)
         # The largest tile is decoded while (at most) all other decoded tiles wait in `rows`.
-        for tile_peak in _vae_decode_at(b, 8 * th, 8 * tw, ws_rule):
+        for tile_peak in _vae_decode_at(s, b, f * th, f * tw, ws_rule):
             p = merge(state, tile_peak, operation=f"tiled_decode, largest tile: {tile_peak.operation}")
-            p.add("state", "decoded tiles waiting for blending", stored - nbytes(b, 3, 8 * th, 8 * tw))
+            p.add("state", "decoded tiles waiting for blending", stored - s.bytes(b, rgb, f * th, f * tw))
             peaks.append(p)
         end = merge(state, Peak("tiled_decode: torch.cat of blended rows"))
         end.add("state", "decoded tiles", stored)
-        end.add("state", "blended rows (cat)", nbytes(b, 3, s.H, s.W))
-        end.add("state", "decoded image (cat)", nbytes(b, 3, s.H, s.W))
+        end.add("state", "blended rows (cat)", s.bytes(b, rgb, s.H, s.W))
+        end.add("state", "decoded image (cat)", s.bytes(b, rgb, s.H, s.W))
         peaks.append(end)
         mid_hw = (th, tw)
-        del big
     else:
-        peaks += [merge(state, p) for p in _vae_decode_at(b, s.H, s.W, ws_rule)]
+        peaks += [merge(state, p) for p in _vae_decode_at(s, b, s.H, s.W, ws_rule)]
         mid_hw = (h, w)
-    peaks.append(merge(state, _vae_mid_attention(b, *mid_hw, backend, "decoder")))
+    peaks.append(merge(state, _vae_mid_attention(s, b, *mid_hw, backend, "decoder")))
     return peaks
 
 
-def vae_encode_full(H: int, W: int) -> Peak:
-    """Encoder down_blocks[0].resnets[1] at its output division by output_scale_factor: conv_in's
-    output (held by Encoder.forward's `sample`), resnets[0]'s output (the residual), conv2's
-    output, the residual sum and the quotient: five 128-channel full-resolution maps."""
-    p = Peak("encoder.down_blocks.0.resnets.1: (x + conv2) / output_scale_factor")
-    p.add("activations", "conv_in output (128 ch, full res)", nbytes(1, 128, H, W))
-    p.add("activations", "resnets.0 output", nbytes(1, 128, H, W))
-    p.add("activations", "conv2 output", nbytes(1, 128, H, W))
-    p.add("activations", "x + conv2", nbytes(1, 128, H, W))
-    p.add("activations", "(x + conv2) / 1.0", nbytes(1, 128, H, W))
+def _vae_encode_residual(s: Shape) -> list[str]:
+    """The encoder's first block's last resnet (SD1.5: down_blocks[0].resnets[1]) has as
+    input the resnet before's output, held as its residual; with one layer that input is
+    conv_in's output itself."""
+    L = s.model.vae_layers
+    return [f"resnets.{L - 2} output"] if L >= 2 else []
+
+
+def vae_encode_full(s: Shape, H: int, W: int) -> Peak:
+    """Encoder down_blocks[0]'s last resnet (SD1.5: resnets[1]) at its output division by
+    output_scale_factor: conv_in's output (held by Encoder.forward's `sample`), the resnet
+    before's output (the residual), conv2's output, the residual sum and the quotient: five
+    channels[0] full-resolution maps."""
+    c = s.model.vae_channels[0]
+    p = Peak(f"encoder.down_blocks.0.resnets.{s.model.vae_layers - 1}: (x + conv2) / output_scale_factor")
+    full = s.bytes(1, c, H, W)
+    p.add("activations", f"conv_in output ({c} ch, full res)", full)
+    for name in _vae_encode_residual(s):
+        p.add("activations", name, full)
+    p.add("activations", "conv2 output", full)
+    p.add("activations", "x + conv2", full)
+    p.add("activations", "(x + conv2) / 1.0", full)
     return p
 
 
-def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
-    """Encoder down_blocks[0].resnets[1].conv2 (128 -> 128, 3x3, full res): conv_in's output,
-    resnets[0]'s output (the residual), the SiLU output it convolves and the conv output are
-    alive, with cuDNN's workspace."""
-    p = Peak("encoder.down_blocks.0.resnets.1.conv2 (128 -> 128, 3x3, full res)")
-    full = nbytes(1, 128, H, W)
-    p.add("activations", "conv_in output (128 ch, full res)", full)
-    p.add("activations", "resnets.0 output", full)
+def vae_encode_conv(s: Shape, H: int, W: int, ws_rule) -> Peak:
+    """Encoder down_blocks[0]'s last resnet's conv2 (SD1.5: resnets[1], 128 -> 128, 3x3, full
+    res): conv_in's output, the resnet before's output (the residual), the SiLU output it
+    convolves and the conv output are alive, with cuDNN's workspace."""
+    c, j = s.model.vae_channels[0], s.model.vae_layers - 1
+    p = Peak(f"encoder.down_blocks.0.resnets.{j}.conv2 ({c} -> {c}, 3x3, full res)")
+    full = s.bytes(1, c, H, W)
+    p.add("activations", f"conv_in output ({c} ch, full res)", full)
+    for name in _vae_encode_residual(s):
+        p.add("activations", name, full)
     p.add("activations", "silu(norm2(.)) (conv input)", full)
     p.add("activations", "conv2 output", full)
-    ws = conv_workspace(ws_rule, "vae.encoder.down_blocks.0.resnets.1.conv2", 3, (1, 128, H, W),
-                        full, full, 128 * 128 * 9 * FP16)
+    ws = conv_workspace(ws_rule, f"vae.encoder.down_blocks.0.resnets.{j}.conv2", 3, (1, c, H, W),
+                        full, full, c * c * 9 * s.itemsize)
     if ws:
         p.add("workspace", workspace_term(ws_rule), ws)
     return p
@@ -434,84 +495,91 @@ def vae_encode_conv(H: int, W: int, ws_rule) -> Peak:
 
 def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]:
     """The image is encoded once (batch 1); latents are repeated for n images afterwards."""
+    m = s.model
+    f, tile = m.vae_scale_factor, m.vae_sample_size
     state = Peak("encode input")
-    state.add("state", "image on the GPU (fp16)", nbytes(1, 3, s.H, s.W))
-    if tiling and (s.H > VAE_TILE or s.W > VAE_TILE):
-        stride = int(VAE_TILE * (1 - VAE_TILE_OVERLAP))
-        rows, cols = _tiles(s.H, stride, VAE_TILE), _tiles(s.W, stride, VAE_TILE)
+    state.add("state", f"image on the GPU ({s.dtype})", s.bytes(1, m.vae_in_channels, s.H, s.W))
+    if tiling and (s.H > tile or s.W > tile):
+        stride = int(tile * (1 - VAE_TILE_OVERLAP))
+        rows, cols = _tiles(s.H, stride, tile), _tiles(s.W, stride, tile)
         th, tw = max(rows), max(cols)
-        moments = sum(nbytes(1, 8, r // 8, c // 8) for r in rows for c in cols)
+        moments = sum(s.bytes(1, 2 * m.latent_channels, r // f, c // f) for r in rows for c in cols)
         out = []
-        for tile_peak in (vae_encode_full(th, tw), vae_encode_conv(th, tw, ws_rule)):
+        for tile_peak in (vae_encode_full(s, th, tw), vae_encode_conv(s, th, tw, ws_rule)):
             p = merge(state, tile_peak, operation=f"tiled_encode, largest tile: {tile_peak.operation}")
             p.add("state", "encoded tiles (moments)", moments)
             out.append(p)
-        return out + [merge(state, _vae_mid_attention(1, th // 8, tw // 8, backend, "encoder"))]
-    return [merge(state, vae_encode_full(s.H, s.W)), merge(state, vae_encode_conv(s.H, s.W, ws_rule)),
-            merge(state, _vae_mid_attention(1, s.h, s.w, backend, "encoder"))]
+        return out + [merge(state, _vae_mid_attention(s, 1, th // f, tw // f, backend, "encoder"))]
+    return [merge(state, vae_encode_full(s, s.H, s.W)), merge(state, vae_encode_conv(s, s.H, s.W, ws_rule)),
+            merge(state, _vae_mid_attention(s, 1, s.h, s.w, backend, "encoder"))]
 
 
-CLIP_TEXT = dict(tokens=77, d=768, mlp=3072, heads=12)
-CLIP_VISION = dict(tokens=257, d=1024, mlp=4096, heads=16)
-
-
-def _clip_layer(batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:
+def _clip_layer(s: Shape, batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:
     """A CLIP encoder layer after the first: the residual stream and the layer input held by
     the caller; quick_gelu(x) = x * sigmoid(1.702 x) holds fc1's output, the sigmoid and the
     product; attention holds q, k, v and the kernel's own."""
     mlp_peak = Peak(f"{where} mlp: x * sigmoid(1.702 x)")
-    mlp_peak.add("activations", "residual stream", nbytes(batch, tokens, d), 2)
-    mlp_peak.add("activations", "layer_norm2 output", nbytes(batch, tokens, d))
-    mlp_peak.add("activations", "fc1 output, sigmoid, product", nbytes(batch, tokens, mlp), 3)
+    mlp_peak.add("activations", "residual stream", s.bytes(batch, tokens, d), 2)
+    mlp_peak.add("activations", "layer_norm2 output", s.bytes(batch, tokens, d))
+    mlp_peak.add("activations", "fc1 output, sigmoid, product", s.bytes(batch, tokens, mlp), 3)
     att = Peak(f"{where} self_attn")
-    att.add("activations", "residual stream, layer_norm1 output", nbytes(batch, tokens, d), 2)
-    att.add("activations", "q, k, v projections", nbytes(batch, tokens, d), 3)
+    att.add("activations", "residual stream, layer_norm1 output", s.bytes(batch, tokens, d), 2)
+    att.add("activations", "q, k, v projections", s.bytes(batch, tokens, d), 3)
     if backend != "math":
-        att.add("activations", "sdpa output", nbytes(batch, tokens, d))
-    att = merge(att, attention_scratch(backend, batch, heads, tokens, d // heads))
+        att.add("activations", "sdpa output", s.bytes(batch, tokens, d))
+    att = merge(att, attention_scratch(backend, batch, heads, tokens, d // heads, dtype=s.dtype))
     return [mlp_peak, att]
 
 
 def text_encoder(s: Shape, backend: str) -> list[Peak]:
     """Prompt, then negative prompt, each batch 1 x 77 tokens (padding="max_length"); then,
     before the VAE encoder starts (so in this stage), prepare_latents uploads the image."""
-    held = Peak("first prompt's embeddings")
+    held, m = Peak("first prompt's embeddings"), s.model
     if s.cfg:
-        held.add("state", "prompt_embeds (repeat)", nbytes(s.n, TOKENS, TEXT_DIM))
-    return [merge(held, p) for p in _clip_layer(1, backend=backend, where="text_encoder", **CLIP_TEXT)] + [
+        held.add("state", "prompt_embeds (repeat)", s.bytes(s.n, m.text_tokens, m.text_dim))
+    clip = dict(tokens=m.text_tokens, d=m.text_dim, mlp=m.text_mlp, heads=m.text_heads)
+    return [merge(held, p) for p in _clip_layer(s, 1, backend=backend, where="text_encoder", **clip)] + [
         merge(prompt_state(s), image_upload(s))]
 
 
 def image_upload(s: Shape) -> Peak:
-    """image.to(device, fp16): the preprocessed image is a channels-last fp32 CPU tensor, so
-    the fp16 destination is channels-last; Copy.cu's CPU->GPU copy needs a contiguous
-    destination and stages through a contiguous fp16 temporary on the GPU."""
-    p = Peak("prepare_latents: image.to(cuda, fp16)")
-    p.add("state", "image on the GPU (fp16, channels-last)", nbytes(1, 3, s.H, s.W))
-    p.add("workspace", "contiguous staging copy (Copy.cu)", nbytes(1, 3, s.H, s.W))
+    """image.to(device, dtype): the preprocessed image is a channels-last fp32 CPU tensor, so
+    the destination is channels-last. Copy.cu's CPU->GPU copy of another dtype needs a
+    contiguous destination and stages through a contiguous temporary of the destination
+    dtype on the GPU; in fp32 (same dtype, same strides) it is one cudaMemcpy, no temporary."""
+    p = Peak(f"prepare_latents: image.to(cuda, {s.dtype})")
+    image = s.bytes(1, s.model.vae_in_channels, s.H, s.W)
+    p.add("state", f"image on the GPU ({s.dtype}, channels-last)", image)
+    if s.dtype != "fp32":
+        p.add("workspace", "contiguous staging copy (Copy.cu)", image)
     return p
 
 
 def safety_checker(s: Shape, backend: str) -> list[Peak]:
     """CLIP ViT-L/14 on one (n,3,224,224) input; the decoded image waits. Then the final
     postprocess (denormalize per image, stack) before the copy to the host."""
+    m = s.model
     held = Peak("decoded images")
-    held.add("state", "decoded image(s)", nbytes(s.n, 3, s.H, s.W))
-    inputs = Peak("pixel_values")
-    inputs.add("state", "pixel_values fp32 and fp16", nbytes(s.n, 3, 224, 224, itemsize=FP32))
-    inputs.add("state", "pixel_values fp16", nbytes(s.n, 3, 224, 224))
+    held.add("state", "decoded image(s)", s.bytes(s.n, m.vae_out_channels, s.H, s.W))
+    inputs, side = Peak("pixel_values"), m.vision_input
+    # run_safety_checker: feature_extractor(...).to(device) keeps CLIPImageProcessor's fp32,
+    # then pixel_values.to(dtype) copies it (no copy in fp32)
+    inputs.add("state", "pixel_values fp32 and fp16", nbytes(s.n, 3, side, side, itemsize=FP32))
+    if s.dtype != "fp32":
+        inputs.add("state", f"pixel_values {s.dtype}", s.bytes(s.n, 3, side, side))
+    clip = dict(tokens=m.vision_tokens, d=m.vision_dim, mlp=m.vision_mlp, heads=m.vision_heads)
     peaks = [merge(held, inputs, p) for p in
-             _clip_layer(s.n, backend=backend, where="safety_checker", **CLIP_VISION)]
+             _clip_layer(s, s.n, backend=backend, where="safety_checker", **clip)]
     return peaks
 
 
 def postprocess(s: Shape) -> Peak:
     """image_processor.postprocess: (image * 0.5 + 0.5).clamp(0, 1) per image, then stack."""
-    p = Peak("postprocess: denormalize")
-    p.add("state", "decoded image(s)", nbytes(s.n, 3, s.H, s.W))
-    p.add("state", "image * 0.5 + 0.5, clamp", nbytes(1, 3, s.H, s.W), 2)
+    p, rgb = Peak("postprocess: denormalize"), s.model.vae_out_channels
+    p.add("state", "decoded image(s)", s.bytes(s.n, rgb, s.H, s.W))
+    p.add("state", "image * 0.5 + 0.5, clamp", s.bytes(1, rgb, s.H, s.W), 2)
     if s.n > 1:
-        p.add("state", "denormalized images waiting for stack", nbytes(1, 3, s.H, s.W), s.n - 1)
+        p.add("state", "denormalized images waiting for stack", s.bytes(1, rgb, s.H, s.W), s.n - 1)
     return p
 
 

@@ -9,6 +9,7 @@ built on the meta device (tests/test_weights.py).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from math import prod
@@ -70,13 +71,11 @@ def _transformer2d(name, c, cross_dim) -> list[Tensor]:
     return _norm(f"{name}.norm", c) + _conv(f"{name}.proj_in", c, c, 1) + block + _conv(f"{name}.proj_out", c, c, 1)
 
 
-def unet_tensors(in_channels: int | None = None) -> list[Tensor]:
-    """in_channels: conv_in's input channels where they differ from the config's (the
-    inpainting checkpoint's UNet: 9; UNet2DConditionModel reads in_channels for conv_in alone)."""
-    cfg = sd15()["unet"]
+def unet_tensors(cfg: dict | None = None) -> list[Tensor]:
+    cfg = cfg or sd15()["unet"]
     ch, layers, cross = cfg["block_out_channels"], cfg["layers_per_block"], cfg["cross_attention_dim"]
     temb = 4 * ch[0]
-    t = _conv("conv_in", in_channels or cfg["in_channels"], ch[0], 3)
+    t = _conv("conv_in", cfg["in_channels"], ch[0], 3)
     t += _linear("time_embedding.linear_1", ch[0], temb) + _linear("time_embedding.linear_2", temb, temb)
     c_prev = ch[0]
     for i, (kind, c) in enumerate(zip(cfg["down_block_types"], ch)):
@@ -120,9 +119,9 @@ def _vae_mid(name, c) -> list[Tensor]:
     )
 
 
-def vae_encoder_tensors() -> list[Tensor]:
+def vae_encoder_tensors(cfg: dict | None = None) -> list[Tensor]:
     """Encoder and quant_conv (what vae.encode runs)."""
-    cfg = sd15()["vae"]
+    cfg = cfg or sd15()["vae"]
     ch, layers, z = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
     t = _conv("encoder.conv_in", cfg["in_channels"], ch[0], 3)
     c_prev = ch[0]
@@ -137,9 +136,9 @@ def vae_encoder_tensors() -> list[Tensor]:
     return t + _conv("quant_conv", 2 * z, 2 * z, 1)
 
 
-def vae_decoder_tensors() -> list[Tensor]:
+def vae_decoder_tensors(cfg: dict | None = None) -> list[Tensor]:
     """Decoder and post_quant_conv (what vae.decode runs)."""
-    cfg = sd15()["vae"]
+    cfg = cfg or sd15()["vae"]
     ch, layers, z = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
     rch = list(reversed(ch))
     t = _conv("decoder.conv_in", z, rch[0], 3)
@@ -167,8 +166,8 @@ def _clip_layers(name, n, d, mlp) -> list[Tensor]:
     return t
 
 
-def text_encoder_tensors() -> list[Tensor]:
-    cfg = sd15()["text_encoder"]
+def text_encoder_tensors(cfg: dict | None = None) -> list[Tensor]:
+    cfg = cfg or sd15()["text_encoder"]
     d, pos = cfg["hidden_size"], cfg["max_position_embeddings"]
     t = [("embeddings.token_embedding.weight", (cfg["vocab_size"], d), FP16),
          ("embeddings.position_embedding.weight", (pos, d), FP16),
@@ -177,8 +176,8 @@ def text_encoder_tensors() -> list[Tensor]:
     return t + _norm("final_layer_norm", d)
 
 
-def safety_checker_tensors() -> list[Tensor]:
-    cfg = sd15()["safety_checker"]
+def safety_checker_tensors(cfg: dict | None = None) -> list[Tensor]:
+    cfg = cfg or sd15()["safety_checker"]
     v = cfg["vision_config"]
     d, p = v["hidden_size"], v["patch_size"]
     positions = (v["image_size"] // p) ** 2 + 1
@@ -197,9 +196,9 @@ def safety_checker_tensors() -> list[Tensor]:
     return t
 
 
-def vae_tensors() -> list[Tensor]:
+def vae_tensors(cfg: dict | None = None) -> list[Tensor]:
     """AutoencoderKL in registration order: encoder, decoder, quant_conv, post_quant_conv."""
-    enc, dec = vae_encoder_tensors(), vae_decoder_tensors()
+    enc, dec = vae_encoder_tensors(cfg), vae_decoder_tensors(cfg)
     return enc[:-2] + dec[:-2] + enc[-2:] + dec[-2:]
 
 
@@ -211,5 +210,124 @@ MODELS = {
 }
 
 
+def model_tensors(name: str, spec: "Spec | None" = None) -> list[Tensor]:
+    """MODELS[name]'s tensors for an architecture (default: the bundled SD1.5 config)."""
+    return MODELS[name](None if spec is None else spec.config[name])
+
+
+def in_dtype(tensors: list[Tensor], itemsize: int) -> list[Tensor]:
+    """The tensors as a pipeline of that element size holds them: build_pipeline's
+    ``m.to(dtype)`` and from_pretrained(torch_dtype=...) cast the floating tensors (enumerated
+    at FP16 above); the int64 position_ids keep 8 bytes."""
+    return [(n, s, itemsize if b == FP16 else b) for n, s, b in tensors]
+
+
 def numel(tensors: list[Tensor], floating_only=True) -> int:
     return sum(prod(s) for _, s, b in tensors if b == FP16 or not floating_only)
+
+
+# --- the numbers the live sets and schedules read (activations.py, schedule.py) ----------------
+
+# The block pattern the live sets and schedules model (SD1.5's): cross-attention in every down
+# block but the deepest, mirrored in the up blocks; one transformer layer per block.
+_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One architecture's channel counts, block structure, head counts and token counts, from
+    a config of sd15.json's layout (`spec(config)`); activations.Shape carries it."""
+
+    unet_channels: tuple[int, ...]       # block_out_channels, level 0 first
+    unet_layers: int                     # layers_per_block (up blocks: + 1)
+    unet_heads: int                      # attention_head_dim: diffusers reads it as the head count
+    unet_in_channels: int                # conv_in: 4 (img2img, txt2img), 9 (the inpainting UNet)
+    unet_out_channels: int
+    unet_down_attention: tuple[bool, ...]    # down block i has cross-attention transformers
+    unet_up_attention: tuple[bool, ...]
+    vae_channels: tuple[int, ...]
+    vae_layers: int
+    vae_sample_size: int                 # AutoencoderKL.tile_sample_min_size (tiling)
+    vae_in_channels: int                 # the image's channels
+    vae_out_channels: int
+    latent_channels: int
+    text_tokens: int                     # the tokenizer pads every prompt to this many tokens
+    text_dim: int
+    text_mlp: int
+    text_heads: int
+    vision_tokens: int                   # patches + class token
+    vision_dim: int
+    vision_mlp: int
+    vision_heads: int
+    vision_input: int                    # the feature extractor's crop: pixel_values' side
+    config_json: str = field(repr=False, default="")   # the whole config, for the weight tensors
+
+    @property
+    def config(self) -> dict:
+        return _parsed(self.config_json)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """diffusers: 2 ** (len(vae.config.block_out_channels) - 1)."""
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def time_embed_dim(self) -> int:
+        """UNet2DConditionModel: block_out_channels[0] * 4."""
+        return 4 * self.unet_channels[0]
+
+    def unet_skips(self) -> list[tuple[int, int]]:
+        """down_block_res_samples as (level, channels), in the order the down path appends them:
+        conv_in's output, each resnet (+ transformer) output, each downsampler's output."""
+        ch = self.unet_channels
+        out = [(0, ch[0])]
+        for i, c in enumerate(ch):
+            out += [(i, c)] * self.unet_layers
+            if i < len(ch) - 1:
+                out.append((i + 1, c))
+        return out
+
+
+@lru_cache(maxsize=None)
+def _parsed(config_json: str) -> dict:
+    return json.loads(config_json)
+
+
+def spec(config: dict | None = None) -> Spec:
+    """The Spec of a config (default: the bundled sd15.json); ValueError for a block pattern
+    the live sets do not model."""
+    if config is None:
+        return _bundled_spec()
+    return _spec(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=1)
+def _bundled_spec() -> Spec:
+    return _spec(json.dumps(sd15(), sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _spec(config_json: str) -> Spec:
+    cfg = _parsed(config_json)
+    u, v, t = cfg["unet"], cfg["vae"], cfg["text_encoder"]
+    vis, crop = cfg["safety_checker"]["vision_config"], cfg["feature_extractor"]["crop_size"]
+    n = len(u["block_out_channels"])
+    down = tuple(kind == _DOWN[0] for kind in u["down_block_types"])
+    up = tuple(kind == _UP[1] for kind in u["up_block_types"])
+    pattern = set(u["down_block_types"]) <= set(_DOWN) and set(u["up_block_types"]) <= set(_UP) and \
+        down == (True,) * (n - 1) + (False,) and up == tuple(reversed(down))
+    if not pattern or n < 2 or u.get("transformer_layers_per_block", 1) != 1 or len(v["block_out_channels"]) != 4:
+        raise ValueError("the equation models SD1.5's block pattern: cross-attention in every UNet down block "
+                         "but the deepest (mirrored up), one transformer layer per block, 4 VAE levels")
+    return Spec(
+        unet_channels=tuple(u["block_out_channels"]), unet_layers=u["layers_per_block"],
+        unet_heads=u["attention_head_dim"], unet_in_channels=u["in_channels"], unet_out_channels=u["out_channels"],
+        unet_down_attention=down, unet_up_attention=up,
+        vae_channels=tuple(v["block_out_channels"]), vae_layers=v["layers_per_block"], vae_sample_size=v["sample_size"],
+        vae_in_channels=v["in_channels"], vae_out_channels=v["out_channels"], latent_channels=v["latent_channels"],
+        text_tokens=t["max_position_embeddings"], text_dim=t["hidden_size"], text_mlp=t["intermediate_size"],
+        text_heads=t["num_attention_heads"],
+        vision_tokens=(vis["image_size"] // vis["patch_size"]) ** 2 + 1, vision_dim=vis["hidden_size"],
+        vision_mlp=vis["intermediate_size"], vision_heads=vis["num_attention_heads"], vision_input=crop,
+        config_json=config_json)

@@ -28,16 +28,12 @@ from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
 
 GB = 1e9  # the notebook's f reports decimal gigabytes
 
-# Head dims of the attention calls that the backend choice depends on.
-HEAD_DIM = {"unet": 40, "vae": 512, "clip": 64}
-
-
 ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): sorted component names
 
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30, unet_in_channels: int = 4):
+              total_memory: int = 80 << 30, itemsize: int = arch.FP16, model: arch.Spec | None = None):
     """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
     order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
     workspace, the allocator state)."""
@@ -46,26 +42,21 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
-        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in
-                                     _model_tensors(name, unet_in_channels))
+        out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size
+                                     for _, shape, item in arch.in_dtype(arch.model_tensors(name, model), itemsize))
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
 
 
-def _model_tensors(name: str, unet_in_channels: int = 4):
-    """arch.MODELS[name](), with the inpainting UNet's conv_in for unet_in_channels 9."""
-    return arch.unet_tensors(unet_in_channels) if name == "unet" else arch.MODELS[name]()
-
-
-def _resident_of(o: Options, profile):
-    """_resident for this call's options and GPU profile."""
+def _resident_of(o: Options, profile, model: arch.Spec | None = None):
+    """_resident for this call's options, GPU profile and architecture (Shape.model)."""
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory, o.unet_in_channels)
+                     o.allocator, profile.total_memory, o.itemsize, model)
 
 
-def weights(safety_checker: bool = True) -> dict[str, int]:
+def weights(safety_checker: bool = True, dtype: str = "fp16") -> dict[str, int]:
     """Allocated bytes of each model's weights (blocks as the allocator hands them out)."""
-    resident, _ = _resident(safety_checker, 0, 0)
+    resident, _ = _resident(safety_checker, 0, 0, itemsize=Options(dtype=dtype).itemsize)
     return {k.removeprefix("weights_"): v for k, v in resident.items() if k.startswith("weights_")}
 
 
@@ -90,10 +81,13 @@ def prompt_tokens(prompt, prompt_length) -> int | None:
 def _backends(s: act.Shape, o: Options, profile) -> dict[str, str]:
     """The SDPA kernel of each model's attention (kernels.sdpa_backend) at its peak call:
     the UNet's self-attention at level 0, the VAE's mid-block, CLIP's 77 tokens."""
-    calls = {"unet": (s.B, act.UNET_HEADS, s.h * s.w), "vae": (1, 1, s.h * s.w), "clip": (1, 12, 77)}
+    m = s.model
+    calls = {"unet": (s.B, m.unet_heads, s.h * s.w, m.unet_channels[0] // m.unet_heads),
+             "vae": (1, 1, s.h * s.w, m.vae_channels[-1]),
+             "clip": (1, m.text_heads, m.text_tokens, m.text_dim // m.text_heads)}
     out = {k: profile.sdpa_backend(o.sdpa_attention, kernels.SdpaCall(batch=b, heads=n, q_len=t, kv_len=t,
-                                                                       d_qk=HEAD_DIM[k]))
-           for k, (b, n, t) in calls.items()}
+                                                                       d_qk=d, dtype=s.torch_dtype))
+           for k, (b, n, t, d) in calls.items()}
     if o.attention == XFORMERS:
         out.update(_xformers_ops(calls, profile))
     return out
@@ -105,11 +99,11 @@ def _xformers_ops(calls: dict, profile) -> dict:
     batch x heads rows); CLIP keeps SDPA."""
     ops = {}
     for k in ("unet", "vae"):
-        b, n, t = calls[k]
-        op = kernels.xformers_forward_op(profile, HEAD_DIM[k], batch_heads=b * n, q_len=t, kv_len=t)
+        b, n, t, d = calls[k]
+        op = kernels.xformers_forward_op(profile, d, batch_heads=b * n, q_len=t, kv_len=t)
         if op is None:
             raise InputError(f"xformers {kernels.XFORMERS_VERSION} has no forward operator for the {k}'s head dim "
-                             f"{HEAD_DIM[k]} on compute capability {'.'.join(map(str, profile.compute_capability))}")
+                             f"{d} on compute capability {'.'.join(map(str, profile.compute_capability))}")
         ops[k] = op
     return ops
 
@@ -192,13 +186,14 @@ class _Replay:
             if name in ("vae_encode", "vae_decode"):
                 H, W = act.vae_tile(s, o.vae_tiling, latent=False)
                 if name == "vae_encode":
-                    schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks)
+                    schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks, itemsize=s.itemsize,
+                                         model=s.model)
                 else:
                     if not pipelines.encodes_before_unet(o):   # txt2img: nothing big cached before
                         schedule.vae_decoder_low_res(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
-                                                     fallbacks=fallbacks)
+                                                     fallbacks=fallbacks, itemsize=s.itemsize, model=s.model)
                     schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
-                                         fallbacks=fallbacks)
+                                         fallbacks=fallbacks, itemsize=s.itemsize, model=s.model)
                 self.release()
                 return
             self.release()
@@ -208,10 +203,11 @@ class _Replay:
                 # decides. An evaluation ends freeing its skips in another order than it made
                 # them, so the next one can start from other free blocks: replay evaluations
                 # until they repeat.
-                levels = [s.level(i) for i in range(4)]
+                levels = [s.level(i) for i in range(len(s.model.unet_channels))]
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
-                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, in_channels=o.unet_in_channels)
+                    schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, itemsize=s.itemsize,
+                                  model=s.model)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -227,7 +223,7 @@ class _Replay:
 
 
 def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=None, limit="card", _floor=False,
-             **options) -> Estimate:
+             architecture: dict | None = None, **options) -> Estimate:
     """Peak GPU memory of pipe(prompt, image=<height x width image>, **options), model resident.
 
     pipeline="txt2img": height, width are the output's (default 512, as options height/width);
@@ -239,8 +235,9 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
     estimate carries a verdict: "fits", "fits-with-fallback" or "oom". limit: "card" (a card of
     that size), or "fraction" (torch.cuda.set_per_process_memory_fraction allowing vram less
     the CUDA context on a larger card). _floor: the call without any convolution workspace,
-    the floor cuDNN falls back to (max-size's bound)."""
-    H, W, tokens, o, profile, s = _setup(height, width, prompt, prompt_length, options)
+    the floor cuDNN falls back to (max-size's bound). architecture: a config of
+    formula/data/sd15.json's layout (default: that file), e.g. other UNet block_out_channels."""
+    H, W, tokens, o, profile, s = _setup(height, width, prompt, prompt_length, options, architecture)
     if vram is not None:
         _check_vram(vram, profile)
     ws = kernels.no_conv_workspace(o) if _floor else kernels.conv_kernels(o, profile)
@@ -283,7 +280,7 @@ class _CallReplay:
 
 def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
     """The stage peaks of one call with these conv workspaces (kernels.ConvWorkspace)."""
-    resident_parts, resident_state = _resident_of(o, profile)
+    resident_parts, resident_state = _resident_of(o, profile, s.model)
     resident = sum(resident_parts.values())
     candidates = _stage_candidates(s, o, profile, ws)
     # Reserved memory only grows during a call: replay, stage by stage, what each stage
@@ -305,7 +302,7 @@ def _call(s: act.Shape, o: Options, profile, ws) -> _CallReplay:
                        candidates)
 
 
-def _setup(height, width, prompt, prompt_length, options: dict):
+def _setup(height, width, prompt, prompt_length, options: dict, architecture: dict | None = None):
     """The validated inputs: (H, W, prompt tokens, options, GPU profile, shape)."""
     tokens = prompt_tokens(prompt, prompt_length)
     try:
@@ -314,25 +311,32 @@ def _setup(height, width, prompt, prompt_length, options: dict):
         raise InputError(str(e).replace("__init__()", "estimate()")) from None
     H, W = pipelines.call_size(height, width, o)   # the image's size, or pipe(height, width)
     profile = gpu_profiles.get(o.gpu)
-    return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
+    try:
+        model = arch.spec(architecture)
+        if o.unet_in_channels != model.unet_in_channels:   # inpaint with the inpainting checkpoint's UNet
+            model = arch.spec({**model.config, "unet": {**model.config["unet"], "in_channels": o.unet_in_channels}})
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg,
+                                               dtype=o.dtype, model=model)
 
 
-def peak_allocated(height=None, width=None, _floor=False, **options) -> int:
+def peak_allocated(height=None, width=None, _floor=False, architecture: dict | None = None, **options) -> int:
     """estimate(...).peak_allocated without the allocator replay (max-size bisects it)."""
-    _, _, _, o, profile, s = _setup(height, width, None, None, options)
-    resident_parts, _ = _resident_of(o, profile)
+    _, _, _, o, profile, s = _setup(height, width, None, None, options, architecture)
+    resident_parts, _ = _resident_of(o, profile, s.model)
     ws = kernels.no_conv_workspace(o) if _floor else kernels.conv_kernels(o, profile)
     candidates = _stage_candidates(s, o, profile, ws)
     return sum(resident_parts.values()) + max(p.total for cands in candidates.values() for p in cands)
 
 
-def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundary:
+def _loading_oom(o: Options, profile, capacity: int, limit: str, oom, spec: arch.Spec | None = None) -> Boundary:
     """The weight whose allocation fails in pipe.to("cuda") (or the cuBLAS workspace at the
     text encoder's first matmul), as `oom(stage, operation, error)` reports it."""
     alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker
-               for name, shape, item in _model_tensors(model, o.unet_in_channels)]
+               for name, shape, item in arch.in_dtype(arch.model_tensors(model, spec), o.itemsize)]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:
@@ -377,7 +381,7 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, ws, 
                             message=e.message(total=vram, used_outside=context, allowed=allowed)))
 
     if alloc.reserved > capacity:
-        return _loading_oom(o, profile, capacity, limit, oom)
+        return _loading_oom(o, profile, capacity, limit, oom, s.model)
     for name, cands in call.candidates.items():
         try:
             replay.stage(name, s, o, cands)

@@ -106,10 +106,13 @@ class GPUProfile:
     def conv_rules(self) -> tuple[kernels.ConvRule, ...]:
         return kernels.conv_rules(self.conv_workspace_rules or self.conv_workspace_rule)
 
-    def conv_workspace(self, floor: bool = False, heaviest: bool = False) -> kernels.ConvWorkspace:
-        """Measured shapes, else the rules (floor: 0; heaviest: the heaviest rule set)."""
+    def conv_workspace(self, floor: bool = False, heaviest: bool = False, dtype: str = "fp16") -> kernels.ConvWorkspace:
+        """Measured shapes, else the rules (floor: 0; heaviest: the heaviest rule set).
+        The measured shapes are fp16 convolutions (kernels.MEASURED_CONV_DTYPE): a pipeline of
+        another dtype gets the rules' byte formulas alone (derived, DERIVATION.md "dtype")."""
         rules = kernels.conv_rules(kernels.HEAVIEST_CONV_RULE_SET) if heaviest else self.conv_rules
-        return kernels.ConvWorkspace(rules, self.conv_workspaces, floor=floor)
+        measured = self.conv_workspaces if dtype == kernels.MEASURED_CONV_DTYPE else None
+        return kernels.ConvWorkspace(rules, measured, floor=floor)
 
 
 # --- reading and writing profile files -------------------------------------------------------------

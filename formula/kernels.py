@@ -331,6 +331,11 @@ CONV_RULE_SETS["heaviest"] = _scaled(
     scale={(r"^vae\.", "input + output + weight"): "1.29", (r"^unet\.", "input + output + weight"): "1.52"},
     replace={(r"^vae\.decoder\.up_blocks\.2\.upsamplers\.0\.conv$", 2): "input * 5 // 2"})
 HEAVIEST_CONV_RULE_SET, NO_CONV_WORKSPACE = "heaviest", "none"
+# Every workspace above and every probed profile's per-shape workspace was measured on fp16
+# convolutions. The rules are byte formulas (input + output + weight bytes), so another dtype
+# scales them with its element size; that cuDNN picks the same engines for bf16 and for fp32
+# (TF32 on by default for convolutions: torch.backends.cudnn.allow_tf32) is derived, not measured.
+MEASURED_CONV_DTYPE = "fp16"
 
 
 @dataclass(frozen=True)
@@ -505,7 +510,8 @@ class NativeConv:
     term = NATIVE_COLUMNS
     floor = False
 
-    def __init__(self):
+    def __init__(self, itemsize: int = 2):
+        self.itemsize = itemsize            # the pipeline's dtype: the columns hold the input's
         self.used: set[str] = set()
 
     def __bool__(self) -> bool:
@@ -515,7 +521,7 @@ class NativeConv:
                  output_shape=None) -> int:
         self.used.add("native")
         out_hw = tuple(output_shape[2:]) if output_shape is not None else tuple(input_shape[2:])
-        return native_conv_columns(int(input_shape[1]), kernel, out_hw)
+        return native_conv_columns(int(input_shape[1]), kernel, out_hw, self.itemsize)
 
 
 # torch.backends.cudnn.benchmark = True (aten/src/ATen/native/cudnn/Conv_v8.cpp run_single_conv,
@@ -552,9 +558,9 @@ def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
     shapes, else its rules; floor: none; heaviest: the heaviest rule set). With
     cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
     if not getattr(options, "cudnn", True):
-        return NativeConv()
+        return NativeConv(options.itemsize)
     if not getattr(options, "cudnn_deterministic", False):
-        return profile.conv_workspace(floor=floor, heaviest=heaviest)
+        return profile.conv_workspace(floor=floor, heaviest=heaviest, dtype=options.dtype)
     rules = conv_rules(HEAVIEST_CONV_RULE_SET) if heaviest else profile.conv_rules
     return ConvWorkspace(rules, {}, floor=floor)
 
@@ -562,7 +568,7 @@ def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
 def no_conv_workspace(options):
     """The call with cuDNN's fallback engines everywhere (no workspace): max-size's floor. With
     cuDNN off the columns stay: PyTorch's native convolution has no engine to fall back to."""
-    return NativeConv() if not getattr(options, "cudnn", True) else ConvWorkspace()
+    return NativeConv(options.itemsize) if not getattr(options, "cudnn", True) else ConvWorkspace()
 
 # --- 5. xformers memory_efficient_attention (forward, no grad) ------------------------------------
 # pipe.enable_xformers_memory_efficient_attention() (DERIVATION.md, "xformers attention"): the

@@ -18,6 +18,10 @@ PIPELINES = ("img2img", "txt2img", "inpaint")
 INPAINT_UNETS = {"standard": 4, "inpainting": 9}
 # strength's default in each pipeline's __call__ (txt2img has none: every timestep runs)
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "txt2img": None}
+# The pipeline's torch_dtype: element size of weights and activations, torch's name for it.
+DTYPE_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+DTYPE_TORCH_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = tuple(DTYPE_ITEMSIZE)
 
 
 class InputError(ValueError):
@@ -56,6 +60,7 @@ class Options:
     mask_size: tuple | None = None       # inpaint: (height, width) of mask_image; must be the image's
     inpaint_unet: str = "standard"       # inpaint: INPAINT_UNETS
     padding_mask_crop: int | None = None # inpaint: pipe(padding_mask_crop=...) (host-side crop; needs output pil)
+    dtype: str = "fp16"                  # the pipeline's torch_dtype: fp16, bf16 or fp32
 
     def __post_init__(self):
         def need(cond, msg):
@@ -97,6 +102,9 @@ class Options:
         most = schedulers.get(self.scheduler).max_steps
         need(most is None or self.num_inference_steps <= most,
              f"scheduler {self.scheduler} takes at most {most} steps (num_train_timesteps), got {self.num_inference_steps}")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(not (self.attention == XFORMERS and self.dtype == "fp32"),
+             "attention xformers with dtype fp32 is not modelled (its live sets are written for 2-byte tensors)")
         need(self.unet_evaluations >= 1,
              f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails "
@@ -165,6 +173,11 @@ class Options:
     @property
     def decodes(self) -> bool:
         return self.output_type != "latent"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the pipeline's floating tensors."""
+        return DTYPE_ITEMSIZE[self.dtype]
 
     def to_dict(self) -> dict:
         return asdict(self)

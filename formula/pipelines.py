@@ -84,8 +84,8 @@ def text_encoder_txt2img(s: act.Shape, backend: str) -> list[act.Peak]:
     device and latents * init_noise_sigma (a new tensor; the noise dies at the rebinding)."""
     cands = act.text_encoder(s, backend)[:-1]             # the last one is img2img's image upload
     end = act.merge(act.prompt_state(s), act.Peak("prepare_latents: randn_tensor * init_noise_sigma"))
-    end.add("state", "randn latents", act.nbytes(s.n, 4, s.h, s.w))
-    end.add("state", "latents * init_noise_sigma", act.nbytes(s.n, 4, s.h, s.w))
+    end.add("state", "randn latents", s.bytes(s.n, 4, s.h, s.w))
+    end.add("state", "latents * init_noise_sigma", s.bytes(s.n, 4, s.h, s.w))
     return cands + [end]
 
 
@@ -109,15 +109,12 @@ def inpaint_state(s: act.Shape, o: Options) -> act.Peak:
     (interpolated to the latents' size on the host, uploaded, repeated n times and cat x2 with
     CFG) and masked_image_latents (likewise, 4 channels)."""
     p = act.Peak("inpaint state")
-    p.add("state", "noise (prepare_latents, return_noise)", act.nbytes(s.n, 4, s.h, s.w))
+    p.add("state", "noise (prepare_latents, return_noise)", s.bytes(s.n, 4, s.h, s.w))
     if o.unet_in_channels == 4:
-        p.add("state", "image_latents (repeat n)", act.nbytes(s.n, 4, s.h, s.w))
-    p.add("state", "mask (cat x2 with CFG)", act.nbytes(s.B, 1, s.h, s.w))
-    p.add("state", "masked_image_latents (cat x2 with CFG)", act.nbytes(s.B, 4, s.h, s.w))
+        p.add("state", "image_latents (repeat n)", s.bytes(s.n, 4, s.h, s.w))
+    p.add("state", "mask (cat x2 with CFG)", s.bytes(s.B, 1, s.h, s.w))
+    p.add("state", "masked_image_latents (cat x2 with CFG)", s.bytes(s.B, 4, s.h, s.w))
     return p
-
-
-LATENT_MODEL_INPUT = "latent_model_input (cat)"     # activations.unet's name for the UNet's input
 
 
 def _inpaint(stages: dict, s: act.Shape, o: Options) -> dict:
@@ -130,11 +127,11 @@ def _inpaint(stages: dict, s: act.Shape, o: Options) -> dict:
     masked_image_latents], dim=1): (B, 9, h, w) instead of (B, 4, h, w)."""
     held = inpaint_state(s, o)
     second_encode = act.Peak("second VAE encode: the first one's outputs")
-    second_encode.add("state", "latents, noise", act.nbytes(s.n, 4, s.h, s.w), 2)
+    second_encode.add("state", "latents, noise", s.bytes(s.n, 4, s.h, s.w), 2)
     if encodes_image(o) and o.unet_in_channels == 4:
-        second_encode.add("state", "image_latents (repeat n)", act.nbytes(s.n, 4, s.h, s.w))
+        second_encode.add("state", "image_latents (repeat n)", s.bytes(s.n, 4, s.h, s.w))
     mask = act.Peak("mask on the device")
-    mask.add("state", "mask (uploaded)", act.nbytes(1, 1, s.h, s.w))
+    mask.add("state", "mask (uploaded)", s.bytes(1, 1, s.h, s.w))
     out = {}
     for name, cands in stages.items():
         if name == "vae_encode":
@@ -143,8 +140,4 @@ def _inpaint(stages: dict, s: act.Shape, o: Options) -> dict:
             out[name] = cands
         else:
             out[name] = [act.merge(held, p) for p in cands]
-    if o.unet_in_channels != 4:
-        wide = act.nbytes(s.B, o.unet_in_channels, s.h, s.w)
-        for p in out["unet"]:
-            p.terms = [(c, t, wide if t == LATENT_MODEL_INPUT else b) for c, t, b in p.terms]
-    return out
+    return out   # the 9-channel UNet's wider input: activations.unet reads Shape.model.unet_in_channels

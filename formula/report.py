@@ -83,7 +83,7 @@ def weights_table() -> str:
 def terms(size: str, **options) -> str:
     W, H = (int(x) for x in size.lower().split("x"))
     o = Options(**options)
-    s = act.Shape(H=H - H % 8, W=W - W % 8, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
+    s = act.Shape(H=H - H % 8, W=W - W % 8, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg, dtype=o.dtype)
     out = []
     for stage, candidates in _stage_candidates(s, o, gpu_profiles.get(o.gpu)).items():
         peak = max(candidates, key=lambda p: p.total)

@@ -20,6 +20,7 @@ blocks the big maps leave cached.
 
 from __future__ import annotations
 
+from . import architecture as arch
 from .activations import FP16, conv_workspace, nbytes
 from .allocator import CachingAllocator, OutOfMemoryError
 
@@ -33,13 +34,14 @@ class Schedule:
     falls back to no workspace and names the convolution here. None: the OOM propagates.
     An OOM carries `operation`: the module and whether its output or workspace failed."""
 
-    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None):
+    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None, itemsize: int = FP16):
         self.alloc, self.ws, self.b, self.fallbacks = alloc, ws, batch, fallbacks  # ws: kernels.ConvWorkspace
+        self.itemsize = itemsize                     # the pipeline's dtype (weights and feature maps)
         self._blocks: dict[int, object] = {}
         self._next = 0
 
     def new(self, c: int, h: int, w: int, what: str = "") -> int:
-        return self._alloc(self.b * c * h * w * FP16, what or f"feature map ({self.b}, {c}, {h}, {w})")
+        return self._alloc(self.b * c * h * w * self.itemsize, what or f"feature map ({self.b}, {c}, {h}, {w})")
 
     def _alloc(self, size: int, what: str = "") -> int:
         t = self._next
@@ -62,7 +64,8 @@ class Schedule:
         oh, ow = out_hw or (h // stride, w // stride)
         op = module or f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
         y = self.new(c_out, oh, ow, f"{op}: output ({self.b}, {c_out}, {oh}, {ow})")
-        i, o, f = nbytes(self.b, c_in, h, w), nbytes(self.b, c_out, oh, ow), c_in * c_out * k * k * FP16
+        e = self.itemsize
+        i, o, f = nbytes(self.b, c_in, h, w, itemsize=e), nbytes(self.b, c_out, oh, ow, itemsize=e), c_in * c_out * k * k * e
         ws = conv_workspace(self.ws, module, k, (self.b, c_in, *(in_hw or (h, w))), i, o, f,
                             output_shape=(self.b, c_out, oh, ow))
         if ws:
@@ -96,12 +99,15 @@ class Schedule:
         return out
 
 
-def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256, 512, 512), layers: int = 2,
-                fallbacks: list | None = None) -> None:
-    """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks."""
-    s = Schedule(alloc, ws, 1, fallbacks)
+def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, fallbacks: list | None = None, itemsize: int = FP16,
+                model: arch.Spec | None = None) -> None:
+    """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks.
+    model: the architecture's channels and layers (default: the bundled SD1.5 config)."""
+    m = model or arch.spec()
+    channels, layers = m.vae_channels, m.vae_layers
+    s = Schedule(alloc, ws, 1, fallbacks, itemsize)
     h, w = H, W
-    sample = s.conv(None, 3, channels[0], 3, h, w, module="vae.encoder.conv_in")
+    sample = s.conv(None, m.vae_in_channels, channels[0], 3, h, w, module="vae.encoder.conv_in")
     c_prev = channels[0]
     for i, c in enumerate(channels[:2]):
         x = sample
@@ -111,7 +117,7 @@ def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256,
                 s.free(x)
             x = y
         if i == 0:
-            p = s._alloc(nbytes(1, c, h + 1, w + 1), f"F.pad (1, {c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
+            p = s._alloc(nbytes(1, c, h + 1, w + 1, itemsize=itemsize), f"F.pad (1, {c}, {h + 1}, {w + 1})")  # F.pad(x, (0, 1, 0, 1))
             y = s.conv(p, c, c, 3, h, w, stride=2, module=f"vae.encoder.down_blocks.{i}.downsamplers.0.conv",
                        in_hw=(h + 1, w + 1))
             s.free(p, x)
@@ -123,10 +129,13 @@ def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, channels=(128, 256,
     s.free(sample)
 
 
-def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, channels=(512, 512, 256, 128),
-                layers: int = 3, fallbacks: list | None = None) -> None:
-    """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image."""
-    s = Schedule(alloc, ws, b, fallbacks)
+def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: list | None = None,
+                itemsize: int = FP16, model: arch.Spec | None = None) -> None:
+    """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image (4 levels:
+    architecture.spec requires them); the decoder's blocks have layers_per_block + 1 resnets."""
+    m = model or arch.spec()
+    channels, layers = tuple(reversed(m.vae_channels)), m.vae_layers + 1
+    s = Schedule(alloc, ws, b, fallbacks, itemsize)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
     u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
@@ -152,7 +161,7 @@ def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, channels=(5
         c_prev = c
     n = s.new(c_prev, h, w)                            # conv_norm_out
     a = s.new(c_prev, h, w); s.free(n)                 # silu
-    out = s.conv(a, c_prev, 3, 3, h, w, module="vae.decoder.conv_out"); s.free(a, sample)
+    out = s.conv(a, c_prev, m.vae_out_channels, 3, h, w, module="vae.decoder.conv_out"); s.free(a, sample)
     s.free(out)
 
 
@@ -195,15 +204,17 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) 
     return out
 
 
-def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
-         channels=(320, 640, 1280, 1280), layers: int = 2, fallbacks: list | None = None,
-         in_channels: int = 4) -> None:
-    """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i).
+def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws, fallbacks: list | None = None,
+         itemsize: int = FP16, model: arch.Spec | None = None) -> None:
+    """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i), one per block.
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
-    tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet."""
-    s = Schedule(alloc, ws, B, fallbacks)
-    sample = s.conv(None, in_channels, channels[0], 3, *levels[0], module="unet.conv_in")  # 9: inpainting UNet
+    tensors (VAE tiling); otherwise the encoder's cached blocks hold the whole UNet.
+    model: channels, layers, which blocks have transformers, conv_in/conv_out channels."""
+    m = model or arch.spec()
+    channels, layers, last = m.unet_channels, m.unet_layers, len(m.unet_channels) - 1
+    s = Schedule(alloc, ws, B, fallbacks, itemsize)
+    sample = s.conv(None, m.unet_in_channels, channels[0], 3, *levels[0], module="unet.conv_in")
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]
     for i, c in enumerate(channels):
@@ -211,23 +222,24 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
         x = sample
         for j in range(layers):
             y = _unet_resnet(s, x, c_prev if j == 0 else c, c, h, w, f"unet.down_blocks.{i}.resnets.{j}")
-            if i < 3:
+            if m.unet_down_attention[i]:
                 z = _unet_transformer(s, y, c, h, w, f"unet.down_blocks.{i}.attentions.{j}")
                 s.free(y)
                 y = z
             skips.append((y, c))
             x = y
-        if i < 3:
+        if i < last:
             x = s.conv(x, c, c, 3, h, w, out_hw=levels[i + 1], module=f"unet.down_blocks.{i}.downsamplers.0.conv")
             skips.append((x, c))
         sample = x
         c_prev = c
-    h, w = levels[3]
-    x = _unet_resnet(s, sample, channels[3], channels[3], h, w, "unet.mid_block.resnets.0")
-    y = _unet_transformer(s, x, channels[3], h, w, "unet.mid_block.attentions.0"); s.free(x)
-    sample = _unet_resnet(s, y, channels[3], channels[3], h, w, "unet.mid_block.resnets.1"); s.free(y)
+    h, w = levels[last]
+    top = channels[last]
+    x = _unet_resnet(s, sample, top, top, h, w, "unet.mid_block.resnets.0")
+    y = _unet_transformer(s, x, top, h, w, "unet.mid_block.attentions.0"); s.free(x)
+    sample = _unet_resnet(s, y, top, top, h, w, "unet.mid_block.resnets.1"); s.free(y)
     for i, c in enumerate(reversed(channels)):
-        lvl = 3 - i
+        lvl = last - i
         h, w = levels[lvl]
         res, skips = skips[-(layers + 1):], skips[:-(layers + 1)]
         x = sample
@@ -237,7 +249,7 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
             if j > 0:
                 s.free(x)
             y = _unet_resnet(s, cat, c_in, c, h, w, f"unet.up_blocks.{i}.resnets.{j}"); s.free(cat)
-            if i > 0:
+            if m.unet_up_attention[i]:
                 z = _unet_transformer(s, y, c, h, w, f"unet.up_blocks.{i}.attentions.{j}"); s.free(y)
                 y = z
             x = y
@@ -253,19 +265,21 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws,
     n = s.new(channels[0], *levels[0])                   # conv_norm_out
     s.free(sample)
     a = s.new(channels[0], *levels[0]); s.free(n)        # conv_act
-    out = s.conv(a, channels[0], 4, 3, *levels[0], module="unet.conv_out")
+    out = s.conv(a, channels[0], m.unet_out_channels, 3, *levels[0], module="unet.conv_out")
     s.free(a, *(t for t, _ in reversed(res)), out)       # forward returns
 
 
-def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, c: int = 512, layers: int = 3,
-                        fallbacks: list | None = None) -> None:
+def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: list | None = None,
+                        itemsize: int = FP16, model: arch.Spec | None = None) -> None:
     """Decoder.forward before vae_decoder's part: conv_in, the mid block and up_blocks[0] at
-    H/8, up_blocks[1]'s resnets at H/4, all 512 channels. After the VAE encoder these maps fit
-    in its cached blocks and need no replay; with nothing big cached (txt2img: no encoder ran)
-    they open their own segments (DERIVATION.md, "Pipelines")."""
-    s = Schedule(alloc, ws, b, fallbacks)
+    H/8, up_blocks[1]'s resnets at H/4, all at the deepest channels (SD1.5: 512). After the VAE
+    encoder these maps fit in its cached blocks and need no replay; with nothing big cached
+    (txt2img: no encoder ran) they open their own segments (DERIVATION.md, "Pipelines")."""
+    m = model or arch.spec()
+    c, layers = m.vae_channels[-1], m.vae_layers + 1
+    s = Schedule(alloc, ws, b, fallbacks, itemsize)
     h, w = H // 8, W // 8
-    sample = s.conv(None, 4, c, 3, h, w, module="vae.decoder.conv_in")
+    sample = s.conv(None, m.latent_channels, c, 3, h, w, module="vae.decoder.conv_in")
     x = s.resnet(sample, c, c, h, w, "vae.decoder.mid_block.resnets.0"); s.free(sample)
     n = s.new(c, h, w)                                   # group_norm
     q, k, v = s.new(c, h, w), s.new(c, h, w), s.new(c, h, w); s.free(n)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Literal, Protocol, TypedDict
 
+from sd_vram.formula.options import DTYPE_TORCH_NAME
+
 from .archive import gpu_slug
 from .checks import QUANTITIES
 from .environment import env_vars, versions
@@ -117,7 +119,8 @@ class FakeBackend:
         self._capacity = self._full_capacity if capacity is None else min(capacity, self._full_capacity)
 
     def _model(self, case, height, width) -> dict:
-        """A crude size model: weights, plus per-pixel VAE and UNet costs, plus math attention's N^2."""
+        """A crude size model: weights, plus per-pixel VAE and UNet costs, plus math attention's N^2,
+        each scaled by the pipeline's element size (fp32: twice fp16's)."""
         o = case.opts
         if o.pipeline == "inpaint":    # the call runs at pipe(height, width), not at the image's size
             height, width = o.pipe_height or 512, o.pipe_width or 512
@@ -136,7 +139,7 @@ class FakeBackend:
             stages["vae_decode"] = weights + vae_decode
             if o.safety_checker:
                 stages["safety_checker"] = weights + 120_000_000 + px * 6
-        return stages
+        return {k: v * o.itemsize // 2 for k, v in stages.items()}
 
     def measure(self, case, image=None, around_call=None, size=None) -> Measurement:
         t0 = time.perf_counter()
@@ -151,7 +154,7 @@ class FakeBackend:
              "resident_allocated_bytes": stages["setup"]["allocated_bytes"] - 10_000_000,
              "resident_reserved_bytes": stages["setup"]["reserved_bytes"] - 10_000_000,
              "capacity_bytes": self._capacity, "context_bytes_before": 600 << 20,
-             "sdpa": [{"stage": "unet", "query": [2, 8, 64, 40], "key": [2, 8, 64, 40], "dtype": "torch.float16",
+             "sdpa": [{"stage": "unet", "query": [2, 8, 64, 40], "key": [2, 8, 64, 40], "dtype": f"torch.{DTYPE_TORCH_NAME[case.opts.dtype]}",
                        "mask": None, "backend": "MATH" if case.opts.attention == "math" else "CUDNN_ATTENTION",
                        "calls": 16 * case.unet_evals}],
              "num_alloc_retries": 0, "num_ooms": 0, "unet_evals": case.unet_evals,

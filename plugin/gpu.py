@@ -2,10 +2,11 @@
 
 Per process: NVML baseline of every device before the first CUDA call (NvmlMonitor), then
 CUDA init and the hardware constants (context, cuBLAS workspace, cuDNN handles), the
-pipeline built once with random fp16 weights drawn on the GPU (or the user's model), and a
-warm-up under each attention backend so lazily loaded kernels are resident before the
-first measured call. Each case then runs the real fp16 call with per-stage peaks from the
-caching allocator and NVML sampled by a background thread.
+pipeline built with random weights drawn on the GPU (or the user's model) in the first case's
+dtype, and a warm-up under each attention backend so lazily loaded kernels are resident before
+the first measured call. Each case then runs the real call with per-stage peaks from the
+caching allocator and NVML sampled by a background thread; a case of another dtype
+(Options.dtype) first rebuilds the pipeline in that dtype (use_dtype).
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ class CudaBackend:
         self.device = device
         self.monitor = monitor or NvmlMonitor()
         self.model = model
-        self.dtype = dtype or torch.float16     # fp16 is what the equation predicts; tests on CPU use fp32
+        self.dtype = dtype or torch.float16     # the first build's; a case of another dtype rebuilds (use_dtype)
         self.hardware: dict = {}
         self.warmup: list[dict] = []
         self.xformers: str | None = None        # its version, once an xformers case enabled it
@@ -333,7 +334,8 @@ class CudaBackend:
                 "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
                 "fp16_bf16_reduction_math_sdp_allowed")},
             "nvml_memory_v2": mon.base["v2"] is not None,
-            "env": env_vars(), "gpu": dict(self.gpu), "model": self.model or "bundled SD1.5 config, random fp16 weights",
+            "env": env_vars(), "gpu": dict(self.gpu),
+            "model": self.model or f"bundled SD1.5 config, random {self.dtype_name} weights",
         }
 
     def _nvml_over_reserved(self) -> int | None:
@@ -360,22 +362,59 @@ class CudaBackend:
         gc.collect()
         cuda.synchronize()
         cuda.empty_cache()
-        self.hardware["weights_allocated_bytes"] = cuda.memory_allocated() - self.hardware["allocated_after_probes_bytes"]
-        self.hardware["resident_allocated_bytes"] = cuda.memory_allocated()
+        weights = cuda.memory_allocated() - self.hardware["allocated_after_probes_bytes"]
+        if "weights_allocated_bytes" not in self.hardware:     # the first build's, as before dtypes
+            self.hardware["weights_allocated_bytes"] = weights
+            self.hardware["resident_allocated_bytes"] = cuda.memory_allocated()
+        self.hardware.setdefault("weights_allocated_bytes_by_dtype", {})[self.dtype_name] = weights
 
-    def _warmup(self):
-        """Tiny calls under each backend: kernels load lazily (CUDA_MODULE_LOADING=LAZY) on first use."""
+    @property
+    def dtype_name(self) -> str:
+        """The pipeline's dtype as Options.dtype names it (fp16, bf16, fp32)."""
+        from sd_vram.formula.options import DTYPE_TORCH_NAME
+
+        torch_name = str(self.dtype).removeprefix("torch.")
+        return next(k for k, v in DTYPE_TORCH_NAME.items() if v == torch_name)
+
+    def use_dtype(self, name: str) -> None:
+        """Rebuild the pipeline in dtype `name` (Options.dtype) unless it is built in it: the old
+        pipeline's weights are freed and their segments released first, so the new weights pack
+        from the probes' state as the first build's did (simulation/resident.py replays that),
+        then the warm-up loads that dtype's kernels."""
+        from sd_vram.models import torch_dtype
+
+        dtype = torch_dtype(name)
+        if dtype == self.dtype:
+            return
+        self.pipe = self._checker = None
+        self._unet_procs = self._vae_procs = None
+        self.__dict__.pop("_derived", None)     # from_pipe pipelines of the old one (_pipeline)
+        gc.unfreeze()
+        gc.collect()
+        self.torch.cuda.empty_cache()
+        self.dtype = dtype
+        self._build(self.model)
+        self._warmup(keep=True)
+        gc.collect()
+        gc.freeze()
+
+    def _warmup(self, keep: bool = False):
+        """Tiny calls under each backend: kernels load lazily (CUDA_MODULE_LOADING=LAZY) on first use.
+        In the pipeline's dtype; keep: add to the earlier warm-ups (a rebuild in another dtype)."""
         base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
                 "attention_slicing": None, "vae_slicing": False, "vae_tiling": False, "safety_checker": True,
-                "output_type": "pil"}
-        self.warmup = []
+                "output_type": "pil", "dtype": self.dtype_name}
+        if not keep:
+            self.warmup = []
         try:
             xformers_version()
-            xformers = ("xformers",)   # the kernels its ops pick load on first use too
+            # the kernels its ops pick load on first use too (xformers is modelled for 2-byte dtypes)
+            xformers = ("xformers",) if self.dtype_name != "fp32" else ()
         except XformersUnavailable:
             xformers = ()
         for attention in ("auto", "efficient", "math") + xformers:
-            case = Case(name=f"warmup-{attention}-64x64", width=64, height=64, prompt="warm-up",
+            suffix = "" if self.dtype_name == "fp16" else f"-{self.dtype_name}"
+            case = Case(name=f"warmup-{attention}-64x64{suffix}", width=64, height=64, prompt="warm-up",
                         options={**base, "attention": attention})
             from .cases import synthetic_image
 
@@ -505,6 +544,7 @@ class CudaBackend:
         m: dict = {"status": "ok", "error": None}
         unet_swap = contextlib.ExitStack()
         try:
+            self.use_dtype(case.opts.dtype)
             self._configure(case.opts)
             pipe = self._pipeline(case.opts)
             unet_swap.enter_context(self._unet_for(case.opts))

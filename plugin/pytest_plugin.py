@@ -139,11 +139,15 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=drop)
         items[:] = [i for i in items if i not in drop]
     if gpu:
-        # Cheap first: a time budget or an out-of-memory crash costs the least.
+        # Cheap first: a time budget or an out-of-memory crash costs the least. Each dtype's
+        # cases together, fp16 first: a change of dtype rebuilds the pipeline (gpu.py use_dtype).
         def key(item):
             cs = getattr(item, "callspec", None)
             case = cs and (cs.params.get("sd_case") or cs.params.get("sd_full_case"))
-            return (1, case.cost) if case is not None else (0, 0)
+            if case is None:
+                return (0, False, "", 0)
+            dtype = case.options.get("dtype", "fp16")
+            return (1, dtype != "fp16", dtype, case.cost)
         items.sort(key=key)
 
 

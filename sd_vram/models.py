@@ -27,39 +27,42 @@ def _strip(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def build_unet():
+# Each builder takes a config of sd15.json's layout (default: the bundled one), so a model of a
+# modified architecture is a config change (the equation reads the same config:
+# sd_vram.formula.architecture.spec).
+def build_unet(config: dict | None = None):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**_strip(sd15_config()["unet"]))
+    return UNet2DConditionModel(**_strip((config or sd15_config())["unet"]))
 
 
-def build_vae():
+def build_vae(config: dict | None = None):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**_strip(sd15_config()["vae"]))
+    return AutoencoderKL(**_strip((config or sd15_config())["vae"]))
 
 
-def build_text_encoder():
+def build_text_encoder(config: dict | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(**sd15_config()["text_encoder"]))
+    return CLIPTextModel(CLIPTextConfig(**(config or sd15_config())["text_encoder"]))
 
 
-def build_safety_checker():
+def build_safety_checker(config: dict | None = None):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
-    cfg = sd15_config()["safety_checker"]
+    cfg = (config or sd15_config())["safety_checker"]
     return StableDiffusionSafetyChecker(
         CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
                    projection_dim=cfg["projection_dim"])
     )
 
 
-def build_scheduler():
+def build_scheduler(config: dict | None = None):
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler.from_config(sd15_config()["scheduler"])
+    return PNDMScheduler.from_config((config or sd15_config())["scheduler"])
 
 
 # diffusers exposes LMSDiscreteScheduler as a dummy that raises without scipy; its module still
@@ -82,10 +85,10 @@ def switch_scheduler(scheduler, name: str):
     return scheduler_class(name).from_config(scheduler.config)
 
 
-def build_feature_extractor():
+def build_feature_extractor(config: dict | None = None):
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(**sd15_config()["feature_extractor"])
+    return CLIPImageProcessor(**(config or sd15_config())["feature_extractor"])
 
 
 def build_tokenizer():
@@ -116,22 +119,31 @@ def quiet_libraries():
         dlog.set_verbosity(levels[1])
 
 
-def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0):
-    """StableDiffusionImg2ImgPipeline from the bundled config with random weights.
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an Options.dtype name (fp16, bf16, fp32)."""
+    from sd_vram.formula.options import DTYPE_TORCH_NAME
+
+    return getattr(torch, DTYPE_TORCH_NAME[name])
+
+
+def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0,
+                   config: dict | None = None):
+    """StableDiffusionImg2ImgPipeline from the bundled config (or `config`, of its layout)
+    with random weights.
 
     device="meta" builds without memory (for the simulation, which moves it to fake CUDA);
-    a CUDA device gets random fp16 weights drawn on the GPU itself (fast, no host copy).
+    a CUDA device gets random weights drawn on the GPU itself (fast, no host copy).
     """
     with quiet_libraries():
-        return _build_pipeline(device, dtype, safety_checker, seed)
+        return _build_pipeline(device, dtype, safety_checker, seed, config)
 
 
-def _build_pipeline(device, dtype, safety_checker: bool, seed: int):
+def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     with torch.device("meta"):
-        unet, vae, text_encoder = build_unet(), build_vae(), build_text_encoder()
-        checker = build_safety_checker() if safety_checker else None
+        unet, vae, text_encoder = build_unet(config), build_vae(config), build_text_encoder(config)
+        checker = build_safety_checker(config) if safety_checker else None
     # The order pipe.to("cuda") moves a loaded pipeline's models in (sorted component names:
     # safety_checker, text_encoder, unet, vae), so the weights pack into allocator segments
     # as they do with real weights.
@@ -147,8 +159,8 @@ def _build_pipeline(device, dtype, safety_checker: bool, seed: int):
         m.eval().requires_grad_(False)
     return StableDiffusionImg2ImgPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
-        scheduler=build_scheduler(), safety_checker=checker,
-        feature_extractor=build_feature_extractor(), requires_safety_checker=safety_checker,
+        scheduler=build_scheduler(config), safety_checker=checker,
+        feature_extractor=build_feature_extractor(config), requires_safety_checker=safety_checker,
     )
 
 

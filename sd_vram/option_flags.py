@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from sd_vram.formula.options import ATTENTION_BACKENDS, INPAINT_UNETS, OUTPUT_TYPES, PIPELINES, InputError, Options
+from sd_vram.formula.options import ATTENTION_BACKENDS, DTYPES, INPAINT_UNETS, OUTPUT_TYPES, PIPELINES, InputError, Options
 from sd_vram.formula.schedulers import NAMES as SCHEDULER_NAMES
 
 GROUP_TITLE = "pipeline options (defaults are diffusers')"
@@ -146,6 +146,10 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "to read it from (default standard); derived, not measured on a GPU", {"type": inpaint_unet, "metavar": "{standard,inpainting,DIR}"}),
         OptionFlag("padding_mask_crop", "--padding-mask-crop", "inpaint: pipe(padding_mask_crop=N): crop to the "
                    "mask's region, on the host (needs --output-type pil)", {"type": int, "metavar": "N"}),
+        OptionFlag("dtype", "--dtype",
+                   "the pipeline's torch_dtype (default fp16). bf16 keeps fp16's sizes; fp32 doubles weights and "
+                   "activations. Convolution workspaces and SDPA backends outside fp16 are derived, not measured on "
+                   "a GPU", {"choices": DTYPES}),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

@@ -73,6 +73,8 @@ def options_line(o: Options) -> str:
         parts.append(f"scheduler {o.scheduler} ({plural(o.unet_evaluations, 'UNet evaluation')})")
     if o.alloc_conf or o.expandable_segments:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
+    if o.dtype != "fp16":
+        parts.append(f"dtype {o.dtype}")
     return ", ".join(parts)
 
 

@@ -34,7 +34,7 @@ __all__ = ["simulate", "SimResult", "StageSim", "LiveTensor", "GPUProfile", "DEF
 
 def simulate(height: int | None = None, width: int | None = None, prompt: str | None = None, prompt_length: int | None = None,
              *, profile: GPUProfile | None = None, steps="auto", history=(), vram: int | None = None,
-             **options) -> SimResult:
+             architecture: dict | None = None, **options) -> SimResult:
     """Simulate one img2img call on an image of height x width pixels (pipeline="txt2img":
     the output's size; "inpaint": the image's, the call at options height/width, as
     sd_vram.formula.estimate reads them).
@@ -49,6 +49,8 @@ def simulate(height: int | None = None, width: int | None = None, prompt: str | 
     "+safety_checker") after a case without the safety checker (resident.resident_setup).
     vram: the card's memory in bytes: the replay runs under vram less the profile's CUDA
     context, with PyTorch's OOM path (SimResult.fallbacks, num_alloc_retries, oom).
+    architecture: a config of formula/data/sd15.json's layout to build the models from
+    (default: that file), as the equation's estimate(architecture=...) takes it.
     The call starts from the state the GPU suite measures from: cuBLAS/cuBLASLt workspaces
     kept from its probes, the weights as sd_vram.models.build_pipeline("cuda") allocates them.
     """
@@ -71,7 +73,8 @@ def simulate(height: int | None = None, width: int | None = None, prompt: str | 
     from .result import build_result
 
     recorder, start, end, info = simulate_events(h, w, prompt, prompt_length, options=opts,
-                                                 profile=prof, steps=steps, history=tuple(history))
+                                                 profile=prof, steps=steps, history=tuple(history),
+                                                 architecture=architecture)
     capacity = None if vram is None else vram - prof.cuda_context
     return build_result(recorder, start, end, info, height=h, width=w, options=opts, profile=prof,
                         expandable_segments=opts.expandable_segments, capacity=capacity)

@@ -44,7 +44,7 @@ from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, s
 from .pipelines import call_inputs, host_scalars, mask_substitute, pipeline_for
 from .profile import get_profile
 from .recorder import MemoryRecorder
-from .resident import WeightSwap, load_weights, meta_pipeline, module_order, resident_setup
+from .resident import WeightSwap, config_json, load_weights, meta_pipeline, module_order, resident_setup
 from .sdpa import SDPAPatcher, patched_sdpa
 
 STEADY_STATE_EVALS = schedulers.steady_state_evals("pndm")   # 6: PNDM's ets holds 4 from evaluation 6
@@ -161,15 +161,17 @@ def run_call(pipe, recorder: MemoryRecorder, *, height: int, width: int, prompt:
 
 
 def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *, options,
-                    profile: GPUProfile, steps="auto", history=(), memo_unet: bool = True):
+                    profile: GPUProfile, steps="auto", history=(), memo_unet: bool = True,
+                    architecture: dict | None = None):
     """Run the fake CUDA call from the GPU suite's resident state (resident_setup); return
-    (recorder, start, end, info)."""
+    (recorder, start, end, info). architecture: the config the models are built from
+    (default: the bundled sd15.json)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     # the suite builds the pipeline with its safety checker and sets it to None for a case
     # without one; a history that unloads it needs the model built too
     built_with_checker = bool(options.safety_checker) or any(h == "-safety_checker" for h in history)
-    pipe = meta_pipeline(built_with_checker)
+    pipe = meta_pipeline(built_with_checker, options.dtype, config_json(architecture))
     max_evals = None if steps == "full" else (steady_state_evals(options) if steps == "auto" else int(steps))
     recorder = MemoryRecorder("cuda")
     recorder.name_modules({n: m for n, m in module_order(pipe)})

@@ -16,6 +16,7 @@ Imports torch and the recorder (recorder.py); the caller chooses the device and 
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import torch
@@ -25,12 +26,20 @@ from sd_vram.formula.gpu_profiles import GPUProfile
 from .recorder import MemoryRecorder
 
 
-@lru_cache(maxsize=2)
-def meta_pipeline(safety_checker: bool = True):
-    """The pipeline on the meta device (built once per process: diffusers' init is slow)."""
-    from sd_vram.models import build_pipeline
+def config_json(architecture: dict | None) -> str | None:
+    """The hashable form meta_pipeline takes a config in (None: the bundled sd15.json)."""
+    return None if architecture is None else json.dumps(architecture, sort_keys=True)
 
-    pipe = build_pipeline("meta", safety_checker=safety_checker)
+
+@lru_cache(maxsize=4)
+def meta_pipeline(safety_checker: bool = True, dtype: str = "fp16", config: str | None = None):
+    """The pipeline on the meta device in the case's dtype (Options.dtype), from `config`
+    (config_json of a config of sd15.json's layout; None: the bundled one), built once per
+    process and arguments: diffusers' init is slow."""
+    from sd_vram.models import build_pipeline, torch_dtype
+
+    pipe = build_pipeline("meta", dtype=torch_dtype(dtype), safety_checker=safety_checker,
+                          config=None if config is None else json.loads(config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -82,7 +91,7 @@ def load_weights(pipe, recorder: MemoryRecorder, device: str, swap: WeightSwap,
     """Allocate every parameter and buffer on `device` as sd_vram.models.build_pipeline does.
 
     Per model, in module_order: ``to_empty`` allocates each tensor in nn.Module._apply order
-    (fp16 directly: the models were cast on the meta device), then ``_randomize`` copies
+    (in the pipeline's dtype directly: the models were cast on the meta device), then ``_randomize`` copies
     ``torch.arange(n)`` into the int64 position_ids, a temporary of n x 8 bytes allocated and
     freed on the device. ``from_pretrained(torch_dtype=fp16).to("cuda")`` allocates the same
     tensors in the same order, without the temporaries.

@@ -160,7 +160,7 @@ def test_each_flag_sets_its_field(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(equation, "estimate", lambda h, w, **kw: (seen.update(kw), fake_estimate(h, w, **kw))[1])
     values = {"attention": "math", "output_type": "latent", "attention_slicing": "max", "gpu": "h200",
-              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5", "scheduler": "euler",
+              "alloc_conf": "max_split_size_mb:128", "guidance_scale": "3", "strength": "0.5", "scheduler": "euler", "dtype": "fp32",
               "pipeline": "txt2img", "pipe_height": "64", "pipe_width": "64", "mask_size": "64x64", "inpaint_unet": "inpainting"}
     # a pipeline's own options are given with that pipeline (and inpaint's with its mask): alone, on img2img,
     # they are an error

@@ -63,7 +63,8 @@ def test_images_per_prompt_scale_unet_and_decode():
     # the peak moves to up_blocks[3].resnets[0].conv1, whose live set doubles exactly.
     assert "up_blocks.3.resnets.0.conv1" in two.stages["vae_decode"].operation
     from sd_vram.formula import activations as act
-    conv1 = {n: act.vae_decode_conv1(n, 512, 512, "nchw_transpose").total for n in (1, 2)}
+    shape = act.Shape(H=512, W=512, n=1, B=2, cfg=True)
+    conv1 = {n: act.vae_decode_conv1(shape, n, 512, 512, "nchw_transpose").total for n in (1, 2)}
     assert conv1[2] == 2 * conv1[1] - 128 * 256 * 9 * 2  # the filter's copy is per call, not per image
 
 

@@ -203,7 +203,7 @@ def test_predictions_get_the_case_inputs(suite, calls):
                       "num_images_per_prompt": 1, "strength": 0.8, "num_inference_steps": 5, "attention": "auto",
                       "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
                       "safety_checker": True, "output_type": "pil", "expandable_segments": False, "alloc_conf": "",
-                      "scheduler": "pndm",
+                      "scheduler": "pndm", "dtype": "fp16",
                       "pipeline": "img2img", "pipe_height": None, "pipe_width": None, "mask_size": None,
                       "inpaint_unet": "standard", "padding_mask_crop": None}]
 

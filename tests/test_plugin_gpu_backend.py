@@ -109,7 +109,7 @@ def fake_gpu(monkeypatch):
 def _case(name, **opts):
     base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
             "attention": "auto", "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
-            "safety_checker": True, "output_type": "pil"}
+            "safety_checker": True, "output_type": "pil", "dtype": "fp32"}   # the backend's (fp32 on CPUs)
     return Case(name=name, width=64, height=48, prompt="a cat", options={**base, **opts})
 
 
@@ -186,6 +186,14 @@ def test_cuda_backend_code_path_on_cpu(fake_gpu):
             assert b.pipe.scheduler.last_sample is None
     assert b.measure(_case("h"), synthetic_image(64, 48, "h"))["status"] == "ok" and b.pipe.scheduler is pndm
     assert b.capacity() == 70_000 * MiB + fake_gpu.allocated + 20 * MiB
+
+    # A case of another dtype runs on the pipeline rebuilt in it, warmed up in it.
+    m = b.measure(_case("h", dtype="bf16"), synthetic_image(64, 48, "h"))
+    assert m["status"] == "ok", m["error"]
+    assert b.pipe.unet.dtype == b.pipe.vae.dtype == b.pipe.safety_checker.dtype == torch.bfloat16
+    assert {e["dtype"] for e in m["sdpa"]} == {"torch.bfloat16"}
+    assert [w["case"] for w in b.warmup][-3:] == [f"warmup-{a}-64x64-bf16" for a in ("auto", "efficient", "math")]
+    assert set(b.hardware["weights_allocated_bytes_by_dtype"]) == {"fp32", "bf16"}
     b.close()
 
 
