@@ -469,3 +469,79 @@ def postprocess(s: Shape) -> Peak:
     if s.n > 1:
         p.add("state", "denormalized images waiting for stack", nbytes(1, 3, s.H, s.W), s.n - 1)
     return p
+
+
+# --- LoRA adapters (unfused) -----------------------------------------------------------------
+
+def lora_linear_temporaries(rows: int, out_features: int) -> Peak:
+    """What an unfused peft lora.Linear holds beside its base output (peft tuners/lora/layer.py
+    Linear.forward: result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling,
+    dropout Identity at lora_dropout 0): at the `* scaling` lora_B's output and the product,
+    at the sum the product and the new result, each (rows, out_features); lora_A's (rows, r)
+    output is gone by then."""
+    p = Peak("LoRA")
+    p.add("activations", "LoRA: lora_B(lora_A(x)) or the new result", nbytes(rows, out_features))
+    p.add("activations", "LoRA: lora_B(...) * scaling", nbytes(rows, out_features))
+    return p
+
+
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_unet_attention(s: Shape, targets: frozenset) -> list[Peak]:
+    """The UNet's attention at level 0 (N = h*w tokens) with unfused LoRA on `targets`: at the
+    last targeted projection of attn1 (self-attention) and of attn2 (cross-attention; its
+    to_k/to_v see the 77 text tokens) the tensors of AttnProcessor2_0.__call__ made so far
+    (query, key, value stay alive until it returns) and the adapter's temporaries. Never above
+    the feed-forward's live set (unet()), but a candidate like the others."""
+    h, w = s.level(0)
+    N, B, C = h * w, s.B, UNET_C0
+    last = [t for t in _PROJECTIONS if t in targets]
+    if not last:
+        return []
+    last = last[-1]
+    base = Peak("up_blocks.3.attentions.0")
+    base.add("state", "latent_model_input (cat)", nbytes(B, 4, h, w))
+    base.add("state", "time embedding emb", nbytes(B, 4 * C))
+    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", nbytes(B, C, h, w), 3)
+    base.add("activations", "up_blocks.3 input (up_blocks.2 upsampler conv)", nbytes(B, 2 * C, h, w))
+    base.add("activations", "resnets.0 output (transformer residual)", nbytes(B, C, h, w))
+    base.add("activations", "proj_in output", nbytes(B, C, h, w))
+    peaks = []
+    for attn, kv in (("attn1", N), ("attn2", TOKENS)):
+        p = merge(base, Peak(f"transformer_blocks.0.{attn}.{last} (unfused LoRA)"))
+        if attn == "attn1":
+            p.add("activations", "norm1 output", nbytes(B, N, C))
+        else:
+            p.add("activations", "attn1 output, hidden_states after its residual", nbytes(B, N, C), 2)
+            p.add("activations", "norm2 output", nbytes(B, N, C))
+        made = _PROJECTIONS[:_PROJECTIONS.index(last) + 1]
+        for proj in made[:3]:
+            p.add("activations", f"{proj} output", nbytes(B, N if proj == "to_q" else kv, C))
+        if last == "to_out.0":
+            p.add("activations", "sdpa output", nbytes(B, N, C))
+        rows = B * (N if last in ("to_q", "to_out.0") else kv)
+        peaks.append(merge(p, lora_linear_temporaries(rows, C), operation=p.operation))
+    return peaks
+
+
+def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
+    """CLIPAttention (batch 1, 77 tokens) with unfused LoRA, at its last targeted projection
+    (q_proj, k_proj, v_proj, out_proj in the order CLIPAttention.forward calls them): the
+    residual stream and layer_norm1's output held by the caller, the projections made, the
+    attention output before out_proj, and the adapter's temporaries."""
+    order = ("q_proj", "k_proj", "v_proj", "out_proj")
+    last = [t for t in order if t in targets]
+    if not last:
+        return []
+    last = last[-1]
+    t, d = CLIP_TEXT["tokens"], CLIP_TEXT["d"]
+    p = Peak(f"text_encoder self_attn.{last} (unfused LoRA)")
+    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
+        p.add("state", "prompt_embeds (repeat)", nbytes(s.n, TOKENS, TEXT_DIM))
+    p.add("activations", "residual stream, layer_norm1 output", nbytes(1, t, d), 2)
+    made = order[:order.index(last) + 1]
+    p.add("activations", "projections made", nbytes(1, t, d), min(len(made), 3))
+    if last == "out_proj":
+        p.add("activations", "attention output", nbytes(1, t, d))
+    return [merge(p, lora_linear_temporaries(t, d), operation=p.operation)]

@@ -37,24 +37,30 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30):
-    """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
-    order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
-    workspace, the allocator state)."""
+              total_memory: int = 80 << 30, lora: tuple[int, ...] = ()):
+    """The allocator after pipe.to("cuda"), pipe.load_lora_weights (`lora`: the adapter
+    tensors' bytes in the order they reach the GPU, lora.Lora.tensors) and the first matmul:
+    weights in pipe.to()'s order, the adapters, then the cuBLAS and cuBLASLt workspaces.
+    Returns (allocated bytes per model and workspace, the allocator state)."""
     alloc = CachingAllocator(total_memory=total_memory, conf=conf)
     out = {}
     for name in ORDER:
         if name == "safety_checker" and not safety_checker:
             continue
         out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size for _, shape, item in arch.MODELS[name]())
+    if lora:
+        # fuse_lora's temporaries (B @ A, * scaling) are freed before the call: the GPU suite
+        # then empties the cache, as it does before every case (DERIVATION.md, "LoRA adapters")
+        out["lora_weights"] = sum(alloc.malloc(size).size for size in lora)
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
 
 
 def _resident_of(o: Options, profile):
     """_resident for this call's options and GPU profile."""
+    lora = tuple(prod(shape) * item for _, shape, item in o.adapters.tensors()) if o.adapters else ()
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory)
+                     o.allocator, profile.total_memory, lora)
 
 
 def weights(safety_checker: bool = True) -> dict[str, int]:
@@ -114,6 +120,10 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
         "unet": [act.merge(prompt, latents, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
+    if o.adapters and not o.lora_fused:   # fused: the base layers alone run (peft: merged)
+        stages["text_encoder"] += act.lora_text_attention(s, o.adapters.targets("text_encoder"))
+        stages["unet"] += [act.merge(prompt, latents, p)
+                           for p in act.lora_unet_attention(s, o.adapters.targets("unet"))]
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)
                                 for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling, ws)]
@@ -302,6 +312,8 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom) -> Boundar
     alloc = CachingAllocator(total_memory=profile.total_memory, capacity=capacity, conf=o.allocator, limit=limit)
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker for name, shape, item in arch.MODELS[model]()]
+    tensors += [("setup", f"pipe.load_lora_weights: {name}", prod(shape) * item)
+                for name, shape, item in (o.adapters.tensors() if o.adapters else ())]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:

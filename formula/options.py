@@ -35,6 +35,8 @@ class Options:
     gpu: str = "default"                 # GPU profile: a name (probed, then bundled) or a file; gpu_profiles.py
     expandable_segments: bool = False    # shorthand: alloc_conf + ",expandable_segments:True"
     alloc_conf: str = ""                 # PYTORCH_CUDA_ALLOC_CONF, parsed as PyTorch does (allocconf.py)
+    lora: str | None = None              # pipe.load_lora_weights(...): "RANK[:TARGETS]" or a .safetensors file (lora.py)
+    lora_fused: bool = False             # then pipe.fuse_lora()
 
     def __post_init__(self):
         def need(cond, msg):
@@ -65,6 +67,13 @@ class Options:
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        object.__setattr__(self, "_lora", None)
+        need(isinstance(self.lora_fused, bool), f"lora_fused must be True or False, got {self.lora_fused!r}")
+        if self.lora is not None:
+            from .lora import parse   # here: lora.py imports this module
+
+            object.__setattr__(self, "_lora", parse(self.lora))
+        need(self.lora is not None or not self.lora_fused, "lora_fused needs a LoRA (lora=RANK[:TARGETS] or a file)")
         need(self.unet_evaluations >= 1,
              f"strength {self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails (use strength 1 or at least 2 steps)")
@@ -77,6 +86,11 @@ class Options:
     def allocator(self) -> allocconf.AllocConf:
         """The caching allocator's settings: alloc_conf, with the expandable_segments shorthand."""
         return self._conf
+
+    @property
+    def adapters(self):
+        """The LoRA adapters (lora.Lora) of the lora option, or None."""
+        return self._lora
 
     @property
     def cfg(self) -> bool:

@@ -32,6 +32,7 @@ import torch
 from sd_vram.formula.gpu_profiles import GPUProfile
 
 from .kernel_hooks import kernel_allocations
+from .lora import loaded_lora
 from .memo import ForwardMemo
 from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, set_safety_thresholds
 from .profile import get_profile
@@ -156,6 +157,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
                 if options.safety_checker:
                     raise ValueError("the history leaves the safety checker off the device")
                 es.enter_context(patch_attr(pipe, "safety_checker", None, use_dict=True))
+            es.enter_context(loaded_lora(pipe, recorder, options))
             start, end, info = run_call(pipe, recorder, height=height, width=width,
                                         prompt=_prompt_for(prompt, prompt_length), options=options,
                                         device_type="cuda", profile=profile, fake=True,
