@@ -378,6 +378,36 @@ class CudaBackend:
         if opts.attention_slicing is not None:
             pipe.enable_attention_slicing(opts.attention_slicing)
 
+    # --- LoRA (--lora): a synthetic adapter of the case's rank and targets -----------------------
+    def cannot_run(self, case) -> str | None:
+        """Why this backend cannot run `case` (the session skips it), or None."""
+        return lora_unavailable(case.opts)
+
+    def _configure_lora(self, opts):
+        """pipe.load_lora_weights of random fp16 CPU tensors shaped as opts.adapters (a file's
+        header or RANK[:TARGETS]: formula/lora.py; nothing is downloaded), then fuse_lora
+        with lora_fused, as a user loads a LoRA file onto the pipeline on the GPU. measure()
+        unloads it after the call."""
+        if opts.adapters is None:
+            return
+        torch = self.torch
+        gen = torch.Generator().manual_seed(0)
+        state_dict = {key: (torch.randn(shape, generator=gen) * 0.01).to(torch.float16)
+                      for key, shape in opts.adapters.state_dict_shapes().items()}
+        self.pipe.load_lora_weights(state_dict)
+        self._lora_fused = bool(opts.lora_fused)
+        if opts.lora_fused:
+            self.pipe.fuse_lora()
+        del state_dict
+
+    def _unload_lora(self):
+        if getattr(self, "_lora_fused", None) is None:
+            return
+        if self._lora_fused:
+            self.pipe.unfuse_lora()       # the base weights as they were
+        self.pipe.unload_lora_weights()
+        self._lora_fused = None
+
     def _reset_scheduler(self):
         # PNDM keeps its last noise predictions after a call; a fresh call starts without them.
         s = self.pipe.scheduler
@@ -397,7 +427,9 @@ class CudaBackend:
         m: dict = {"status": "ok", "error": None}
         try:
             self._configure(case.opts)
+            self._configure_lora(case.opts)
         except Exception as e:
+            self._unload_lora()
             m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
             return m
         self._reset_scheduler()
@@ -488,6 +520,9 @@ class CudaBackend:
             if key in stats1:
                 m[key] = stats1[key] - stats0.get(key, 0)
         m["allocated_after_bytes"] = cuda.memory_allocated()
+        self._unload_lora()
+        gc.collect()
+        cuda.empty_cache()
         return m
 
     def close(self):
@@ -495,6 +530,17 @@ class CudaBackend:
         gc.unfreeze()
         gc.collect()
         self.torch.cuda.empty_cache()
+
+
+def lora_unavailable(opts) -> str | None:
+    """A LoRA case needs peft (diffusers' load_lora_weights: require_peft_backend)."""
+    if opts.adapters is None:
+        return None
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        return f"--lora needs peft, which does not import here ({e}); install sd-vram[sim]"
+    return None
 
 
 def _try(fn):

@@ -44,6 +44,7 @@ def table(rows: list[list[str]], header: list[str], right: set[int] = frozenset(
 LABELS = {
     "weights_unet": "UNet weights", "weights_vae": "VAE weights", "weights_text_encoder": "text encoder weights",
     "weights_safety_checker": "safety checker weights", "cublas_workspace": "cuBLAS workspace",
+    "lora_weights": "LoRA adapter weights",
     "cudnn_workspace": "cuDNN workspace", "state": "state between stages (latents, embeddings, noise)",
 }
 
@@ -64,6 +65,8 @@ def options_line(o: Options) -> str:
         parts.append("VAE tiling")
     parts.append("safety checker" if o.safety_checker else "no safety checker")
     parts.append(f"output {o.output_type}")
+    if o.adapters:
+        parts.append(f"LoRA {o.adapters.source}" + (" (fused)" if o.lora_fused else ""))
     if o.alloc_conf or o.expandable_segments:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     return ", ".join(parts)
