@@ -27,8 +27,10 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPAttention
 DEFAULT_TARGETS = UNET_TARGETS                             # train_text_to_image_lora.py's default
 TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
 # load_lora_weights puts the UNet's adapters on the GPU first (load_lora_into_unet, then
-# load_lora_into_text_encoder); the state dict's prefixes, and each model's module-path prefix
-# that architecture.py leaves out (CLIPTextModel's modules live under text_model.)
+# load_lora_into_text_encoder); the state dict's prefixes, and the module-path prefix of the
+# text encoder's keys in LoRA files (transformers 4's CLIPTextModel kept its modules under
+# text_model.; transformers 5's has none and its load_adapter maps the old keys). Read with
+# or without it.
 MODELS = ("unet", "text_encoder")
 MODULE_PREFIX = {"unet": "", "text_encoder": "text_model."}
 

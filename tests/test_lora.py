@@ -1,0 +1,196 @@
+"""--lora (pipe.load_lora_weights, peft) and --lora-fused: the adapter tensors against peft's own
+injection, a LoRA file's header against the safetensors library, the equation against the
+simulation (which loads the adapters through the real diffusers/peft code), and bad values."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+
+from sd_vram import cli
+from sd_vram.formula import estimate
+from sd_vram.formula import lora as lora_mod
+from sd_vram.formula.options import InputError, Options
+
+ALL_TARGETS = "to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj"
+
+
+def _write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata=None):
+    """A .safetensors file by the format's rule (8-byte LE length, JSON header, zero data)."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        size = {"F16": 2, "F32": 4}[dtype]
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(offset))
+    return path
+
+
+# --- the adapter tensors -----------------------------------------------------------------------
+
+def test_adapters_are_what_peft_injects():
+    """Names, order and bytes of every adapter tensor against peft's inject_adapter_in_model on
+    the bundled SD1.5 models (meta device, fp16): to the byte."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sd_vram.simulation.resident import meta_pipeline
+
+    pipe = meta_pipeline(False)
+    spec = Options(lora=f"8:{ALL_TARGETS}").adapters
+    for model in ("unet", "text_encoder"):
+        m = copy.deepcopy(getattr(pipe, model))
+        targets = sorted(lora_mod.TARGETS[model])
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=targets), m)
+        # transformers 5's CLIPTextModel has no text_model. level (4's had)
+        got = [(n.replace(".default", "").removeprefix("text_model."), tuple(p.shape), p.element_size() * p.numel())
+               for n, p in m.named_parameters() if "lora_" in n]
+        want = [(n, shape, 2 * shape[0] * shape[1]) for a in spec.adapters if a.model == model
+                for n, shape, _ in a.tensors()]
+        assert got == want
+        assert all(p.dtype == getattr(pipe, model).dtype for n, p in m.named_parameters() if "lora_" in n)
+    # rank 8 on the UNet's attention projections: 8 x (in + out) per projection
+    unet_bytes = sum(2 * a.rank * (a.in_features + a.out_features) for a in spec.adapters if a.model == "unet")
+    assert unet_bytes == 2 * 8 * 199_296
+
+
+def test_rank_scales_the_adapter_bytes():
+    def numel(spec):
+        return sum(s[0] * s[1] for _, s, _ in Options(lora=spec).adapters.tensors())
+
+    assert numel("32") == 2 * numel("16") == 4 * numel("8")
+    assert numel("16:to_q,to_k,to_v,to_out.0") == numel("16")      # the default targets
+    both = numel(f"16:{ALL_TARGETS}")
+    assert both == numel("16") + numel("16:q_proj,k_proj,v_proj,out_proj")
+
+
+def test_resident_weights_are_the_adapters_blocks():
+    base, with_lora = estimate(512, 512, gpu="h200"), estimate(512, 512, gpu="h200", lora="16")
+    adapters = with_lora.breakdown["lora_weights"]
+    tensors = Options(lora="16").adapters.tensors()
+    assert adapters == sum(-(-2 * s[0] * s[1] // 512) * 512 for _, s, _ in tensors)   # 512-B blocks
+    assert with_lora.peak_allocated - base.peak_allocated == adapters   # attention-only: never at the peak
+    fused = estimate(512, 512, gpu="h200", lora="16", lora_fused=True)
+    assert fused.breakdown["lora_weights"] == adapters                 # fuse_lora keeps the adapters
+
+
+def test_unfused_temporaries_only_inside_the_projections():
+    """Unfused, each wrapped projection holds two output-sized temporaries while it runs; the
+    UNet's candidates gain them at attention, which never passes the feed-forward's live set."""
+    from sd_vram.formula import activations as act
+
+    s = act.Shape(H=512, W=512, n=1, B=2, cfg=True)
+    ff = max(p.total for p in act.unet(s, "flash"))
+    for targets in (frozenset({"to_q"}), frozenset(lora_mod.UNET_TARGETS)):
+        for p in act.lora_unet_attention(s, targets):
+            assert 0 < p.total < ff
+    assert act.lora_unet_attention(s, frozenset()) == []
+    t = act.lora_linear_temporaries(4096, 320)
+    assert t.total == 2 * act.nbytes(4096, 320)
+
+
+# --- a LoRA file's header ----------------------------------------------------------------------
+
+def test_file_header_matches_safetensors_and_the_rank_form(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch = pytest.importorskip("torch")
+    shapes = Options(lora="4:to_q,to_out.0,q_proj").adapters.state_dict_shapes()
+    path = tmp_path / "lora.safetensors"
+    safetensors.save_file({k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}, str(path),
+                          metadata={"format": "pt"})
+    header = lora_mod.read_safetensors_header(str(path))
+    with safetensors.safe_open(str(path), "pt") as f:
+        assert {k: tuple(header[k]["shape"]) for k in f.keys()} == {k: tuple(f.get_slice(k).get_shape())
+                                                                    for k in f.keys()}
+    from_file, from_rank = Options(lora=str(path)).adapters, Options(lora="4:to_q,to_out.0,q_proj").adapters
+    assert from_file.adapters == from_rank.adapters           # fp32 in the file: fp16 on the GPU
+
+
+def test_file_diffusers_keys_and_mixed_ranks(tmp_path):
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    te = "text_encoder.text_model.encoder.layers.3.self_attn.v_proj"
+    path = _write_safetensors(tmp_path / "old.safetensors", {
+        f"{q}.lora.down.weight": ("F16", (4, 320)), f"{q}.lora.up.weight": ("F16", (320, 4)),
+        f"{k}.lora_A.weight": ("F32", (8, 768)), f"{k}.lora_B.weight": ("F32", (1280, 8)), f"{k}.alpha": ("F32", ()),
+        f"{te}.lora_linear_layer.down.weight": ("F16", (2, 768)), f"{te}.lora_linear_layer.up.weight": ("F16", (768, 2)),
+    })
+    spec = Options(lora=str(path)).adapters
+    assert [(a.model, a.target, a.rank) for a in spec.adapters] == [("unet", "to_q", 4), ("unet", "to_k", 8),
+                                                                     ("text_encoder", "v_proj", 2)]
+    assert spec.ranks == (2, 4, 8)
+
+
+# --- bad values --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,words", [
+    ("0", "positive integer"), ("-4", "positive integer"), ("16:to_x", "unknown LoRA target"),
+    ("16:ff.net.2", "modelled targets"), ("", "RANK[:TARGETS]"), ("no/such/file.safetensors", "cannot read"),
+])
+def test_bad_lora_values_give_one_line(value, words):
+    with pytest.raises(InputError) as e:
+        Options(lora=value)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_lora_files_give_one_line(tmp_path):
+    kohya = _write_safetensors(tmp_path / "kohya.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": ("F16", (4, 320))})
+    ff = _write_safetensors(tmp_path / "ff.safetensors", {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_A.weight": ("F16", (4, 1280)),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_B.weight": ("F16", (320, 4))})
+    shape = _write_safetensors(tmp_path / "shape.safetensors", {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": ("F16", (4, 640)),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": ("F16", (320, 4))})
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    for path, words in ((kohya, "kohya keys"), (ff, "not modelled"), (shape, "not (r, 320)"),
+                        (garbage, "not safetensors JSON"), (short, "too short"), (tmp_path, "cannot read")):
+        with pytest.raises(InputError) as e:
+            Options(lora=str(path))
+        assert words in str(e.value) and "\n" not in str(e.value), (path, e.value)
+
+
+def test_lora_fused_needs_a_lora_and_the_cli_says_so_in_one_line(capsys):
+    with pytest.raises(InputError, match="lora_fused needs a LoRA"):
+        Options(lora_fused=True)
+    assert cli.main(["estimate", "64x64", "--lora", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "positive integer" in err
+    assert cli.main(["estimate", "64x64", "--lora", "16", "--lora-fused", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["options"]["lora_fused"] is True
+
+
+# --- the equation against the simulation -------------------------------------------------------
+
+@pytest.mark.parametrize("height,width,options", [
+    (96, 64, {"lora": f"16:{ALL_TARGETS}"}),
+    (160, 128, {"lora": "8", "lora_fused": True}),
+], ids=["unfused-96x64-unet+text", "fused-160x128"])
+def test_equation_matches_simulation_with_lora(height, width, options):
+    pytest.importorskip("peft")
+    from sd_vram.formula.equation import _resident_of
+    from sd_vram.formula.gpu_profiles import get
+    from sd_vram.simulation import simulate
+
+    opts = {"gpu": "h200", "num_inference_steps": 5, **options}
+    e = estimate(height, width, prompt_length=20, **opts)
+    sim = simulate(height, width, prompt_length=20, **opts)
+    # resident: the simulation loaded the adapters through load_lora_weights (and fuse_lora)
+    parts, _ = _resident_of(Options(**opts), get("h200"))
+    assert sim.resident_allocated == sum(parts.values())
+    msg = (f"equation {e.peak_allocated:,} / {e.peak_reserved:,} at {e.peak_stage}; simulation "
+           f"{sim.peak_allocated:,} / {sim.peak_reserved:,} at {sim.peak_stage} ({sim.peak_operator})")
+    assert abs(e.peak_allocated - sim.peak_allocated) / sim.peak_allocated <= 0.01, msg
+    assert abs(e.peak_reserved - sim.peak_reserved) / sim.peak_reserved <= 0.03, msg
+    assert e.peak_stage == sim.peak_stage, msg
