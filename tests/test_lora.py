@@ -194,3 +194,47 @@ def test_equation_matches_simulation_with_lora(height, width, options):
     assert abs(e.peak_allocated - sim.peak_allocated) / sim.peak_allocated <= 0.01, msg
     assert abs(e.peak_reserved - sim.peak_reserved) / sim.peak_reserved <= 0.03, msg
     assert e.peak_stage == sim.peak_stage, msg
+
+
+# --- the GPU backend ---------------------------------------------------------------------------
+
+def test_gpu_backend_loads_the_cases_lora_and_unloads_it(monkeypatch):
+    """plugin/gpu.py's LoRA steps around a measured call, on a stand-in pipeline: a CPU fp16
+    state dict of the case's shapes, fuse with lora_fused, then unfuse and unload; a case
+    without peft is skipped with the reason."""
+    torch = pytest.importorskip("torch")
+    from sd_vram.plugin import gpu
+
+    calls = []
+
+    class Pipe:
+        def load_lora_weights(self, sd):
+            calls.append(("load", {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in sd.items()}))
+
+        def fuse_lora(self):
+            calls.append(("fuse",))
+
+        def unfuse_lora(self):
+            calls.append(("unfuse",))
+
+        def unload_lora_weights(self):
+            calls.append(("unload",))
+
+    b = object.__new__(gpu.CudaBackend)
+    b.torch, b.pipe = torch, Pipe()
+    for fused in (True, False):
+        calls.clear()
+        opts = Options(lora="4:to_q,q_proj", lora_fused=fused)
+        b._configure_lora(opts)
+        b._unload_lora()
+        b._unload_lora()                     # nothing loaded: nothing to do
+        want = {k: (s, torch.float16, "cpu") for k, s in opts.adapters.state_dict_shapes().items()}
+        assert calls == [("load", want)] + ([("fuse",), ("unfuse",)] if fused else []) + [("unload",)]
+    calls.clear()
+    b._configure_lora(Options())
+    b._unload_lora()
+    assert calls == []
+    assert gpu.lora_unavailable(Options()) is None
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)   # import peft raises ImportError
+    reason = gpu.lora_unavailable(Options(lora="16"))
+    assert reason and "peft" in reason and "\n" not in reason
