@@ -170,6 +170,8 @@ def from_file(path: str) -> Lora:
                              "(peft lora_A/lora_B keys)")
         if key.endswith(".alpha") or "dora_scale" in key:   # a scalar; diffusers drops dora_scale
             continue
+        if not isinstance(info, dict):
+            raise InputError(f"LoRA file {path}: the header is not safetensors JSON")
         model = next((m for m in MODELS if key.startswith(m + ".")), None)
         end = next((e for e in _DOWN + _UP if key.endswith(e)), None)
         if model is None or end is None:

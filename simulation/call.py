@@ -183,6 +183,8 @@ def record_call(height: int, width: int, *, device_type: str = "cuda", fake: boo
     from sd_vram.formula.options import Options
 
     options = options or Options()
+    if options.adapters is not None:   # loaded_lora works on the fake device only
+        raise ValueError("record_call does not load LoRA adapters (simulate does)")
     pipe = meta_pipeline(bool(options.safety_checker))
     recorder = MemoryRecorder(device_type, shadows=fake)
     recorder.name_modules({n: m for n, m in module_order(pipe)})
