@@ -520,6 +520,7 @@ def lora_unet_attention(s: Shape, targets: frozenset) -> list[Peak]:
             p.add("activations", f"{proj} output", nbytes(B, N if proj == "to_q" else kv, C))
         if last == "to_out.0":
             p.add("activations", "sdpa output", nbytes(B, N, C))
+            p.add("activations", "to_out.0 output (base layer)", nbytes(B, N, C))
         rows = B * (N if last in ("to_q", "to_out.0") else kv)
         peaks.append(merge(p, lora_linear_temporaries(rows, C), operation=p.operation))
     return peaks
@@ -543,5 +544,5 @@ def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
     made = order[:order.index(last) + 1]
     p.add("activations", "projections made", nbytes(1, t, d), min(len(made), 3))
     if last == "out_proj":
-        p.add("activations", "attention output", nbytes(1, t, d))
+        p.add("activations", "attention output, out_proj output (base layer)", nbytes(1, t, d), 2)
     return [merge(p, lora_linear_temporaries(t, d), operation=p.operation)]

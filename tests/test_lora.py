@@ -194,6 +194,36 @@ def test_equation_matches_simulation_with_lora(height, width, options):
     assert abs(e.peak_allocated - sim.peak_allocated) / sim.peak_allocated <= 0.01, msg
     assert abs(e.peak_reserved - sim.peak_reserved) / sim.peak_reserved <= 0.03, msg
     assert e.peak_stage == sim.peak_stage, msg
+    if not opts.get("lora_fused"):
+        _check_unfused_candidates(sim, Options(**opts), height, width, sum(parts.values()))
+
+
+def _check_unfused_candidates(sim, o, height, width, resident):
+    """Each unfused-LoRA candidate live set against the simulation's highest allocated level in
+    the first run of that attention module's events (peft's lora_A/lora_B modules are unnamed:
+    "Linear"), within 1 % of the candidate's working set."""
+    from sd_vram.formula import activations as act
+    from sd_vram.formula.equation import _stage_candidates
+    from sd_vram.formula.gpu_profiles import get
+
+    ev, level = sim.events, sim.allocated_series
+    s = act.Shape(H=height, W=width, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
+    cands = _stage_candidates(s, o, get("h200"))
+    block = "unet.up_blocks.3.attentions.0.transformer_blocks.0"
+    checked = 0
+    for stage, module in (("unet", f"{block}.attn1"), ("unet", f"{block}.attn2"),
+                          ("text_encoder", "text_encoder.encoder.layers.1.self_attn")):
+        first = next(i for i, e in enumerate(ev) if i >= sim.call_start and e.module.startswith(module))
+        last = first
+        while ev[last + 1].module.startswith(module) or ev[last + 1].module == "Linear":
+            last += 1
+        name = module.rsplit(".", 1)[-1]
+        for p in cands[stage]:
+            if "unfused LoRA" in p.operation and f"{name}." in p.operation:
+                simulated = max(level[first:last + 1]) - resident
+                assert abs(p.total - simulated) <= 0.01 * simulated, (p.operation, p.total, simulated)
+                checked += 1
+    assert checked == 3
 
 
 # --- the GPU backend ---------------------------------------------------------------------------
