@@ -199,7 +199,8 @@ def test_predictions_get_the_case_inputs(suite, calls):
     assert calls == [{"height": 64, "width": 64, "prompt": "a cat", "guidance_scale": 5.0,
                       "num_images_per_prompt": 1, "strength": 0.8, "num_inference_steps": 5, "attention": "auto",
                       "attention_slicing": None, "vae_slicing": False, "vae_tiling": False,
-                      "safety_checker": True, "output_type": "pil", "expandable_segments": False, "alloc_conf": ""}]
+                      "safety_checker": True, "output_type": "pil", "expandable_segments": False, "alloc_conf": "",
+                      "lora": None, "lora_fused": False}]
 
 
 def test_archive_is_written_with_its_schema(suite, calls):
