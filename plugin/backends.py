@@ -67,11 +67,6 @@ class Backend(Protocol):
     hardware: dict             # the archive's "hardware": per-process constants measured once
     warmup: list[dict]         # the archive's "warmup": the calls run before the first case
 
-    def cannot_run(self, case) -> str | None:
-        from .gpu import lora_unavailable   # pure Python: no torch import
-
-        return lora_unavailable(case.opts)
-
     def capacity(self) -> int | None:
         """Bytes the caching allocator could reserve now (free device memory + reserved)."""
 
