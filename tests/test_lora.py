@@ -268,3 +268,18 @@ def test_gpu_backend_loads_the_cases_lora_and_unloads_it(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)   # import peft raises ImportError
     reason = gpu.lora_unavailable(Options(lora="16"))
     assert reason and "peft" in reason and "\n" not in reason
+
+
+def test_a_budget_can_run_out_while_the_adapters_load():
+    """Under --vram, the adapters are allocated after the weights: a card with room for the
+    weights but not a large adapter fails in load_lora_weights, naming the tensor."""
+    from sd_vram.formula.equation import _resident_of
+    from sd_vram.formula.gpu_profiles import get
+
+    profile = get("h200")
+    parts, _ = _resident_of(Options(), profile)
+    vram = profile.cuda_context + sum(parts.values()) + (100 << 20)
+    assert estimate(64, 64, gpu="h200", vram=vram).boundary.verdict != "oom"
+    big = estimate(64, 64, gpu="h200", lora="512", vram=vram).boundary        # 204 MB of UNet adapters
+    assert big.verdict == "oom" and big.oom.stage == "setup"
+    assert big.oom.operation.startswith("pipe.load_lora_weights: ") and big.oom.operation.endswith(".weight")
