@@ -625,3 +625,83 @@ def xformers_self_attention(held: Peak, op: XformersOp, batch: int, heads: int, 
     out.add("activations", "memory_efficient_attention output", nbytes(bh, tokens, 1, head_dim))
     out.add("activations", "batch_to_head_dim copy", nbytes(batch, tokens, heads * head_dim))
     return [kernel, out]
+
+
+# --- LoRA adapters (unfused) -----------------------------------------------------------------
+
+def lora_linear_temporaries(s: Shape, rows: int, out_features: int) -> Peak:
+    """What an unfused peft lora.Linear holds beside its base output (peft tuners/lora/layer.py
+    Linear.forward: result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling,
+    dropout Identity at lora_dropout 0): at the `* scaling` lora_B's output and the product,
+    at the sum the product and the new result, each (rows, out_features); lora_A's (rows, r)
+    output is gone by then."""
+    p = Peak("LoRA")
+    p.add("activations", "LoRA: lora_B(lora_A(x)) or the new result", s.bytes(rows, out_features))
+    p.add("activations", "LoRA: lora_B(...) * scaling", s.bytes(rows, out_features))
+    return p
+
+
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_unet_attention(s: Shape, targets: frozenset) -> list[Peak]:
+    """The UNet's attention at level 0 (N = h*w tokens) with unfused LoRA on `targets`: at the
+    last targeted projection of attn1 (self-attention) and of attn2 (cross-attention; its
+    to_k/to_v see the 77 text tokens) the tensors of AttnProcessor2_0.__call__ made so far
+    (query, key, value stay alive until it returns) and the adapter's temporaries. Never above
+    the feed-forward's live set (unet()), but a candidate like the others."""
+    m = s.model
+    h, w = s.level(0)
+    N, B, C, up = h * w, s.B, m.unet_channels[0], len(m.unet_channels) - 1
+    last = [t for t in _PROJECTIONS if t in targets]
+    if not last:
+        return []
+    last = last[-1]
+    base = Peak(f"up_blocks.{up}.attentions.0")
+    base.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
+    base.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
+    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
+             m.unet_layers + 1)
+    base.add("activations", f"up_blocks.{up} input (up_blocks.{up - 1} upsampler conv)",
+             s.bytes(B, m.unet_channels[1], h, w))
+    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
+    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
+    peaks = []
+    for attn, kv in (("attn1", N), ("attn2", m.text_tokens)):
+        p = merge(base, Peak(f"transformer_blocks.0.{attn}.{last} (unfused LoRA)"))
+        if attn == "attn1":
+            p.add("activations", "norm1 output", s.bytes(B, N, C))
+        else:
+            p.add("activations", "attn1 output, hidden_states after its residual", s.bytes(B, N, C), 2)
+            p.add("activations", "norm2 output", s.bytes(B, N, C))
+        made = _PROJECTIONS[:_PROJECTIONS.index(last) + 1]
+        for proj in made[:3]:
+            p.add("activations", f"{proj} output", s.bytes(B, N if proj == "to_q" else kv, C))
+        if last == "to_out.0":
+            p.add("activations", "sdpa output", s.bytes(B, N, C))
+            p.add("activations", "to_out.0 output (base layer)", s.bytes(B, N, C))
+        rows = B * (N if last in ("to_q", "to_out.0") else kv)
+        peaks.append(merge(p, lora_linear_temporaries(s, rows, C), operation=p.operation))
+    return peaks
+
+
+def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
+    """CLIPAttention (batch 1, 77 tokens) with unfused LoRA, at its last targeted projection
+    (q_proj, k_proj, v_proj, out_proj in the order CLIPAttention.forward calls them): the
+    residual stream and layer_norm1's output held by the caller, the projections made, the
+    attention output before out_proj, and the adapter's temporaries."""
+    order = ("q_proj", "k_proj", "v_proj", "out_proj")
+    last = [t for t in order if t in targets]
+    if not last:
+        return []
+    last = last[-1]
+    t, d = s.model.text_tokens, s.model.text_dim
+    p = Peak(f"text_encoder self_attn.{last} (unfused LoRA)")
+    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
+        p.add("state", "prompt_embeds (repeat)", s.bytes(s.n, t, d))
+    p.add("activations", "residual stream, layer_norm1 output", s.bytes(1, t, d), 2)
+    made = order[:order.index(last) + 1]
+    p.add("activations", "projections made", s.bytes(1, t, d), min(len(made), 3))
+    if last == "out_proj":
+        p.add("activations", "attention output, out_proj output (base layer)", s.bytes(1, t, d), 2)
+    return [merge(p, lora_linear_temporaries(s, t, d), operation=p.operation)]

@@ -33,10 +33,12 @@ ORDER = ["safety_checker", "text_encoder", "unet", "vae"]  # pipe.to("cuda"): so
 
 @lru_cache(maxsize=None)
 def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf = NATIVE,
-              total_memory: int = 80 << 30, itemsize: int = arch.FP16, model: arch.Spec | None = None):
-    """The allocator after pipe.to("cuda") and the first matmul: weights in pipe.to()'s
-    order, then the cuBLAS and cuBLASLt workspaces. Returns (allocated bytes per model and
-    workspace, the allocator state)."""
+              total_memory: int = 80 << 30, itemsize: int = arch.FP16, model: arch.Spec | None = None,
+              lora: tuple[int, ...] = ()):
+    """The allocator after pipe.to("cuda"), pipe.load_lora_weights (`lora`: the adapter
+    tensors' bytes in the order they reach the GPU, lora.Lora.tensors) and the first matmul:
+    weights in pipe.to()'s order, the adapters, then the cuBLAS and cuBLASLt workspaces.
+    Returns (allocated bytes per model and workspace, the allocator state)."""
     alloc = CachingAllocator(total_memory=total_memory, conf=conf)
     out = {}
     for name in ORDER:
@@ -44,14 +46,24 @@ def _resident(safety_checker: bool, cublas: int, cublaslt: int, conf: AllocConf 
             continue
         out[f"weights_{name}"] = sum(alloc.malloc(prod(shape) * item).size
                                      for _, shape, item in arch.in_dtype(arch.model_tensors(name, model), itemsize))
+    if lora:
+        # fuse_lora's temporaries (B @ A, * scaling) are freed before the call: the GPU suite
+        # then empties the cache, as it does before every case (DERIVATION.md, "LoRA adapters")
+        out["lora_weights"] = sum(alloc.malloc(size).size for size in lora)
     out["cublas_workspace"] = alloc.malloc(cublas).size + (alloc.malloc(cublaslt).size if cublaslt else 0)
     return out, alloc.snapshot()  # resident blocks are never freed
 
 
+def _lora_tensors(o: Options) -> list:
+    """The adapter tensors as pipe.load_lora_weights puts them on the GPU (lora.py)."""
+    return o.adapters.tensors() if o.adapters else []
+
+
 def _resident_of(o: Options, profile, model: arch.Spec | None = None):
     """_resident for this call's options, GPU profile and architecture (Shape.model)."""
+    lora = tuple(prod(shape) * item for _, shape, item in _lora_tensors(o))
     return _resident(o.safety_checker, profile.cublas_workspace_bytes, profile.cublaslt_workspace_bytes,
-                     o.allocator, profile.total_memory, o.itemsize, model)
+                     o.allocator, profile.total_memory, o.itemsize, model, lora)
 
 
 def weights(safety_checker: bool = True, dtype: str = "fp16") -> dict[str, int]:
@@ -124,6 +136,10 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
         "vae_encode": [act.merge(prompt, p) for p in act.vae_encode(s, be["vae"], o.vae_tiling, ws)],
         "unet": [act.merge(prompt, in_unet, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
+    if o.adapters and not o.lora_fused:   # fused: the base layers alone run (peft: merged)
+        stages["text_encoder"] += act.lora_text_attention(s, o.adapters.targets("text_encoder"))
+        stages["unet"] += [act.merge(prompt, latents, p)
+                           for p in act.lora_unet_attention(s, o.adapters.targets("unet"))]
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)
                                 for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling, ws)]
@@ -337,6 +353,8 @@ def _loading_oom(o: Options, profile, capacity: int, limit: str, oom, spec: arch
     tensors = [("setup", f"pipe.to('cuda'): {model} {name}", prod(shape) * item) for model in ORDER
                if model != "safety_checker" or o.safety_checker
                for name, shape, item in arch.in_dtype(arch.model_tensors(model, spec), o.itemsize)]
+    tensors += [("setup", f"pipe.load_lora_weights: {name}", prod(shape) * item)
+                for name, shape, item in _lora_tensors(o)]
     tensors += [("text_encoder", f"the first matmul: {what} workspace", size) for what, size in
                 (("cuBLAS", profile.cublas_workspace_bytes), ("cuBLASLt", profile.cublaslt_workspace_bytes)) if size]
     for stage, what, size in tensors:

@@ -61,6 +61,8 @@ class Options:
     inpaint_unet: str = "standard"       # inpaint: INPAINT_UNETS
     padding_mask_crop: int | None = None # inpaint: pipe(padding_mask_crop=...) (host-side crop; needs output pil)
     dtype: str = "fp16"                  # the pipeline's torch_dtype: fp16, bf16 or fp32
+    lora: str | None = None              # pipe.load_lora_weights(...): "RANK[:TARGETS]" or a .safetensors file (lora.py)
+    lora_fused: bool = False             # then pipe.fuse_lora()
 
     def __post_init__(self):
         def need(cond, msg):
@@ -105,6 +107,15 @@ class Options:
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(not (self.attention == XFORMERS and self.dtype == "fp32"),
              "attention xformers with dtype fp32 is not modelled (its live sets are written for 2-byte tensors)")
+        object.__setattr__(self, "_lora", None)
+        need(isinstance(self.lora_fused, bool), f"lora_fused must be True or False, got {self.lora_fused!r}")
+        if self.lora is not None:
+            from .lora import parse   # here: lora.py imports this module
+
+            object.__setattr__(self, "_lora", parse(self.lora))
+        need(self.lora is not None or not self.lora_fused, "lora_fused needs a LoRA (lora=RANK[:TARGETS] or a file)")
+        need(self.lora is None or self.dtype == "fp16",
+             f"a LoRA with dtype {self.dtype} is not modelled (the adapters are derived for fp16 pipelines)")
         need(self.unet_evaluations >= 1,
              f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails "
@@ -160,6 +171,11 @@ class Options:
     def allocator(self) -> allocconf.AllocConf:
         """The caching allocator's settings: alloc_conf, with the expandable_segments shorthand."""
         return self._conf
+
+    @property
+    def adapters(self):
+        """The LoRA adapters (lora.Lora) of the lora option, or None."""
+        return self._lora
 
     @property
     def cfg(self) -> bool:

@@ -526,6 +526,36 @@ class CudaBackend:
             return {"image": image, "mask_image": synthetic_mask(*image.size)}
         return {"image": image}
 
+    # --- LoRA (--lora): a synthetic adapter of the case's rank and targets -----------------------
+    def cannot_run(self, case) -> str | None:
+        """Why this backend cannot run `case` (the session skips it), or None."""
+        return lora_unavailable(case.opts)
+
+    def _configure_lora(self, opts):
+        """pipe.load_lora_weights of random fp16 CPU tensors shaped as opts.adapters (a file's
+        header or RANK[:TARGETS]: formula/lora.py; nothing is downloaded), then fuse_lora
+        with lora_fused, as a user loads a LoRA file onto the pipeline on the GPU. measure()
+        unloads it after the call."""
+        if opts.adapters is None:
+            return
+        torch = self.torch
+        gen = torch.Generator().manual_seed(0)
+        state_dict = {key: (torch.randn(shape, generator=gen) * 0.01).to(torch.float16)
+                      for key, shape in opts.adapters.state_dict_shapes().items()}
+        self.pipe.load_lora_weights(state_dict)
+        self._lora_fused = bool(opts.lora_fused)
+        if opts.lora_fused:
+            self.pipe.fuse_lora()
+        del state_dict
+
+    def _unload_lora(self):
+        if getattr(self, "_lora_fused", None) is None:
+            return
+        if self._lora_fused:
+            self.pipe.unfuse_lora()       # the base weights as they were
+        self.pipe.unload_lora_weights()
+        self._lora_fused = None
+
     def _reset_scheduler(self):
         # A scheduler keeps its last model outputs after a call (PNDM's ets and cur_sample,
         # DPM-Solver's and UniPC's model_outputs, UniPC's last_sample, LMS's derivatives);
@@ -546,6 +576,7 @@ class CudaBackend:
         try:
             self.use_dtype(case.opts.dtype)
             self._configure(case.opts)
+            self._configure_lora(case.opts)
             pipe = self._pipeline(case.opts)
             unet_swap.enter_context(self._unet_for(case.opts))
         except XformersUnavailable as e:
@@ -555,6 +586,7 @@ class CudaBackend:
             return m
         except Exception as e:
             unet_swap.close()
+            self._unload_lora()
             m.update(status="error", error=f"setup: {type(e).__name__}: {_short(e)}")
             return m
         with unet_swap:
@@ -656,6 +688,9 @@ class CudaBackend:
             if key in stats1:
                 m[key] = stats1[key] - stats0.get(key, 0)
         m["allocated_after_bytes"] = cuda.memory_allocated()
+        self._unload_lora()
+        gc.collect()
+        cuda.empty_cache()
         return m
 
     def close(self):
@@ -680,6 +715,17 @@ def _check_process_allocator(opts) -> None:
         wanted = ",".join(filter(None, (opts.alloc_conf, "expandable_segments:True" if opts.expandable_segments else "")))
         raise RuntimeError(f"this case needs PYTORCH_CUDA_ALLOC_CONF={wanted}; the run has {process or 'none'}: "
                            "start pytest with it set")
+
+
+def lora_unavailable(opts) -> str | None:
+    """A LoRA case needs peft (diffusers' load_lora_weights: require_peft_backend)."""
+    if opts.adapters is None:
+        return None
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        return f"--lora needs peft, which does not import here ({e}); install sd-vram[sim]"
+    return None
 
 
 def _try(fn):

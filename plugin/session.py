@@ -248,6 +248,9 @@ class SuiteState:
 
     def run_case(self, case, node):
         self.check_time()
+        reason = getattr(self.backend(), "cannot_run", lambda c: None)(case)
+        if reason:
+            pytest.skip(f"{case.id}: {reason}")
         rec = self.measure_case(case)
         node.user_properties.append((PROPERTY, self.row(rec, self.backend().gpu["slug"])))
         if rec["outcome"] == "fail":

@@ -150,6 +150,12 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "the pipeline's torch_dtype (default fp16). bf16 keeps fp16's sizes; fp32 doubles weights and "
                    "activations. Convolution workspaces and SDPA backends outside fp16 are derived, not measured on "
                    "a GPU", {"choices": DTYPES}),
+        OptionFlag("lora", "--lora",
+                   "pipe.load_lora_weights(...) before the call: RANK[:TARGETS] (TARGETS a comma list of "
+                   "to_q,to_k,to_v,to_out.0 (UNet, the default) and q_proj,k_proj,v_proj,out_proj (text "
+                   "encoder)) or a .safetensors LoRA file (its header: peft or diffusers keys); derived from "
+                   "diffusers and peft, not yet measured on a GPU", {"metavar": "RANK[:TARGETS]|FILE"}),
+        OptionFlag("lora_fused", "--lora-fused", "then pipe.fuse_lora() (needs --lora)", switch=True),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

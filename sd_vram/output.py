@@ -44,6 +44,7 @@ def table(rows: list[list[str]], header: list[str], right: set[int] = frozenset(
 LABELS = {
     "weights_unet": "UNet weights", "weights_vae": "VAE weights", "weights_text_encoder": "text encoder weights",
     "weights_safety_checker": "safety checker weights", "cublas_workspace": "cuBLAS workspace",
+    "lora_weights": "LoRA adapter weights",
     "cudnn_workspace": "cuDNN workspace", "state": "state between stages (latents, embeddings, noise)",
 }
 
@@ -71,6 +72,8 @@ def options_line(o: Options) -> str:
     parts.append(f"output {o.output_type}")
     if o.scheduler != Options().scheduler:
         parts.append(f"scheduler {o.scheduler} ({plural(o.unet_evaluations, 'UNet evaluation')})")
+    if o.adapters:
+        parts.append(f"LoRA {o.adapters.source}" + (" (fused)" if o.lora_fused else ""))
     if o.alloc_conf or o.expandable_segments:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     if o.dtype != "fp16":

@@ -39,6 +39,7 @@ from sd_vram.models import unet_in_channels
 
 from .fake_xformers import FakeXformers, enable_xformers, patched_xformers
 from .kernel_hooks import kernel_allocations
+from .lora import loaded_lora
 from .memo import ForwardMemo
 from .patches import patch_attr, patched_tensor_methods, pipeline_substitutes, set_safety_thresholds
 from .pipelines import call_inputs, host_scalars, mask_substitute, pipeline_for
@@ -186,6 +187,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
                 if options.safety_checker:
                     raise ValueError("the history leaves the safety checker off the device")
                 es.enter_context(patch_attr(pipe, "safety_checker", None, use_dict=True))
+            es.enter_context(loaded_lora(pipe, recorder, options))
             start, end, info = run_call(pipe, recorder, height=height, width=width,
                                         prompt=_prompt_for(prompt, prompt_length), options=options,
                                         device_type="cuda", profile=profile, fake=True,
@@ -211,6 +213,8 @@ def record_call(height: int, width: int, *, device_type: str = "cuda", fake: boo
     from sd_vram.formula.options import Options
 
     options = options or Options()
+    if options.adapters is not None:   # loaded_lora works on the fake device only
+        raise ValueError("record_call does not load LoRA adapters (simulate does)")
     pipe = meta_pipeline(bool(options.safety_checker))
     recorder = MemoryRecorder(device_type, shadows=fake)
     recorder.name_modules({n: m for n, m in module_order(pipe)})

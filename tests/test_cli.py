@@ -167,7 +167,8 @@ def test_each_flag_sets_its_field(capsys, monkeypatch):
     companions = {"pipe_height": {"pipeline": "txt2img"}, "pipe_width": {"pipeline": "txt2img"},
                   "mask_size": {"pipeline": "inpaint"},
                   "inpaint_unet": {"pipeline": "inpaint", "mask_size": "64x64"},
-                  "padding_mask_crop": {"pipeline": "inpaint", "mask_size": "64x64"}}
+                  "padding_mask_crop": {"pipeline": "inpaint", "mask_size": "64x64"},
+                  "lora_fused": {"lora": "4"}}
     flag_of = {f.field: f.flag for f in option_flags()}
     for f in option_flags():
         seen.clear()

@@ -205,7 +205,7 @@ def test_predictions_get_the_case_inputs(suite, calls):
                       "safety_checker": True, "output_type": "pil", "expandable_segments": False, "alloc_conf": "",
                       "scheduler": "pndm", "dtype": "fp16",
                       "pipeline": "img2img", "pipe_height": None, "pipe_width": None, "mask_size": None,
-                      "inpaint_unet": "standard", "padding_mask_crop": None}]
+                      "inpaint_unet": "standard", "padding_mask_crop": None, "lora": None, "lora_fused": False}]
 
 
 def test_archive_is_written_with_its_schema(suite, calls):
