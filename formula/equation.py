@@ -329,7 +329,7 @@ def _setup(height, width, prompt, prompt_length, options: dict, architecture: di
     profile = gpu_profiles.get(o.gpu)
     try:
         model = arch.spec(architecture)
-        if o.unet_in_channels != model.unet_in_channels:   # inpaint with the inpainting checkpoint's UNet
+        if o.pipeline == "inpaint" and o.unet_in_channels != model.unet_in_channels:   # --inpaint-unet
             model = arch.spec({**model.config, "unet": {**model.config["unet"], "in_channels": o.unet_in_channels}})
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -206,10 +206,11 @@ def test_xformers_case_skipped_without_xformers_and_enabled_with_it(fake_gpu, mo
 
     from sd_vram.plugin import gpu
 
-    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=False, dtype=torch.float32)
+    # bf16: xformers is modelled for 2-byte dtypes (the CPU runs bf16 too)
+    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=False, dtype=torch.bfloat16)
     before = {k: type(p) for k, p in b.pipe.unet.attn_processors.items()}
     monkeypatch.setitem(sys.modules, "xformers", None)           # import xformers raises ImportError
-    m = b.measure(_case("xf", attention="xformers"), synthetic_image(64, 48, "xf"))
+    m = b.measure(_case("xf", attention="xformers", dtype="bf16"), synthetic_image(64, 48, "xf"))
     assert m["status"] == "skipped" and "xformers does not import" in m["error"]
 
     calls = []
@@ -231,7 +232,7 @@ def test_xformers_case_skipped_without_xformers_and_enabled_with_it(fake_gpu, mo
     randn = torch.randn      # diffusers' test call asks for device="cuda": on the CPU here
     monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: randn(*a, device=None if device == "cuda"
                                                                           else device, **k))
-    m = b.measure(_case("xf", attention="xformers"), synthetic_image(64, 48, "xf"))
+    m = b.measure(_case("xf", attention="xformers", dtype="bf16"), synthetic_image(64, 48, "xf"))
     assert m["status"] == "ok", m["error"]
     assert m["xformers_version"] == "0.0.35"
     assert set(calls) - {(1, 2, 40)}                        # more than diffusers' test calls

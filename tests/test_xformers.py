@@ -167,7 +167,7 @@ def test_attention_working_sets_match_simulation(simulated, height, width):
     be = _backends(s, Options(attention="xformers"), H200)
     N = s.h * s.w
     unet = max(p.total for p in act.xformers_self_attention(act.Peak("held"), be["unet"], 2, 8, N, 40))
-    mid = act._vae_mid_attention(1, s.h, s.w, be["vae"], "decoder")
+    mid = act._vae_mid_attention(s, 1, s.h, s.w, be["vae"], "decoder")
     vae = mid.total - sum(b for _, name, b in mid.terms if name.startswith("mid-block input, resnets.0 output"))
     for prefix, equation in (("unet.up_blocks.3.attentions.0.transformer_blocks.0.attn1", unet),
                              ("vae.decoder.mid_block.attentions.0", vae)):
