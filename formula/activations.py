@@ -1,4 +1,4 @@
-"""The tensors alive at each stage's peak operation, from the architecture (DERIVATION.md, section 3).
+"""The tensors alive at each stage's peak operation, from the architecture (DERIVATION.md, sections 4-7).
 
 Every term is a tensor the diffusers/transformers code holds at that moment, named after the
 module that made it, with its shape; bytes are rounded as the CUDA caching allocator rounds a
@@ -188,6 +188,35 @@ def slice_rows(slicing, heads: int) -> int | None:
     return {"auto": heads // 2, "max": 1}.get(slicing, slicing)
 
 
+def unet_last_up_block_input(s: Shape, operation: str) -> Peak:
+    """What is alive while the last up block (level 0) runs: the UNet's input and time
+    embedding, the level-0 skips its res_samples tuple holds, the block's input (the UNet's
+    `sample`, from the up block before's upsampler)."""
+    m = s.model
+    h, w = s.level(0)
+    B, C, last = s.B, m.unet_channels[0], len(m.unet_channels) - 1
+    p = Peak(operation)
+    p.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
+    p.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
+    p.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
+          m.unet_layers + 1)
+    p.add("activations", f"up_blocks.{last} input (up_blocks.{last - 1} upsampler conv)",
+          s.bytes(B, m.unet_channels[1], h, w))
+    return p
+
+
+def unet_level0_transformer_input(s: Shape) -> Peak:
+    """unet_last_up_block_input as its first transformer starts: with the transformer's
+    residual (resnets[0]'s output) and proj_in's output."""
+    m = s.model
+    h, w = s.level(0)
+    B, C = s.B, m.unet_channels[0]
+    base = unet_last_up_block_input(s, f"up_blocks.{len(m.unet_channels) - 1}.attentions.0")
+    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
+    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
+    return base
+
+
 def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     """One UNet evaluation. The peak sits in the last up block (level 0, N = h*w tokens; SD1.5:
     up_blocks[3]): the layers + 1 level-0 skips (conv_in, down_blocks[0]'s attentions) are
@@ -200,15 +229,7 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     peaks = [unet_up_conv(s, i, ws_rule) for i in range(min(2, last))]
     if not m.unet_up_attention[last]:
         return peaks
-    base = Peak(f"up_blocks.{last}.attentions.0")
-    base.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
-    base.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
-    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
-             m.unet_layers + 1)
-    base.add("activations", f"up_blocks.{last} input (up_blocks.{last - 1} upsampler conv)",
-             s.bytes(B, m.unet_channels[1], h, w))
-    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
-    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
+    base = unet_level0_transformer_input(s)
 
     ff = merge(base, Peak("transformer_blocks.0.ff GEGLU: gelu(gate) * hidden"))
     ff.add("activations", "attn2 output (/ rescale_output_factor)", s.bytes(B, N, C))
@@ -247,13 +268,7 @@ def unet_level0_conv(s: Shape, ws) -> Peak:
     h, w = s.level(0)
     B, C, last = s.B, m.unet_channels[0], len(m.unet_channels) - 1
     c_in = m.unet_channels[1] + C
-    p = Peak(f"up_blocks.{last}.resnets.0.conv1 ({c_in} -> {C}, 3x3, level 0)")
-    p.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
-    p.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
-    p.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
-          m.unet_layers + 1)
-    p.add("activations", f"up_blocks.{last} input (up_blocks.{last - 1} upsampler conv)",
-          s.bytes(B, m.unet_channels[1], h, w))
+    p = unet_last_up_block_input(s, f"up_blocks.{last}.resnets.0.conv1 ({c_in} -> {C}, 3x3, level 0)")
     p.add("activations", f"cat(sample, skip) ({c_in} ch)", s.bytes(B, c_in, h, w))
     p.add("activations", f"silu(norm1(x)) ({c_in} ch)", s.bytes(B, c_in, h, w))
     p.add("activations", f"conv1 output ({C} ch)", s.bytes(B, C, h, w))
@@ -652,20 +667,12 @@ def lora_unet_attention(s: Shape, targets: frozenset) -> list[Peak]:
     the feed-forward's live set (unet()), but a candidate like the others."""
     m = s.model
     h, w = s.level(0)
-    N, B, C, up = h * w, s.B, m.unet_channels[0], len(m.unet_channels) - 1
+    N, B, C = h * w, s.B, m.unet_channels[0]
     last = [t for t in _PROJECTIONS if t in targets]
     if not last:
         return []
     last = last[-1]
-    base = Peak(f"up_blocks.{up}.attentions.0")
-    base.add("state", "latent_model_input (cat)", s.bytes(B, m.unet_in_channels, h, w))
-    base.add("state", "time embedding emb", s.bytes(B, m.time_embed_dim))
-    base.add("activations", "level-0 skips (conv_in, down_blocks.0.attentions.0/1)", s.bytes(B, C, h, w),
-             m.unet_layers + 1)
-    base.add("activations", f"up_blocks.{up} input (up_blocks.{up - 1} upsampler conv)",
-             s.bytes(B, m.unet_channels[1], h, w))
-    base.add("activations", "resnets.0 output (transformer residual)", s.bytes(B, C, h, w))
-    base.add("activations", "proj_in output", s.bytes(B, C, h, w))
+    base = unet_level0_transformer_input(s)
     peaks = []
     for attn, kv in (("attn1", N), ("attn2", m.text_tokens)):
         p = merge(base, Peak(f"transformer_blocks.0.{attn}.{last} (unfused LoRA)"))

@@ -40,7 +40,7 @@ simulation replays its recorded event streams through it. Rules, named as in the
 This model's choice of tie-break (address, not creation order) was checked against the GPU:
 replaying the simulation's streams of the archived H200 cases, both orders give the same
 reserved memory with the native allocator, and only the address order gives it with
-expandable segments (bench-3840x2560: +0.00 % against +2.06 %; DERIVATION.md section 5).
+expandable segments (bench-3840x2560: +0.00 % against +2.06 %; DERIVATION.md section 8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The order in which the VAE allocates and frees its feature maps (DERIVATION.md, section 4).
+"""The order in which the VAE allocates and frees its feature maps (DERIVATION.md, section 8).
 
 Allocated memory at a peak depends only on what is alive there (activations.py); reserved
 memory depends on the order of every allocation and free before it, because the caching

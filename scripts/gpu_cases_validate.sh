@@ -81,18 +81,8 @@ main() {
         run_step I 540 "${PYTEST[@]}" --case-tags inpaint
     fi
 
-    log "steps: ${STEPS[*]}"
-    collect
-    if [ ${#NEW[@]} -gt 0 ]; then
-        "$PY" -m sd_vram.plugin.compare "${NEW[@]}" || log "compare failed"
-    else
-        log "no archive was written"
-    fi
-    finish
+    wrap_up
     return 0
 }
 
-main 2>&1 | tee "$OUT/log.txt"
-rc=$?
-rm -f "$MARK"
-exit $rc
+run_main

@@ -109,9 +109,39 @@ collect() {
     done
 }
 
+# compare_runs FILE...: the suite archives among FILE (not probes, snapshots, budgets or profiles)
+# compared in the log.
+compare_runs() {
+    local runs=() f
+    for f in "$@"; do
+        case "$f" in *_memhistory_*|*_conv_probe.json|*_budgets.json|*/profiles/*) ;; *) runs+=("$f") ;; esac
+    done
+    if [ ${#runs[@]} -gt 0 ]; then
+        "$PY" -m sd_vram.plugin.compare "${runs[@]}" || log "compare failed"
+    else
+        log "no archive was written"
+    fi
+}
+
 # finish: the files brought back and the time taken.
 finish() {
     log "files in $OUT:"
     (cd "$OUT" && find . -type f | sort)
     log "done in $(( $(date +%s) - START ))s"
+}
+
+# wrap_up: the steps' outcomes, this run's files collected and compared, and the summary.
+wrap_up() {
+    log "steps: ${STEPS[*]}"
+    collect
+    compare_runs "${NEW[@]}"
+    finish
+}
+
+# run_main: main (defined by the script), its output also in $OUT/log.txt; exits with its status.
+run_main() {
+    main 2>&1 | tee "$OUT/log.txt"
+    local rc=$?
+    rm -f "$MARK"
+    exit $rc
 }

@@ -116,7 +116,4 @@ EOF
     return 0
 }
 
-main 2>&1 | tee "$OUT/log.txt"
-rc=$?
-rm -f "$MARK"
-exit $rc
+run_main

@@ -138,22 +138,8 @@ EOF
         run_step D "$BUDGET" "${PYTEST[@]}" --cases "$missing" --full-call all -k test_full_default_call
     fi
 
-    log "steps: ${STEPS[*]}"
-    collect
-    local runs=() f
-    for f in "${NEW[@]}"; do
-        case "$f" in *_memhistory_*|*_conv_probe.json|*_budgets.json) ;; *) runs+=("$f") ;; esac
-    done
-    if [ ${#runs[@]} -gt 0 ]; then
-        "$PY" -m sd_vram.plugin.compare "${runs[@]}" || log "compare failed"
-    else
-        log "no archive was written"
-    fi
-    finish
+    wrap_up
     return 0
 }
 
-main 2>&1 | tee "$OUT/log.txt"
-rc=$?
-rm -f "$MARK"
-exit $rc
+run_main

@@ -74,19 +74,6 @@ def patch_attr(obj, name, value, use_dict=False):
             delattr(obj, name)
 
 
-class _GuardedGetitem(torch.overrides.TorchFunctionMode):
-    """Tensor.__getitem__ calls go to `getitem` (patched_tensor_methods' device guard)."""
-
-    def __init__(self, getitem):
-        super().__init__()
-        self.getitem = getitem
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.__getitem__:
-            return self.getitem(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
 def fresh_scheduler(pipe, name: str):
     """Substitution 6: a new scheduler `name` from the pipeline's scheduler config, on real CPU tensors."""
     from sd_vram.models import switch_scheduler
@@ -285,11 +272,10 @@ def patched_tensor_methods(recorder: MemoryRecorder | None, fake: bool, device_t
                      "split", "unbind"):
             if hasattr(torch.Tensor, name):
                 stack.enter_context(patch_attr(torch.Tensor, name, guard_free(getattr(torch.Tensor, name))))
-        # __getitem__ through a torch-function mode, not as a class attribute: set on torch.Tensor it
-        # would give every tensor, for the rest of the process, a sequence slot (sq_item) that
-        # deleting the attribute does not take back, and torch.tensor([a 0-d tensor]) then calls
-        # len() on it
-        stack.enter_context(_GuardedGetitem(guard_free(torch.Tensor.__getitem__)))
+        # __getitem__ on FakeTensor only: set on torch.Tensor it would give every tensor, for the
+        # rest of the process, a sequence slot (sq_item) that deleting the attribute does not take
+        # back, and torch.tensor([a 0-d tensor]) then calls len() on it
+        stack.enter_context(patch_attr(FakeTensor, "__getitem__", guard_free(torch.Tensor.__getitem__)))
         if recorder is not None:
             recorder.device_types = {"cuda", "meta"}
             stack.callback(setattr, recorder, "device_types", {recorder.device_type})

@@ -93,7 +93,7 @@ def test_unfused_temporaries_only_inside_the_projections():
         for p in act.lora_unet_attention(s, targets):
             assert 0 < p.total < ff
     assert act.lora_unet_attention(s, frozenset()) == []
-    t = act.lora_linear_temporaries(4096, 320)
+    t = act.lora_linear_temporaries(s, 4096, 320)
     assert t.total == 2 * act.nbytes(4096, 320)
 
 

@@ -150,3 +150,16 @@ def test_settings_script_runs_the_allocator_cases_under_their_settings(repo, tmp
 def test_cases_script_wants_a_group(repo, tmp_path):
     p = subprocess.run(["bash", str(repo / "scripts" / "gpu_cases_validate.sh"), "sundry"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().endswith("{settings|pipelines}")
+
+
+def test_pipelines_script_runs_txt2img_and_inpaint_cases(repo, tmp_path):
+    p, log = run_script(repo, tmp_path, "gpu_cases_validate.sh", "pipelines",
+                        CASES="txt2img-512x512,inpaint-standard-balloon-396x380")
+    assert p.returncode == 0, log[-3000:]
+    assert re.search(r"steps: T:[01] I:[01]$", log, re.M), log[-3000:]
+    runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out" / "results").rglob("*.json"))]
+    ids = sorted(c["id"] for r in runs for c in r["cases"])
+    assert ids == ["inpaint-standard-balloon-396x380", "txt2img-512x512"]
+    by_id = {c["id"]: c for r in runs for c in r["cases"]}
+    assert by_id["txt2img-512x512"]["prediction"]["options"]["pipeline"] == "txt2img"
+    assert by_id["inpaint-standard-balloon-396x380"]["inputs"]["image"]["source"] == "file"
