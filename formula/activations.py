@@ -472,6 +472,14 @@ def _vae_encode_residual(s: Shape) -> list[str]:
     return [f"resnets.{L - 2} output"] if L >= 2 else []
 
 
+def _vae_encode_held(s: Shape, p: Peak, full: int) -> None:
+    """What the encoder's first block holds at its last resnet: conv_in's output (Encoder.forward's
+    `sample`) and the resnet before's output (the residual), each a channels[0] full-res map."""
+    p.add("activations", f"conv_in output ({s.model.vae_channels[0]} ch, full res)", full)
+    for name in _vae_encode_residual(s):
+        p.add("activations", name, full)
+
+
 def vae_encode_full(s: Shape, H: int, W: int) -> Peak:
     """Encoder down_blocks[0]'s last resnet (SD1.5: resnets[1]) at its output division by
     output_scale_factor: conv_in's output (held by Encoder.forward's `sample`), the resnet
@@ -480,9 +488,7 @@ def vae_encode_full(s: Shape, H: int, W: int) -> Peak:
     c = s.model.vae_channels[0]
     p = Peak(f"encoder.down_blocks.0.resnets.{s.model.vae_layers - 1}: (x + conv2) / output_scale_factor")
     full = s.bytes(1, c, H, W)
-    p.add("activations", f"conv_in output ({c} ch, full res)", full)
-    for name in _vae_encode_residual(s):
-        p.add("activations", name, full)
+    _vae_encode_held(s, p, full)
     p.add("activations", "conv2 output", full)
     p.add("activations", "x + conv2", full)
     p.add("activations", "(x + conv2) / 1.0", full)
@@ -496,9 +502,7 @@ def vae_encode_conv(s: Shape, H: int, W: int, ws_rule) -> Peak:
     c, j = s.model.vae_channels[0], s.model.vae_layers - 1
     p = Peak(f"encoder.down_blocks.0.resnets.{j}.conv2 ({c} -> {c}, 3x3, full res)")
     full = s.bytes(1, c, H, W)
-    p.add("activations", f"conv_in output ({c} ch, full res)", full)
-    for name in _vae_encode_residual(s):
-        p.add("activations", name, full)
+    _vae_encode_held(s, p, full)
     p.add("activations", "silu(norm2(.)) (conv input)", full)
     p.add("activations", "conv2 output", full)
     ws = conv_workspace(ws_rule, f"vae.encoder.down_blocks.0.resnets.{j}.conv2", 3, (1, c, H, W),

@@ -557,9 +557,9 @@ def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
     cuDNN off (NativeConv), else cuDNN's workspaces from the GPU profile (ConvWorkspace: measured
     shapes, else its rules; floor: none; heaviest: the heaviest rule set). With
     cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
-    if not getattr(options, "cudnn", True):
+    if not options.cudnn:
         return NativeConv(options.itemsize)
-    if not getattr(options, "cudnn_deterministic", False):
+    if not options.cudnn_deterministic:
         return profile.conv_workspace(floor=floor, heaviest=heaviest, dtype=options.dtype)
     rules = conv_rules(HEAVIEST_CONV_RULE_SET) if heaviest else profile.conv_rules
     return ConvWorkspace(rules, {}, floor=floor)
@@ -568,7 +568,7 @@ def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
 def no_conv_workspace(options):
     """The call with cuDNN's fallback engines everywhere (no workspace): max-size's floor. With
     cuDNN off the columns stay: PyTorch's native convolution has no engine to fall back to."""
-    return NativeConv(options.itemsize) if not getattr(options, "cudnn", True) else ConvWorkspace()
+    return NativeConv(options.itemsize) if not options.cudnn else ConvWorkspace()
 
 # --- 5. xformers memory_efficient_attention (forward, no grad) ------------------------------------
 # pipe.enable_xformers_memory_efficient_attention() (DERIVATION.md, "xformers attention"): the

@@ -357,6 +357,7 @@ class CudaBackend:
         self.pipe.set_progress_bar_config(disable=True)
         self._checker = self.pipe.safety_checker
         self._schedulers = {"pndm": self.pipe.scheduler}   # by option name, each built once
+        self._derived = {}                                 # txt2img / inpaint from_pipe of it (_pipeline)
         self._unet_procs = dict(self.pipe.unet.attn_processors)
         self._vae_procs = dict(self.pipe.vae.attn_processors) if hasattr(self.pipe.vae, "attn_processors") else None
         gc.collect()
@@ -388,7 +389,6 @@ class CudaBackend:
             return
         self.pipe = self._checker = None
         self._unet_procs = self._vae_procs = None
-        self.__dict__.pop("_derived", None)     # from_pipe pipelines of the old one (_pipeline)
         gc.unfreeze()
         gc.collect()
         self.torch.cuda.empty_cache()
@@ -490,7 +490,7 @@ class CudaBackend:
         (float32 when not given), the shared ones too: it is given the pipeline's."""
         if opts.pipeline == "img2img":
             return self.pipe
-        derived = self.__dict__.setdefault("_derived", {})
+        derived = self._derived
         if opts.pipeline not in derived:
             import diffusers
 

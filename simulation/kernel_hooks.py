@@ -23,7 +23,7 @@ from .recorder import MemoryRecorder
 
 
 @contextlib.contextmanager
-def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str, options=None):
+def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_type: str, options):
     """Add this module's synthetic events to `recorder` for the duration of the block.
     `options` (formula Options): which convolution kernels run (kernels.conv_kernels)."""
     with contextlib.ExitStack() as es:
@@ -35,7 +35,7 @@ def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_typ
         recorder.post_op_hooks.append(ss)
         es.callback(recorder.post_op_hooks.remove, ss)
 
-        ws = profile.conv_workspace() if options is None else conv_kernels(options, profile)
+        ws = conv_kernels(options, profile)
         if isinstance(ws, NativeConv):
             hook = _native_conv_hook(recorder)
             recorder.post_op_hooks.append(hook)
