@@ -19,7 +19,7 @@ from math import ceil, prod
 
 from . import architecture as arch
 from .allocator import block_bytes
-from .kernels import (FLASH, ConvWorkspace, XformersOp, conv_rules, efficient_output_accumulator,
+from .kernels import (FLASH, ConvWorkspace, Layouts, XformersOp, conv_rules, efficient_output_accumulator,
                       flash_head_dim_rounded)
 from .options import DTYPE_ITEMSIZE, DTYPE_TORCH_NAME
 
@@ -66,6 +66,7 @@ class Shape:
     cfg: bool
     dtype: str = "fp16"   # the pipeline's torch_dtype (Options.dtype)
     model: arch.Spec = arch.spec()
+    layouts: Layouts = Layouts()   # the feature maps' layout copies (Options.channels_last)
 
     @property
     def itemsize(self) -> int:
@@ -122,6 +123,16 @@ def latent_state(s: Shape, history: int, what: str = "scheduler history (ets, cu
     if noise_pred:
         p.add("state", "noise_pred of the last step (__call__'s local)", s.bytes(s.n, z, s.h, s.w))
     return p
+
+
+NHWC_COPY = "NHWC copy of the conv input (channels_last)"
+
+
+def nhwc_input_copy(s: Shape, p: Peak, size: int) -> None:
+    """A convolution after GroupNorm and SiLU with channels-last weights, up to torch 2.12: its
+    NCHW input is copied to NHWC first (kernels.Layouts, section 4b)."""
+    if s.layouts.norm_copies:
+        p.add("activations", NHWC_COPY, size)
 
 
 def merge(*peaks: Peak, operation: str | None = None) -> Peak:
@@ -304,6 +315,7 @@ def unet_up_conv(s: Shape, block: int, ws_rule) -> Peak:
     p.add("activations", f"UNet sample ({c_sample} ch)", s.bytes(B, c_sample, hl, wl))
     p.add("activations", f"cat(sample, skip) ({c_in} ch)", s.bytes(B, c_in, hl, wl))
     p.add("activations", f"silu(norm1(x)) ({c_in} ch)", s.bytes(B, c_in, hl, wl))
+    nhwc_input_copy(s, p, s.bytes(B, c_in, hl, wl))
     p.add("activations", f"conv1 output ({c_out} ch)", s.bytes(B, c_out, hl, wl))
     ws = conv_workspace(ws_rule, f"unet.up_blocks.{block}.resnets.0.conv1", 3, (B, c_in, hl, wl),
                         s.bytes(B, c_in, hl, wl), s.bytes(B, c_out, hl, wl), c_in * c_out * 9 * s.itemsize)
@@ -417,6 +429,7 @@ def vae_decode_conv1(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     x, y = s.bytes(b, c_in, H, W), s.bytes(b, c_out, H, W)
     p.add("activations", f"decoder.up_blocks.{last - 1} upsampler output ({c_in} ch, full res)", x)
     p.add("activations", f"silu(norm1(x)) ({c_in} ch, full res)", x)
+    nhwc_input_copy(s, p, x)
     p.add("activations", f"conv1 output ({c_out} ch, full res)", y)
     ws = conv_workspace(ws_rule, f"vae.decoder.up_blocks.{last}.resnets.0.conv1", 3, (b, c_in, H, W),
                         x, y, c_out * c_in * 9 * s.itemsize)
@@ -480,36 +493,59 @@ def _vae_encode_held(s: Shape, p: Peak, full: int) -> None:
         p.add("activations", name, full)
 
 
+def _vae_encode_last_resnet(s: Shape, H: int, W: int, operation: str, *maps: str) -> tuple[Peak, int]:
+    """The encoder's first block's last resnet: what the block holds (_vae_encode_held) and `maps`,
+    each a channels[0] full-res map; returns the live set and that map's bytes."""
+    full = s.bytes(1, s.model.vae_channels[0], H, W)
+    p = Peak(operation)
+    _vae_encode_held(s, p, full)
+    for name in maps:
+        p.add("activations", name, full)
+    return p, full
+
+
 def vae_encode_full(s: Shape, H: int, W: int) -> Peak:
     """Encoder down_blocks[0]'s last resnet (SD1.5: resnets[1]) at its output division by
     output_scale_factor: conv_in's output (held by Encoder.forward's `sample`), the resnet
     before's output (the residual), conv2's output, the residual sum and the quotient: five
     channels[0] full-resolution maps."""
-    c = s.model.vae_channels[0]
-    p = Peak(f"encoder.down_blocks.0.resnets.{s.model.vae_layers - 1}: (x + conv2) / output_scale_factor")
-    full = s.bytes(1, c, H, W)
-    _vae_encode_held(s, p, full)
-    p.add("activations", "conv2 output", full)
-    p.add("activations", "x + conv2", full)
-    p.add("activations", "(x + conv2) / 1.0", full)
-    return p
+    return _vae_encode_last_resnet(
+        s, H, W, f"encoder.down_blocks.0.resnets.{s.model.vae_layers - 1}: (x + conv2) / output_scale_factor",
+        "conv2 output", "x + conv2", "(x + conv2) / 1.0")[0]
 
 
 def vae_encode_conv(s: Shape, H: int, W: int, ws_rule) -> Peak:
     """Encoder down_blocks[0]'s last resnet's conv2 (SD1.5: resnets[1], 128 -> 128, 3x3, full
     res): conv_in's output, the resnet before's output (the residual), the SiLU output it
-    convolves and the conv output are alive, with cuDNN's workspace."""
+    convolves (and its NHWC copy, nhwc_input_copy) and the conv output are alive, with cuDNN's
+    workspace."""
     c, j = s.model.vae_channels[0], s.model.vae_layers - 1
-    p = Peak(f"encoder.down_blocks.0.resnets.{j}.conv2 ({c} -> {c}, 3x3, full res)")
-    full = s.bytes(1, c, H, W)
-    _vae_encode_held(s, p, full)
-    p.add("activations", "silu(norm2(.)) (conv input)", full)
+    p, full = _vae_encode_last_resnet(s, H, W, f"encoder.down_blocks.0.resnets.{j}.conv2 ({c} -> {c}, 3x3, full res)",
+                                      "silu(norm2(.)) (conv input)")
+    nhwc_input_copy(s, p, full)
     p.add("activations", "conv2 output", full)
     ws = conv_workspace(ws_rule, f"vae.encoder.down_blocks.0.resnets.{j}.conv2", 3, (1, c, H, W),
                         full, full, c * c * 9 * s.itemsize)
     if ws:
         p.add("workspace", workspace_term(ws_rule), ws)
     return p
+
+
+def vae_encode_norm(s: Shape, H: int, W: int) -> Peak:
+    """With channels-last weights up to torch 2.12: the encoder's first block's last resnet at
+    norm2 (kernels.Layouts): conv_in's output, the resnet before's output, conv1's (NHWC)
+    output, GroupNorm's NCHW copy of it and its output, five channels[0] full-res maps, with
+    the group statistics (mean, rstd: 1 x groups each)."""
+    p, _ = _vae_encode_last_resnet(
+        s, H, W, f"encoder.down_blocks.0.resnets.{s.model.vae_layers - 1}.norm2 (GroupNorm of an NHWC map)",
+        "conv1 output (NHWC)", "its NCHW copy (native_group_norm: X.contiguous())", "norm2 output")
+    p.add("activations", "mean, rstd", s.bytes(1, s.model.vae_norm_groups), 2)
+    return p
+
+
+def _vae_encode_at(s: Shape, H: int, W: int, ws_rule) -> list[Peak]:
+    peaks = [vae_encode_full(s, H, W), vae_encode_conv(s, H, W, ws_rule)]
+    return peaks + ([vae_encode_norm(s, H, W)] if s.layouts.norm_copies else [])
 
 
 def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]:
@@ -524,13 +560,13 @@ def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]
         th, tw = max(rows), max(cols)
         moments = sum(s.bytes(1, 2 * m.latent_channels, r // f, c // f) for r in rows for c in cols)
         out = []
-        for tile_peak in (vae_encode_full(s, th, tw), vae_encode_conv(s, th, tw, ws_rule)):
+        for tile_peak in _vae_encode_at(s, th, tw, ws_rule):
             p = merge(state, tile_peak, operation=f"tiled_encode, largest tile: {tile_peak.operation}")
             p.add("state", "encoded tiles (moments)", moments)
             out.append(p)
         return out + [merge(state, _vae_mid_attention(s, 1, th // f, tw // f, backend, "encoder"))]
-    return [merge(state, vae_encode_full(s, s.H, s.W)), merge(state, vae_encode_conv(s, s.H, s.W, ws_rule)),
-            merge(state, _vae_mid_attention(s, 1, s.h, s.w, backend, "encoder"))]
+    return ([merge(state, p) for p in _vae_encode_at(s, s.H, s.W, ws_rule)]
+            + [merge(state, _vae_mid_attention(s, 1, s.h, s.w, backend, "encoder"))])
 
 
 def _clip_layer(s: Shape, batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:

@@ -273,6 +273,11 @@ class Spec:
         return 2 ** (len(self.vae_channels) - 1)
 
     @property
+    def vae_norm_groups(self) -> int:
+        """The VAE's GroupNorm groups (norm_num_groups): the size of its statistics."""
+        return int(self.config["vae"]["norm_num_groups"])
+
+    @property
     def time_embed_dim(self) -> int:
         """UNet2DConditionModel: block_out_channels[0] * 4."""
         return 4 * self.unet_channels[0]

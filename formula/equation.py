@@ -203,13 +203,14 @@ class _Replay:
                 H, W = act.vae_tile(s, o.vae_tiling, latent=False)
                 if name == "vae_encode":
                     schedule.vae_encoder(self.alloc, H, W, ws, fallbacks=fallbacks, itemsize=s.itemsize,
-                                         model=s.model)
+                                         model=s.model, layouts=s.layouts)
                 else:
                     if not pipelines.encodes_before_unet(o):   # txt2img: nothing big cached before
                         schedule.vae_decoder_low_res(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
-                                                     fallbacks=fallbacks, itemsize=s.itemsize, model=s.model)
+                                                     fallbacks=fallbacks, itemsize=s.itemsize, model=s.model,
+                                                     layouts=s.layouts)
                     schedule.vae_decoder(self.alloc, 1 if o.vae_slicing else s.n, H, W, ws,
-                                         fallbacks=fallbacks, itemsize=s.itemsize, model=s.model)
+                                         fallbacks=fallbacks, itemsize=s.itemsize, model=s.model, layouts=s.layouts)
                 self.release()
                 return
             self.release()
@@ -223,7 +224,7 @@ class _Replay:
                 before = self.alloc.free_blocks()
                 for _ in range(o.unet_evaluations):
                     schedule.unet(self.alloc, s.B, levels, ws, fallbacks=fallbacks, itemsize=s.itemsize,
-                                  model=s.model)
+                                  model=s.model, layouts=s.layouts)
                     after = self.alloc.free_blocks()
                     if after == before:
                         break
@@ -267,6 +268,8 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
     source = {"native": "native im2col (cuDNN off)", "rule": f"rule {profile.conv_workspace_rule}"}.get(source, source)
     if o.cudnn_deterministic:
         source += " (deterministic engines: derived, not measured)"
+    if o.channels_last:
+        source = "none: NHWC engines (channels_last; derived, not measured)"
     est = Estimate(
         height=H, width=W, prompt_tokens=tokens,
         truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,
@@ -334,7 +337,7 @@ def _setup(height, width, prompt, prompt_length, options: dict, architecture: di
     except ValueError as e:
         raise InputError(str(e)) from None
     return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg,
-                                               dtype=o.dtype, model=model)
+                                               dtype=o.dtype, model=model, layouts=kernels.Layouts.of(o, profile))
 
 
 def peak_allocated(height=None, width=None, _floor=False, architecture: dict | None = None, **options) -> int:
@@ -432,12 +435,13 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     CUDA context on record, hi the call with the heaviest workspace rule set on record and the
     largest context, each widened by ACCURACY."""
     benchmark = o.cudnn_benchmark      # the search's workspace: anything the free memory allows
-    derived = benchmark or "rule" in ws.used or "native" in ws.used   # native columns: derived, not measured
+    nhwc = o.channels_last             # NHWC engines' workspaces: derived (kernels.py section 4b)
+    derived = benchmark or nhwc or "rule" in ws.used or "native" in ws.used   # native columns: derived, not measured
     if not derived and profile.cuda_context_measured:
         return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,
                 "peak_device_bytes": [reserved + profile.cuda_context] * 2}
     span = {"allocated": [allocated, allocated], "reserved": [reserved, reserved]}
-    if "rule" in ws.used or benchmark:
+    if "rule" in ws.used or benchmark or nhwc:
         floor = kernels.no_conv_workspace(o) if benchmark else kernels.conv_kernels(o, profile, floor=True)
         for variant in (floor, kernels.conv_kernels(o, profile, heaviest=True)):
             c = _call(s, o, profile, variant)

@@ -559,6 +559,8 @@ def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
     cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
     if not options.cudnn:
         return NativeConv(options.itemsize)
+    if options.channels_last:   # NHWC engines; probed shapes were NCHW (section 4b)
+        return ConvWorkspace(conv_rules(HEAVIEST_CONV_RULE_SET if heaviest else "nhwc"), {}, floor=floor)
     if not options.cudnn_deterministic:
         return profile.conv_workspace(floor=floor, heaviest=heaviest, dtype=options.dtype)
     rules = conv_rules(HEAVIEST_CONV_RULE_SET) if heaviest else profile.conv_rules
@@ -569,6 +571,69 @@ def no_conv_workspace(options):
     """The call with cuDNN's fallback engines everywhere (no workspace): max-size's floor. With
     cuDNN off the columns stay: PyTorch's native convolution has no engine to fall back to."""
     return NativeConv(options.itemsize) if not options.cudnn else ConvWorkspace()
+
+# --- 4b. Memory formats: channels_last (Options.channels_last) ---------------------------------------
+# pipe.unet.to(memory_format=torch.channels_last) and the same for pipe.vae re-stride every 4-D
+# weight (nn.Module._apply converts 4-D tensors only; a (C_out, C_in, 1, 1) filter too: its
+# contiguous strides do not suggest channels_last, so .to() copies it). Then:
+# - cuDNN convolutions (aten/src/ATen/native/ConvUtils.h cudnn_conv_suggest_memory_format, torch
+#   2.11 and 2.13 alike): NHWC when the input OR the weight suggests channels_last (4-D weight,
+#   cuDNN >= 7.6.3, not float64). Convolution.cpp _convolution passes
+#   ``input.contiguous(backend_memory_format)`` to at::cudnn_convolution: an NCHW input is copied
+#   to NHWC before the output is allocated, and freed when the convolution returns; the output is
+#   NHWC. A channels-last weight needs no copy.
+# - GroupNorm (aten/src/ATen/native/group_norm.cpp native_group_norm): up to torch 2.12 a CUDA
+#   input is made contiguous (``X.contiguous(MemoryFormat::Contiguous)``, a copy of an NHWC map
+#   alive with the output until the kernel returns) and the output is NCHW; from torch 2.13 (the
+#   NHWC CUDA kernels of pytorch/pytorch#191945, merged 2026-08-13; group_norm_memory_format)
+#   the input's suggested format is kept: no copy, an NHWC output. Read from the sources, not
+#   measured.
+# - Workspaces of NHWC convolutions: the H100 conv probe's channels-last inputs (results/
+#   H100-80GB-HBM3/20261126T055338Z_nogit_conv_probe.json, 64x64-256x256, torch 2.11, cuDNN 9.19)
+#   took the filter's bytes for a 3x3 conv (its NHWC copy, ``weight.contiguous(memory_format)`` in
+#   cudnn_convolution, which a channels-last filter does not need) and nothing for a 1x1: the NHWC
+#   engines there took no workspace. The rule set "nhwc" takes that as the point for every
+#   convolution; at the call's own shapes it is derived, not measured.
+CHANNELS_LAST_NOTE = ("channels_last: the NHWC convolutions' workspaces (none) and the layout copies are derived "
+                      "from the sources and a 256-px probe, not measured on a GPU at these sizes")
+CONV_RULE_SETS["nhwc"] = ()
+
+
+def conv_runs_channels_last(input_channels_last: bool, weight_channels_last: bool, dtype: str = "float16") -> bool:
+    """cudnn_conv_suggest_memory_format: NHWC when the input or the (4-D) weight is channels-last."""
+    return dtype != "float64" and (input_channels_last or weight_channels_last)
+
+
+def group_norm_keeps_channels_last(stack) -> bool:
+    """native_group_norm on CUDA keeps an NHWC input's layout (torch >= 2.13) instead of copying
+    it to NCHW (torch <= 2.12)."""
+    return tuple(stack.torch_version) >= (2, 13)
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """Which layout copies the UNet's and the VAE's feature maps go through (section 4b).
+
+    NCHW weights (the default): the maps stay NCHW (the encoder's first block, which gets the
+    channels-last image, is covered by the workspace rules above), and Transformer2DModel's
+    permuted view makes LayerNorm copy its input. Channels-last weights: every convolution
+    writes NHWC; up to torch 2.12 each GroupNorm copies its NHWC input to NCHW and writes NCHW,
+    so the convolution after its SiLU copies the map back to NHWC; from torch 2.13 neither
+    copy happens. Either way Transformer2DModel's ``.permute(0, 3, 1, 2).contiguous()`` feeds
+    proj_out an NCHW map that it copies, and the permuted view LayerNorm reads is contiguous."""
+
+    channels_last: bool = False
+    norm_keeps_nhwc: bool = False
+
+    @classmethod
+    def of(cls, options, stack) -> "Layouts":
+        return cls(options.channels_last, options.channels_last and group_norm_keeps_channels_last(stack))
+
+    @property
+    def norm_copies(self) -> bool:
+        """GroupNorm copies its (NHWC) input, and the convolution after it copies its (NCHW) input."""
+        return self.channels_last and not self.norm_keeps_nhwc
+
 
 # --- 5. xformers memory_efficient_attention (forward, no grad) ------------------------------------
 # pipe.enable_xformers_memory_efficient_attention() (DERIVATION.md, "xformers attention"): the

@@ -63,6 +63,7 @@ class Options:
     dtype: str = "fp16"                  # the pipeline's torch_dtype: fp16, bf16 or fp32
     lora: str | None = None              # pipe.load_lora_weights(...): "RANK[:TARGETS]" or a .safetensors file (lora.py)
     lora_fused: bool = False             # then pipe.fuse_lora()
+    channels_last: bool = False          # pipe.unet / pipe.vae .to(memory_format=torch.channels_last) before pipe.to("cuda")
 
     def __post_init__(self):
         def need(cond, msg):
@@ -81,7 +82,7 @@ class Options:
         need(self.attention_slicing in (None, "auto", "max") or (_is_int(self.attention_slicing) and self.attention_slicing >= 1),
              f"attention_slicing must be auto, max or a positive integer, got {self.attention_slicing!r}")
         for name in ("vae_slicing", "vae_tiling", "safety_checker", "expandable_segments", "cudnn",
-                     "cudnn_benchmark", "cudnn_deterministic"):
+                     "cudnn_benchmark", "cudnn_deterministic", "channels_last"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         from .gpu_profiles import GPUProfile   # here: gpu_profiles imports this module
@@ -98,6 +99,9 @@ class Options:
             need(self.cudnn or not getattr(self, name),
                  f"{name} needs cuDNN: with cudnn=False (torch.backends.cudnn.enabled = False) PyTorch runs its "
                  "native convolutions, which have no engines to search or filter")
+        need(self.cudnn or not self.channels_last,
+             "channels_last with cudnn=False is not modelled (PyTorch's native convolutions copy every "
+             "channels-last input and filter back to NCHW)")
         need(self.output_type in OUTPUT_TYPES, f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         need(self.scheduler in schedulers.NAMES,
              f"scheduler must be one of {', '.join(schedulers.NAMES)}, got {self.scheduler!r}")

@@ -11,6 +11,11 @@ VAE encoder's and decoder's maps in the order diffusers' code makes and drops th
     Downsample2D:   p = pad(x, (0, 1, 0, 1)); y = conv(p)          (stride 2)
     Upsample2D:     u = interpolate(x, 2); y = conv(u)
     convolution:    output, then cuDNN's workspace, freed when the conv returns
+    channels_last:  up to torch 2.12 GroupNorm copies its NHWC input (alive with its output
+                    until it returns) and the conv after the SiLU copies its NCHW input to NHWC
+                    (allocated before the output, freed after the workspace); Transformer2DModel's
+                    proj_out copies its NCHW input, and LayerNorm's input is contiguous
+                    (kernels.Layouts)
 
 A name drops when the Python variable holding it is rebound (CPython frees at refcount 0).
 Only the blocks at full and half resolution are replayed (and the upsampler into half
@@ -23,6 +28,7 @@ from __future__ import annotations
 from . import architecture as arch
 from .activations import FP16, conv_workspace, nbytes
 from .allocator import CachingAllocator, OutOfMemoryError
+from .kernels import Layouts
 
 
 class Schedule:
@@ -34,9 +40,11 @@ class Schedule:
     falls back to no workspace and names the convolution here. None: the OOM propagates.
     An OOM carries `operation`: the module and whether its output or workspace failed."""
 
-    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None, itemsize: int = FP16):
+    def __init__(self, alloc: CachingAllocator, ws, batch: int, fallbacks: list | None = None, itemsize: int = FP16,
+                 layouts: Layouts = Layouts()):
         self.alloc, self.ws, self.b, self.fallbacks = alloc, ws, batch, fallbacks  # ws: kernels.ConvWorkspace
         self.itemsize = itemsize                     # the pipeline's dtype (weights and feature maps)
+        self.layouts = layouts                       # the maps' layout copies (Options.channels_last)
         self._blocks: dict[int, object] = {}
         self._next = 0
 
@@ -57,12 +65,24 @@ class Schedule:
         for t in tensors:
             self.alloc.free(self._blocks.pop(t))
 
+    def norm(self, c: int, h: int, w: int) -> int:
+        """GroupNorm's output (and, copying an NHWC input, its NCHW copy while it runs)."""
+        cp = self.new(c, h, w, f"GroupNorm: NCHW copy ({self.b}, {c}, {h}, {w})") if self.layouts.norm_copies else None
+        out = self.new(c, h, w)
+        if cp is not None:
+            self.free(cp)
+        return out
+
     def conv(self, x: int, c_in: int, c_out: int, k: int, h: int, w: int, stride: int = 1, out_hw=None,
-             module: str = "", in_hw=None) -> int:
+             module: str = "", in_hw=None, nchw_input: bool = False) -> int:
         """`module`: the conv's path in the pipeline (it picks the profile's workspace rule);
-        `in_hw`: the input's size where it differs from (h, w) (a padded input)."""
+        `in_hw`: the input's size where it differs from (h, w) (a padded input); `nchw_input`:
+        the input is NCHW (GroupNorm's output, through SiLU), copied to NHWC with channels-last
+        weights."""
         oh, ow = out_hw or (h // stride, w // stride)
         op = module or f"conv2d {c_in}->{c_out} {k}x{k} at {oh}x{ow}"
+        copy = nchw_input and self.layouts.channels_last
+        cp = self.new(c_in, *(in_hw or (h, w)), f"{op}: NHWC copy of the input") if copy else None
         y = self.new(c_out, oh, ow, f"{op}: output ({self.b}, {c_out}, {oh}, {ow})")
         e = self.itemsize
         i, o, f = nbytes(self.b, c_in, h, w, itemsize=e), nbytes(self.b, c_out, oh, ow, itemsize=e), c_in * c_out * k * k * e
@@ -76,20 +96,23 @@ class Schedule:
                 if self.fallbacks is None or not elastic:
                     raise
                 self.fallbacks.append(op)
+        if cp is not None:
+            self.free(cp)
         return y
 
     def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, module: str, temb: bool = False) -> int:
         """`module`: the ResnetBlock2D's path; `temb`: the UNet's resnets add the projected
         time embedding after conv1."""
-        a = self.new(c_in, h, w)                       # norm1
+        nchw = self.layouts.norm_copies                # the convs' inputs: GroupNorm's NCHW output
+        a = self.norm(c_in, h, w)                      # norm1
         b = self.new(c_in, h, w); self.free(a)         # silu
-        a = self.conv(b, c_in, c_out, 3, h, w, module=f"{module}.conv1"); self.free(b)
+        a = self.conv(b, c_in, c_out, 3, h, w, module=f"{module}.conv1", nchw_input=nchw); self.free(b)
         if temb:
             b = self.new(c_out, h, w); self.free(a)    # + time_emb_proj(temb)[:, :, None, None]
             a = b
-        b = self.new(c_out, h, w); self.free(a)        # norm2
+        b = self.norm(c_out, h, w); self.free(a)       # norm2
         a = self.new(c_out, h, w); self.free(b)        # silu
-        b = self.conv(a, c_out, c_out, 3, h, w, module=f"{module}.conv2"); self.free(a)
+        b = self.conv(a, c_out, c_out, 3, h, w, module=f"{module}.conv2", nchw_input=nchw); self.free(a)
         short = self.conv(x, c_in, c_out, 1, h, w, module=f"{module}.conv_shortcut") if c_in != c_out else None
         s = self.new(c_out, h, w)                      # x + h
         out = self.new(c_out, h, w); self.free(s)      # / output_scale_factor
@@ -100,12 +123,12 @@ class Schedule:
 
 
 def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, fallbacks: list | None = None, itemsize: int = FP16,
-                model: arch.Spec | None = None) -> None:
+                model: arch.Spec | None = None, layouts: Layouts = Layouts()) -> None:
     """Encoder.forward on the (1, 3, H, W) image: conv_in and the first two down blocks.
     model: the architecture's channels and layers (default: the bundled SD1.5 config)."""
     m = model or arch.spec()
     channels, layers = m.vae_channels, m.vae_layers
-    s = Schedule(alloc, ws, 1, fallbacks, itemsize)
+    s = Schedule(alloc, ws, 1, fallbacks, itemsize, layouts)
     h, w = H, W
     sample = s.conv(None, m.vae_in_channels, channels[0], 3, h, w, module="vae.encoder.conv_in")
     c_prev = channels[0]
@@ -130,12 +153,12 @@ def vae_encoder(alloc: CachingAllocator, H: int, W: int, ws, fallbacks: list | N
 
 
 def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: list | None = None,
-                itemsize: int = FP16, model: arch.Spec | None = None) -> None:
+                itemsize: int = FP16, model: arch.Spec | None = None, layouts: Layouts = Layouts()) -> None:
     """Decoder.forward from up_blocks[1]'s upsampler to the (b, 3, H, W) image (4 levels:
     architecture.spec requires them); the decoder's blocks have layers_per_block + 1 resnets."""
     m = model or arch.spec()
     channels, layers = tuple(reversed(m.vae_channels)), m.vae_layers + 1
-    s = Schedule(alloc, ws, b, fallbacks, itemsize)
+    s = Schedule(alloc, ws, b, fallbacks, itemsize, layouts)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
     u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
@@ -159,9 +182,10 @@ def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: 
         s.free(sample)
         sample = x
         c_prev = c
-    n = s.new(c_prev, h, w)                            # conv_norm_out
+    n = s.norm(c_prev, h, w)                           # conv_norm_out
     a = s.new(c_prev, h, w); s.free(n)                 # silu
-    out = s.conv(a, c_prev, m.vae_out_channels, 3, h, w, module="vae.decoder.conv_out"); s.free(a, sample)
+    out = s.conv(a, c_prev, m.vae_out_channels, 3, h, w, module="vae.decoder.conv_out",
+                 nchw_input=layouts.norm_copies); s.free(a, sample)
     s.free(out)
 
 
@@ -177,10 +201,13 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) 
     (the processor's q, k, v after to_out; attn1's output when attn2's rebinds it)."""
     n = h * w
     tok = lambda ch: s.new(ch, n, 1, f"{module}: tokens ({s.b}, {n}, {ch})")  # noqa: E731  (B, N, ch) tensors
-    a = s.new(c, h, w)                                   # norm (GroupNorm)
-    hs = s.conv(a, c, c, 1, h, w, module=f"{module}.proj_in"); s.free(a)  # 1x1, viewed as (B, N, C)
-    cp = tok(c)                                          # LayerNorm's CUDA kernel copies its
-    n1 = tok(c); s.free(cp)                              # non-contiguous (permuted) input: norm1
+    a = s.norm(c, h, w)                                  # norm (GroupNorm)
+    hs = s.conv(a, c, c, 1, h, w, module=f"{module}.proj_in", nchw_input=s.layouts.norm_copies); s.free(a)
+    if s.layouts.channels_last:                          # the permuted NHWC map is contiguous
+        n1 = tok(c)                                      # norm1
+    else:                                                # LayerNorm's CUDA kernel copies its
+        cp = tok(c)                                      # non-contiguous (permuted) input
+        n1 = tok(c); s.free(cp)                          # norm1
     q, k, v = tok(c), tok(c), tok(c)
     o = tok(c)                                           # sdpa output
     t = tok(c); s.free(o)                                # to_out
@@ -199,13 +226,13 @@ def _unet_transformer(s: Schedule, x: int, c: int, h: int, w: int, module: str) 
     f = tok(c); s.free(m)                                # ff.net.2
     h3 = tok(c); s.free(h2, n3, a2, f, hs)               # + hidden_states; the block returns
     r = s.new(c, h, w)                                   # reshape/permute back (.contiguous())
-    po = s.conv(r, c, c, 1, h, w, module=f"{module}.proj_out"); s.free(r)
+    po = s.conv(r, c, c, 1, h, w, module=f"{module}.proj_out", nchw_input=True); s.free(r)
     out = s.new(c, h, w); s.free(po, h3)                 # + residual
     return out
 
 
 def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws, fallbacks: list | None = None,
-         itemsize: int = FP16, model: arch.Spec | None = None) -> None:
+         itemsize: int = FP16, model: arch.Spec | None = None, layouts: Layouts = Layouts()) -> None:
     """One UNet2DConditionModel.forward at batch B; levels[i] = (h_i, w_i), one per block.
 
     Needed for reserved memory when the VAE's cached blocks are smaller than the UNet's
@@ -213,7 +240,7 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws, fal
     model: channels, layers, which blocks have transformers, conv_in/conv_out channels."""
     m = model or arch.spec()
     channels, layers, last = m.unet_channels, m.unet_layers, len(m.unet_channels) - 1
-    s = Schedule(alloc, ws, B, fallbacks, itemsize)
+    s = Schedule(alloc, ws, B, fallbacks, itemsize, layouts)
     sample = s.conv(None, m.unet_in_channels, channels[0], 3, *levels[0], module="unet.conv_in")
     skips = [(sample, channels[0])]                      # down_block_res_samples, with channels
     c_prev = channels[0]
@@ -262,26 +289,30 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws, fal
             s.free(*(t for t, _ in reversed(res)))       # (a tuple drops its items last first)
         sample = x
         c_prev = c
-    n = s.new(channels[0], *levels[0])                   # conv_norm_out
+    n = s.norm(channels[0], *levels[0])                  # conv_norm_out
     s.free(sample)
     a = s.new(channels[0], *levels[0]); s.free(n)        # conv_act
-    out = s.conv(a, channels[0], m.unet_out_channels, 3, *levels[0], module="unet.conv_out")
+    out = s.conv(a, channels[0], m.unet_out_channels, 3, *levels[0], module="unet.conv_out",
+                 nchw_input=layouts.norm_copies)
     s.free(a, *(t for t, _ in reversed(res)), out)       # forward returns
 
 
 def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: list | None = None,
-                        itemsize: int = FP16, model: arch.Spec | None = None) -> None:
+                        itemsize: int = FP16, model: arch.Spec | None = None, layouts: Layouts = Layouts()) -> None:
     """Decoder.forward before vae_decoder's part: conv_in, the mid block and up_blocks[0] at
     H/8, up_blocks[1]'s resnets at H/4, all at the deepest channels (SD1.5: 512). After the VAE
     encoder these maps fit in its cached blocks and need no replay; with nothing big cached
     (txt2img: no encoder ran) they open their own segments (DERIVATION.md, "Pipelines")."""
     m = model or arch.spec()
     c, layers = m.vae_channels[-1], m.vae_layers + 1
-    s = Schedule(alloc, ws, b, fallbacks, itemsize)
+    s = Schedule(alloc, ws, b, fallbacks, itemsize, layouts)
     h, w = H // 8, W // 8
     sample = s.conv(None, m.latent_channels, c, 3, h, w, module="vae.decoder.conv_in")
     x = s.resnet(sample, c, c, h, w, "vae.decoder.mid_block.resnets.0"); s.free(sample)
+    cp = s.new(c, h, w) if layouts.channels_last else None   # group_norm copies the (B, C, N) view of an NHWC map
     n = s.new(c, h, w)                                   # group_norm
+    if cp is not None:
+        s.free(cp)
     q, k, v = s.new(c, h, w), s.new(c, h, w), s.new(c, h, w); s.free(n)
     o = s.new(c, h, w); s.free(q, k, v)                  # sdpa output (q, k, v dropped with the processor's names)
     t = s.new(c, h, w); s.free(o)                        # to_out

@@ -6,7 +6,7 @@ pipeline built with random weights drawn on the GPU (or the user's model) in the
 dtype, and a warm-up under each attention backend so lazily loaded kernels are resident before
 the first measured call. Each case then runs the real call with per-stage peaks from the
 caching allocator and NVML sampled by a background thread; a case of another dtype
-(Options.dtype) first rebuilds the pipeline in that dtype (use_dtype).
+(Options.dtype) or memory format (Options.channels_last) first rebuilds the pipeline (use_build).
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ class CudaBackend:
         self.device = device
         self.monitor = monitor or NvmlMonitor()
         self.model = model
-        self.dtype = dtype or torch.float16     # the first build's; a case of another dtype rebuilds (use_dtype)
+        self.dtype = dtype or torch.float16     # the first build's; a case of another dtype rebuilds (use_build)
+        self.channels_last = False              # the UNet's and VAE's weights' memory format (use_build)
         self.hardware: dict = {}
         self.warmup: list[dict] = []
         self.xformers: str | None = None        # its version, once an xformers case enabled it
@@ -351,9 +352,9 @@ class CudaBackend:
 
         cuda = self.torch.cuda
         if model:
-            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype, channels_last=self.channels_last)
         else:
-            self.pipe = build_pipeline(self.device, dtype=self.dtype)
+            self.pipe = build_pipeline(self.device, dtype=self.dtype, channels_last=self.channels_last)
         self.pipe.set_progress_bar_config(disable=True)
         self._checker = self.pipe.safety_checker
         self._schedulers = {"pndm": self.pipe.scheduler}   # by option name, each built once
@@ -377,22 +378,23 @@ class CudaBackend:
         torch_name = str(self.dtype).removeprefix("torch.")
         return next(k for k, v in DTYPE_TORCH_NAME.items() if v == torch_name)
 
-    def use_dtype(self, name: str) -> None:
-        """Rebuild the pipeline in dtype `name` (Options.dtype) unless it is built in it: the old
+    def use_build(self, name: str, channels_last: bool = False) -> None:
+        """Rebuild the pipeline in dtype `name` (Options.dtype) and memory format (Options.channels_last:
+        the UNet and VAE converted before their weights reach the GPU) unless it is built so: the old
         pipeline's weights are freed and their segments released first, so the new weights pack
         from the probes' state as the first build's did (simulation/resident.py replays that),
-        then the warm-up loads that dtype's kernels."""
+        then the warm-up loads that build's kernels."""
         from sd_vram.models import torch_dtype
 
         dtype = torch_dtype(name)
-        if dtype == self.dtype:
+        if dtype == self.dtype and channels_last == self.channels_last:
             return
         self.pipe = self._checker = None
         self._unet_procs = self._vae_procs = None
         gc.unfreeze()
         gc.collect()
         self.torch.cuda.empty_cache()
-        self.dtype = dtype
+        self.dtype, self.channels_last = dtype, channels_last
         self._build(self.model)
         self._warmup(keep=True)
         gc.collect()
@@ -403,7 +405,7 @@ class CudaBackend:
         In the pipeline's dtype; keep: add to the earlier warm-ups (a rebuild in another dtype)."""
         base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
                 "attention_slicing": None, "vae_slicing": False, "vae_tiling": False, "safety_checker": True,
-                "output_type": "pil", "dtype": self.dtype_name}
+                "output_type": "pil", "dtype": self.dtype_name, "channels_last": self.channels_last}
         if not keep:
             self.warmup = []
         try:
@@ -414,6 +416,7 @@ class CudaBackend:
             xformers = ()
         for attention in ("auto", "efficient", "math") + xformers:
             suffix = "" if self.dtype_name == "fp16" else f"-{self.dtype_name}"
+            suffix += "-channels-last" if self.channels_last else ""
             case = Case(name=f"warmup-{attention}-64x64{suffix}", width=64, height=64, prompt="warm-up",
                         options={**base, "attention": attention})
             from .cases import synthetic_image
@@ -574,7 +577,7 @@ class CudaBackend:
         m: dict = {"status": "ok", "error": None}
         unet_swap = contextlib.ExitStack()
         try:
-            self.use_dtype(case.opts.dtype)
+            self.use_build(case.opts.dtype, case.opts.channels_last)
             self._configure(case.opts)
             self._configure_lora(case.opts)
             pipe = self._pipeline(case.opts)

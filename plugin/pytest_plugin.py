@@ -140,14 +140,15 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [i for i in items if i not in drop]
     if gpu:
         # Cheap first: a time budget or an out-of-memory crash costs the least. Each dtype's
-        # cases together, fp16 first: a change of dtype rebuilds the pipeline (gpu.py use_dtype).
+        # and memory format's cases together, fp16 NCHW first: a change of either rebuilds the
+        # pipeline (gpu.py use_build).
         def key(item):
             cs = getattr(item, "callspec", None)
             case = cs and (cs.params.get("sd_case") or cs.params.get("sd_full_case"))
             if case is None:
-                return (0, False, "", 0)
+                return (0, False, "", False, 0)
             dtype = case.options.get("dtype", "fp16")
-            return (1, dtype != "fp16", dtype, case.cost)
+            return (1, dtype != "fp16", dtype, bool(case.options.get("channels_last", False)), case.cost)
         items.sort(key=key)
 
 

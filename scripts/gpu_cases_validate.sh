@@ -2,7 +2,7 @@
 # One group of catalogue cases on a GPU, held to the bands of the issue that asks for them
 # (allocated 1 %, reserved and device 3 %). Budget 540 s.
 #
-#   bash scripts/gpu_cases_validate.sh settings    # issue 11: dtype, schedulers, cuDNN switches,
+#   bash scripts/gpu_cases_validate.sh settings    # issue 11: dtype, channels_last, schedulers, cuDNN switches,
 #                                                  # LoRA, xformers, PYTORCH_CUDA_ALLOC_CONF
 #   bash scripts/gpu_cases_validate.sh pipelines   # issue 13: txt2img squares and one other size,
 #                                                  # inpaint with both UNets on the seed images
@@ -35,7 +35,7 @@ DRY=${DRY:-0}
 OUT=${OUT:-/tmp/sd-vram-out}
 BUDGET=${SD_VRAM_BUDGET_S:-540}
 GRACE=20
-SETTINGS_TAGS=${SETTINGS_TAGS:-dtype,scheduler,cudnn,lora}
+SETTINGS_TAGS=${SETTINGS_TAGS:-dtype,scheduler,cudnn,lora,channels-last}
 SPLIT_CONF=${SPLIT_CONF:-max_split_size_mb:512}
 CASES=${CASES:-*}
 PY=${PYTHON:-python3}

@@ -127,18 +127,27 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def build_pipeline(device="meta", dtype=torch.float16, safety_checker: bool = True, seed: int = 0,
-                   config: dict | None = None):
+                   config: dict | None = None, channels_last: bool = False):
     """StableDiffusionImg2ImgPipeline from the bundled config (or `config`, of its layout)
     with random weights.
 
     device="meta" builds without memory (for the simulation, which moves it to fake CUDA);
     a CUDA device gets random weights drawn on the GPU itself (fast, no host copy).
+    channels_last: the UNet's and the VAE's weights in torch.channels_last before they reach
+    the device (Options.channels_last).
     """
     with quiet_libraries():
-        return _build_pipeline(device, dtype, safety_checker, seed, config)
+        return _build_pipeline(device, dtype, safety_checker, seed, config, channels_last)
 
 
-def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None):
+def to_channels_last(*modules) -> None:
+    """``module.to(memory_format=torch.channels_last)``: every 4-D weight re-strided (a copy each)."""
+    for m in modules:
+        m.to(memory_format=torch.channels_last)
+
+
+def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None,
+                    channels_last: bool = False):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     with torch.device("meta"):
@@ -150,6 +159,8 @@ def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict
     modules = [m for m in (checker, text_encoder, unet, vae) if m is not None]
     for m in modules:
         m.to(dtype)  # on meta: no memory; the GPU then gets fp16 tensors only, as from_pretrained
+    if channels_last:   # on meta too: to_empty's empty_like keeps the strides
+        to_channels_last(unet, vae)
     if str(device) != "meta":
         gen = torch.Generator(device=device).manual_seed(seed)
         for m in modules:
@@ -198,6 +209,8 @@ def unet_in_channels(unet, channels: int, seed: int = 0):
     device = conv.weight.device
     new = torch.nn.Conv2d(channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
                           device=device, dtype=conv.weight.dtype).requires_grad_(False)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        to_channels_last(new)   # the UNet's memory format (Options.channels_last)
     real = device.type != "meta"
     if real:
         conv.to("cpu")
@@ -215,9 +228,14 @@ def unet_in_channels(unet, channels: int, seed: int = 0):
             conv.to(device)
 
 
-def load_pipeline(model: str, device="cuda", dtype=torch.float16, safety_checker: bool = True):
-    """The user's own weights: a local diffusers folder or a hub id (as the issue's snippet)."""
+def load_pipeline(model: str, device="cuda", dtype=torch.float16, safety_checker: bool = True,
+                  channels_last: bool = False):
+    """The user's own weights: a local diffusers folder or a hub id (as the issue's snippet);
+    channels_last: the UNet and the VAE converted on the host, before the move."""
     from diffusers import AutoPipelineForImage2Image
 
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    return AutoPipelineForImage2Image.from_pretrained(model, torch_dtype=dtype, **kwargs).to(device)
+    pipe = AutoPipelineForImage2Image.from_pretrained(model, torch_dtype=dtype, **kwargs)
+    if channels_last:
+        to_channels_last(pipe.unet, pipe.vae)
+    return pipe.to(device)

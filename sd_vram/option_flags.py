@@ -156,6 +156,11 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "encoder)) or a .safetensors LoRA file (its header: peft or diffusers keys); derived from "
                    "diffusers and peft, not yet measured on a GPU", {"metavar": "RANK[:TARGETS]|FILE"}),
         OptionFlag("lora_fused", "--lora-fused", "then pipe.fuse_lora() (needs --lora)", switch=True),
+        OptionFlag("channels_last", "--channels-last",
+                   "pipe.unet and pipe.vae .to(memory_format=torch.channels_last) before pipe.to('cuda'): NHWC "
+                   "convolutions, GroupNorm's NCHW copies up to torch 2.12; derived from the PyTorch sources and a "
+                   "256-px probe, not measured on a GPU (converting on the GPU also leaves the old weights' "
+                   "blocks cached: not modelled)", switch=True),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

@@ -78,6 +78,8 @@ def options_line(o: Options) -> str:
         parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
     if o.dtype != "fp16":
         parts.append(f"dtype {o.dtype}")
+    if o.channels_last:
+        parts.append("UNet and VAE channels_last")
     return ", ".join(parts)
 
 

@@ -172,7 +172,7 @@ def simulate_events(height: int, width: int, prompt=None, prompt_length=None, *,
     # the suite builds the pipeline with its safety checker and sets it to None for a case
     # without one; a history that unloads it needs the model built too
     built_with_checker = bool(options.safety_checker) or any(h == "-safety_checker" for h in history)
-    pipe = meta_pipeline(built_with_checker, options.dtype, config_json(architecture))
+    pipe = meta_pipeline(built_with_checker, options.dtype, config_json(architecture), options.channels_last)
     max_evals = None if steps == "full" else (steady_state_evals(options) if steps == "auto" else int(steps))
     recorder = MemoryRecorder("cuda")
     recorder.name_modules({n: m for n, m in module_order(pipe)})
@@ -215,7 +215,7 @@ def record_call(height: int, width: int, *, device_type: str = "cuda", fake: boo
     options = options or Options()
     if options.adapters is not None:   # loaded_lora works on the fake device only
         raise ValueError("record_call does not load LoRA adapters (simulate does)")
-    pipe = meta_pipeline(bool(options.safety_checker))
+    pipe = meta_pipeline(bool(options.safety_checker), channels_last=options.channels_last)
     recorder = MemoryRecorder(device_type, shadows=fake)
     recorder.name_modules({n: m for n, m in module_order(pipe)})
     swap = WeightSwap()

@@ -1,10 +1,11 @@
 """Allocations made inside CUDA kernels, which the meta kernels do not show.
 
 During a simulated call these become synthetic events on the recorder (recorder.py):
-cuDNN convolution workspaces (the GPU profile's conv rules, sd_vram.formula.kernels), the
-contiguous staging tensor of a CPU -> CUDA copy that converts into a non-contiguous
-destination (h2d_temporary_bytes), the bool temporaries of SDPA's math path
-(_safe_softmax) and layer_norm's input copy. The attention kernels' own (the
+cuDNN convolution workspaces (the GPU profile's conv rules, sd_vram.formula.kernels); with
+channels-last weights, the convolutions' NHWC input copies and outputs, and GroupNorm's NHWC
+outputs from torch 2.13 (kernels.py section 4b); the contiguous staging tensor of a CPU ->
+CUDA copy that converts into a non-contiguous destination (h2d_temporary_bytes), the bool
+temporaries of SDPA's math path (_safe_softmax) and layer_norm's input copy. The attention kernels' own (the
 memory-efficient accumulator, flash's split-KV buffers) are sdpa.py's.
 
 Imports torch and the recorder; the GPU profile comes from the caller.
@@ -13,12 +14,15 @@ Imports torch and the recorder; the GPU profile comes from the caller.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from sd_vram.formula.gpu_profiles import GPUProfile
-from sd_vram.formula.kernels import NativeConv, conv_kernels, native_conv_columns
+from sd_vram.formula.kernels import Layouts, NativeConv, conv_kernels, conv_runs_channels_last, native_conv_columns
 
+from .patches import patch_attr
 from .recorder import MemoryRecorder
 
 
@@ -40,14 +44,86 @@ def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_typ
             hook = _native_conv_hook(recorder)
             recorder.post_op_hooks.append(hook)
             es.callback(recorder.post_op_hooks.remove, hook)
-        elif ws:
-            hook = _conv_workspace_hook(recorder, ws)
-            recorder.post_op_hooks.append(hook)
-            es.callback(recorder.post_op_hooks.remove, hook)
+        else:
+            _rewrite(es, recorder, torch.ops.aten.convolution.default, _cudnn_convolution(recorder, ws))
 
-        recorder.rewrites[torch.ops.aten.native_layer_norm.default] = _layer_norm_contiguous(recorder)
-        es.callback(recorder.rewrites.pop, torch.ops.aten.native_layer_norm.default, None)
+        _rewrite(es, recorder, torch.ops.aten.native_layer_norm.default, _layer_norm_contiguous(recorder))
+        if Layouts.of(options, profile).norm_keeps_nhwc:
+            # torch >= 2.13 (kernels.py section 4b). Up to 2.12 the CPU build's composite
+            # group_norm already does what CUDA's does: a non-contiguous input is copied to NCHW
+            # (the recorder sees the clone) and alive until native_group_norm returns NCHW.
+            _rewrite(es, recorder, torch.ops.aten.native_group_norm.default, _group_norm_keeps_nhwc)
+            es.enter_context(patch_attr(torch.nn.functional, "group_norm", _native_group_norm))
         yield
+
+
+def _native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """F.group_norm as torch >= 2.13's group_norm.cpp runs it on CUDA: an NHWC input as it is
+    (group_norm_memory_format keeps channels_last); any other non-contiguous one (the VAE
+    attention's (B, C, N) view of an NHWC map) copied to contiguous first."""
+    if not input.is_contiguous() and not _channels_last(input):
+        input = input.contiguous()
+    n, c = input.shape[:2]
+    return torch.ops.aten.native_group_norm(input, weight, bias, n, c, math.prod(input.shape[2:]), num_groups, eps)[0]
+
+
+def _rewrite(es: contextlib.ExitStack, recorder: MemoryRecorder, op, rewrite) -> None:
+    recorder.rewrites[op] = rewrite
+    es.callback(recorder.rewrites.pop, op, None)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Tensor.suggest_memory_format() == channels_last, by its strides alone (a channels-last
+    (C_out, C_in, 1, 1) filter is contiguous too, and suggests channels_last)."""
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
+
+
+def _group_norm_keeps_nhwc(func, args, kwargs):
+    """CUDA native_group_norm from torch 2.13: an NHWC input gives an NHWC output, no copy
+    (the meta kernel, the _refs decomposition, lays it out contiguous)."""
+    x = args[0]
+    y, mean, rstd = func(*args, **kwargs)
+    return (torch.empty_like(x) if _channels_last(x) else y), mean, rstd   # preserve_format: x's strides
+
+
+def _cudnn_convolution(recorder: MemoryRecorder, ws):
+    """A cuDNN convolution as Convolution.cpp _convolution runs it (kernels.py sections 3, 4b):
+    with channels-last weights the input made contiguous in cudnn_conv_suggest_memory_format's
+    NHWC (an NCHW input is copied before the output exists) and the output NHWC (the meta
+    kernel lays every output out contiguous), then the workspace, allocated through the
+    caching allocator after the output and freed when the convolution returns (results/H200/
+    20261126T052749Z_nogit_memhistory_truck-4032x3024.json: the decoder's peak is at
+    up_blocks.2.upsamplers.0.conv with the interpolated input, the conv output and a
+    12,486,574,464 B workspace alive), then the input copy. The workspace's
+    size comes from the GPU profile (profile.conv_workspace(): a probe's measurement for this
+    module and input shape, else the first rule matching the module path, kernel size and
+    batch)."""
+    def rewrite(func, args, kwargs):
+        x, weight = args[0], args[1]
+        if x.device.type not in recorder.device_types or weight.dim() != 4:
+            return func(*args, **kwargs)
+        # NHWC as cudnn_conv_suggest_memory_format picks it, for channels-last weights only: with
+        # NCHW weights the meta kernel's contiguous output stays, and the workspace rules (measured
+        # that way) name the encoder's convolutions that get the channels-last image's layout
+        weight_nhwc = _channels_last(weight)
+        nhwc = weight_nhwc and conv_runs_channels_last(_channels_last(x), weight_nhwc,
+                                                       str(x.dtype).removeprefix("torch."))
+        x_in = x
+        if nhwc and not _channels_last(x):
+            x_in = x.contiguous(memory_format=torch.channels_last)   # inside our handler: by hand
+            recorder.track(x_in, op="convolution:input.contiguous(channels_last)")
+        out = func(x_in, *args[1:], **kwargs)
+        if nhwc:
+            out = out.contiguous(memory_format=torch.channels_last)  # the fake's own output is never tracked
+        recorder.track(out)
+        nbytes = ws(recorder.module, tuple(weight.shape[2:]), tuple(x.shape), x.numel() * x.element_size(),
+                    out.numel() * out.element_size(), weight.numel() * weight.element_size()) if ws else 0
+        if nbytes > 0:
+            k = recorder.synthetic_alloc(nbytes, "cudnn_convolution:workspace", (nbytes,), "uint8")
+            recorder.synthetic_free(k, op="cudnn_convolution:workspace")
+        del x_in
+        return out
+    return rewrite
 
 
 def _layer_norm_contiguous(recorder: MemoryRecorder):
@@ -142,28 +218,6 @@ def _safe_softmax_hook(recorder: MemoryRecorder):
         rows = recorder.synthetic_alloc(n // max(x.shape[dim], 1), "_safe_softmax:all", (), "bool")
         recorder.synthetic_free(rows)
         recorder.synthetic_free(masked)
-    return hook
-
-
-def _conv_workspace_hook(recorder: MemoryRecorder, ws):
-    """cuDNN's convolution workspace: allocated through the caching allocator inside
-    at::native::cudnn_convolution after the output exists, freed when the convolution
-    returns (results/H200/20261126T052749Z_nogit_memhistory_truck-4032x3024.json: the
-    decoder's peak is at up_blocks.2.upsamplers.0.conv with the interpolated input, the conv
-    output and a 12,486,574,464 B workspace alive). Its size comes from the GPU profile's
-    workspaces (profile.conv_workspace(): a probe's measurement for this module and input
-    shape, else the first rule matching the module path, kernel size and batch)."""
-    conv = torch.ops.aten.convolution.default
-
-    def hook(func, args, kwargs, out):
-        if func is not conv or not isinstance(out, torch.Tensor) or out.device.type not in recorder.device_types:
-            return
-        x, weight = args[0], args[1]
-        nbytes = ws(recorder.module, tuple(weight.shape[2:]), tuple(x.shape), x.numel() * x.element_size(),
-                    out.numel() * out.element_size(), weight.numel() * weight.element_size())
-        if nbytes > 0:
-            k = recorder.synthetic_alloc(nbytes, "cudnn_convolution:workspace", (nbytes,), "uint8")
-            recorder.synthetic_free(k, op="cudnn_convolution:workspace")
     return hook
 
 

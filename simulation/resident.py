@@ -32,14 +32,15 @@ def config_json(architecture: dict | None) -> str | None:
 
 
 @lru_cache(maxsize=4)
-def meta_pipeline(safety_checker: bool = True, dtype: str = "fp16", config: str | None = None):
-    """The pipeline on the meta device in the case's dtype (Options.dtype), from `config`
-    (config_json of a config of sd15.json's layout; None: the bundled one), built once per
-    process and arguments: diffusers' init is slow."""
+def meta_pipeline(safety_checker: bool = True, dtype: str = "fp16", config: str | None = None,
+                  channels_last: bool = False):
+    """The pipeline on the meta device in the case's dtype (Options.dtype) and memory format
+    (Options.channels_last), from `config` (config_json of a config of sd15.json's layout; None:
+    the bundled one), built once per process and arguments: diffusers' init is slow."""
     from sd_vram.models import build_pipeline, torch_dtype
 
     pipe = build_pipeline("meta", dtype=torch_dtype(dtype), safety_checker=safety_checker,
-                          config=None if config is None else json.loads(config))
+                          config=None if config is None else json.loads(config), channels_last=channels_last)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -268,3 +268,33 @@ def test_cuda_backend_runs_txt2img_and_inpaint(fake_gpu):
     hook.remove()
     assert b.pipe.unet.conv_in is conv_in and b.pipe.unet.config.in_channels == 4   # restored
     b.close()
+
+
+def test_cuda_backend_rebuilds_for_channels_last(fake_gpu):
+    """A channels_last case (issue 11 item 3) rebuilds the pipeline with the UNet's and VAE's
+    4-D weights in channels-last (the text encoder and safety checker untouched), then a case
+    without it rebuilds NCHW again; the inpainting conv_in follows the UNet's format."""
+    from sd_vram.plugin import gpu
+
+    def formats(pipe):
+        four = [p for m in (pipe.unet, pipe.vae) for p in m.parameters() if p.dim() == 4]
+        cl = all(p.is_contiguous(memory_format=torch.channels_last) for p in four)
+        nchw = all(p.is_contiguous() for p in four)
+        return cl, nchw
+
+    b = gpu.CudaBackend(monitor=gpu.NvmlMonitor(), device="cpu", warmup=False, dtype=torch.float32)
+    assert formats(b.pipe) == (False, True)
+    m = b.measure(_case("cl", channels_last=True), synthetic_image(64, 48, "cl"))
+    assert m["status"] == "ok", m["error"]
+    assert b.channels_last and formats(b.pipe) == (True, False)
+    seen = []
+    hook = b.pipe.unet.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
+    case = _case("cl-inpaint", channels_last=True, pipeline="inpaint", inpaint_unet="inpainting",
+                 mask_size=[48, 64], pipe_height=48, pipe_width=64)
+    assert b.measure(case, synthetic_image(64, 48, case.name))["status"] == "ok"
+    assert seen and all(seen)
+    hook.remove()
+    assert b.measure(_case("nchw"), synthetic_image(64, 48, "nchw"))["status"] == "ok"
+    assert not b.channels_last and formats(b.pipe) == (False, True)
+    b.close()

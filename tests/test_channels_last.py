@@ -1,0 +1,164 @@
+"""channels_last (Options.channels_last): the UNet's and VAE's weights in torch.channels_last.
+
+Derived from PyTorch's sources (kernels.py section 4b, DERIVATION.md section 20): NHWC cuDNN
+convolutions whose NCHW inputs are copied first, GroupNorm's NCHW copies up to torch 2.12, no
+NHWC workspace. The figures below are worked from those rules here; the equation is held to
+the simulation of diffusers' code, in which the layouts come from the fake tensors' strides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from sd_vram.formula import InputError, Options, estimate, gpu_profiles, kernels
+from sd_vram.formula.activations import NHWC_COPY
+
+H200 = {"gpu": "h200"}
+TORCH_213 = dataclasses.replace(gpu_profiles.get("h200"), name="h200-torch-2.13", torch_version=(2, 13))
+FP16 = 2
+
+
+def _peak_terms(height, width, **options):
+    from sd_vram.formula import equation
+
+    _, _, _, o, profile, s = equation._setup(height, width, None, 20, options)
+    e = estimate(height, width, prompt_length=20, **options)
+    cands = equation._stage_candidates(s, o, profile)[e.peak_stage]
+    return e, max(cands, key=lambda p: p.total).terms
+
+
+# --- the kernel facts ---------------------------------------------------------------------------
+
+def test_cudnn_runs_nhwc_when_the_input_or_the_weight_is_channels_last():
+    assert kernels.conv_runs_channels_last(False, True)
+    assert kernels.conv_runs_channels_last(True, False)
+    assert not kernels.conv_runs_channels_last(False, False)
+    assert not kernels.conv_runs_channels_last(True, True, "float64")   # cuDNN NHWC excludes double
+
+
+def test_group_norm_keeps_nhwc_from_torch_2_13():
+    assert not kernels.group_norm_keeps_channels_last(gpu_profiles.get("h200"))   # torch 2.11
+    assert kernels.group_norm_keeps_channels_last(TORCH_213)
+    assert kernels.Layouts.of(Options(channels_last=True), gpu_profiles.get("h200")).norm_copies
+    assert not kernels.Layouts.of(Options(channels_last=True), TORCH_213).norm_copies
+    assert not kernels.Layouts.of(Options(), TORCH_213).norm_keeps_nhwc   # NCHW weights: nothing changes
+
+
+# --- the equation -------------------------------------------------------------------------------
+
+def test_decoder_peak_trades_the_workspace_for_one_input_copy():
+    """At decoder.up_blocks.3.resnets.0.conv1 (256 -> 128, full res): NCHW takes cuDNN's transposing
+    workspace (input + output + filter); channels_last takes the NHWC copy of its input, no workspace."""
+    H, W = 512, 768
+    x, y = 256 * H * W * FP16, 128 * H * W * FP16
+    e, terms = _peak_terms(H, W, channels_last=True, **H200)
+    assert e.peak_stage == "vae_decode" and "up_blocks.3.resnets.0.conv1" in e.stages["vae_decode"].operation
+    assert [b for _, t, b in terms if t == NHWC_COPY] == [x]
+    assert not any(t == kernels.ConvWorkspace.term for _, t, _ in terms)
+    nchw = estimate(H, W, prompt_length=20, **H200).stages["vae_decode"]
+    # NCHW peaks at the upsampler: 2 full-res maps + workspace (2 maps + filter) + 2 half-res ones
+    assert e.stages["vae_decode"].allocated < nchw.allocated
+    assert e.conv_workspace.startswith("none: NHWC engines")
+    del y
+
+
+def test_from_torch_2_13_no_copy_and_the_decoder_peaks_at_its_silu():
+    """GroupNorm keeps NHWC: conv1 holds x, silu(x) and its output (2 x 256 ch + 128 ch), less than
+    the three 256-ch maps at silu(norm1(x)); torch 2.11's conv1 had a third 256-ch map (the copy)."""
+    H = W = 512
+    old = estimate(H, W, prompt_length=20, channels_last=True, **H200)
+    new, terms = _peak_terms(H, W, channels_last=True, gpu=TORCH_213)
+    assert not any(t == NHWC_COPY for _, t, _ in terms)
+    assert "silu(norm1(x))" in new.stages["vae_decode"].operation
+    assert old.peak_allocated - new.peak_allocated == 128 * H * W * FP16   # 3 x + y against 3 x
+
+
+def test_channels_last_is_labelled_derived_with_bounds():
+    e = estimate(640, 424, prompt_length=20, channels_last=True, **H200)
+    lo, hi = e.bounds["peak_allocated_bytes"]
+    assert lo < e.peak_allocated < hi         # measured h200 context, yet the NHWC workspaces are derived
+
+
+def test_bad_values_are_one_line_errors():
+    with pytest.raises(InputError, match="channels_last must be True or False"):
+        Options(channels_last="yes")
+    with pytest.raises(InputError, match="channels_last with cudnn=False is not modelled"):
+        Options(channels_last=True, cudnn=False)
+
+
+def test_cli_flag_and_its_refusal():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sd_vram.cli", "estimate", "640x424", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    ok = run("--channels-last", "--gpu-profile", "h200")
+    assert ok.returncode == 0 and "UNet and VAE channels_last" in ok.stdout
+    bad = run("--channels-last", "--no-cudnn")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not modelled" in bad.stderr
+
+
+# --- against the simulation ------------------------------------------------------------------------
+
+CASES = [
+    ("256", 256, 256, {}),
+    ("424x640", 424, 640, {}),
+    ("images2-512", 512, 512, {"num_images_per_prompt": 2}),
+    ("fp32-512x384", 384, 512, {"dtype": "fp32"}),
+    ("txt2img-768", 768, 768, {"pipeline": "txt2img", "pipe_height": 768, "pipe_width": 768}),
+    ("vae-tiling-768", 768, 768, {"vae_tiling": True}),
+]
+
+
+@pytest.mark.parametrize("name,height,width,opts", CASES, ids=[c[0] for c in CASES])
+def test_equation_matches_simulation(name, height, width, opts):
+    _compare(height, width, {**opts, **H200})
+
+
+def test_equation_matches_simulation_with_torch_2_13():
+    _compare(512, 512, {"gpu": TORCH_213})
+
+
+def _compare(height, width, opts):
+    pytest.importorskip("diffusers")
+    from sd_vram.simulation import simulate
+
+    sim = simulate(height, width, prompt_length=20, channels_last=True, **opts)
+    e = estimate(height, width, prompt_length=20, channels_last=True, **opts)
+    msg = f"equation {e.peak_allocated:,} / {e.peak_reserved:,} at {e.peak_stage}; simulation {sim.peak_allocated:,} / {sim.peak_reserved:,} at {sim.peak_stage}"
+    assert e.peak_stage == sim.peak_stage, msg
+    assert abs(e.peak_allocated / sim.peak_allocated - 1) <= 0.01, msg
+    assert abs(e.peak_reserved / sim.peak_reserved - 1) <= 0.03, msg
+
+
+# --- the simulation's layouts ---------------------------------------------------------------------
+
+def _copies(profile):
+    pytest.importorskip("diffusers")
+    from sd_vram.simulation import simulate
+
+    sim = simulate(256, 256, prompt_length=20, channels_last=True, profile=profile, steps=1)
+    ops = [ev for ev in sim.events if ev.kind == "alloc" and ev.op == "convolution:input.contiguous(channels_last)"]
+    return sim, {ev.module.rsplit(".", 1)[-1] for ev in ops}
+
+
+def test_simulated_copies_sit_after_group_norm_up_to_torch_2_12():
+    """torch 2.11: every convolution fed by GroupNorm (+ SiLU) copies its NCHW input, and proj_out
+    its .contiguous() input; the upsamplers', downsamplers' and shortcuts' inputs are NHWC."""
+    sim, convs = _copies(gpu_profiles.get("h200"))
+    assert {"conv1", "conv2", "proj_in", "proj_out", "conv_out"} <= convs
+    assert not convs & {"conv", "conv_shortcut", "conv_in"}
+    nchw = _resident(channels_last=False)
+    assert sim.resident_allocated == nchw          # the same weights, re-strided
+
+
+def test_simulated_copies_from_torch_2_13_only_at_proj_out():
+    _, convs = _copies(TORCH_213)
+    assert convs == {"proj_out"}
+
+
+def _resident(**options):
+    from sd_vram.simulation import simulate
+
+    return simulate(256, 256, prompt_length=20, steps=1, **options, **H200).resident_allocated
