@@ -14,7 +14,10 @@
 # what overruns), cheapest cases first within a step:
 #   settings  S1 (+130) the alloc-conf cases, in a process started with
 #                       PYTORCH_CUDA_ALLOC_CONF=$SPLIT_CONF (the allocator reads it once)
-#             S2 (+470) every other settings case (SETTINGS_TAGS), in one process
+#             S2 (+430) every other settings case (SETTINGS_TAGS), in one process
+#             S4 (+480) a memory-history snapshot of CL_SNAPSHOT (a channels_last case: its NHWC
+#                       workspaces and layout copies, which only a trace shows)
+#                                                             -> results/<gpu>/*memhistory*
 #             S3 (+540) the xformers cases, in the one process that has the carried xformers
 #                       wheel (diffusers imports xformers whenever it is installed)
 #   pipelines T  (+250) the txt2img cases
@@ -22,7 +25,8 @@
 # Archives go to results/<gpu>/<run>.json; then they are compared in the log.
 #
 # Environment: OUT (default /tmp/sd-vram-out), SD_VRAM_BUDGET_S (540), DRY=1, RESULTS_DIR,
-# CASES (name globs within the group; default all), SETTINGS_TAGS, SPLIT_CONF, SKIP (e.g. SKIP=S1).
+# CASES (name globs within the group; default all), SETTINGS_TAGS, SPLIT_CONF, CL_SNAPSHOT, SKIP
+# (e.g. SKIP=S1).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -37,6 +41,7 @@ BUDGET=${SD_VRAM_BUDGET_S:-540}
 GRACE=20
 SETTINGS_TAGS=${SETTINGS_TAGS:-dtype,scheduler,cudnn,lora,channels-last}
 SPLIT_CONF=${SPLIT_CONF:-max_split_size_mb:512}
+CL_SNAPSHOT=${CL_SNAPSHOT:-channels-last.balloon-396x380}
 CASES=${CASES:-*}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
@@ -44,10 +49,12 @@ if [ "$DRY" = 1 ]; then
     SITE=${SITE:-/tmp/sd-vram-dry-site}
     RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
     BACKEND=(--sd-backend fake)
+    TASK_BACKEND=(--backend fake)
 else
     SITE=/tmp/site
     RESULTS_DIR=${RESULTS_DIR:-results}
     BACKEND=()
+    TASK_BACKEND=()
 fi
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -69,7 +76,9 @@ main() {
 
     if [ "$GROUP" = settings ]; then
         run_step S1 130 env PYTORCH_CUDA_ALLOC_CONF="$SPLIT_CONF" "${PYTEST[@]}" --case-tags alloc-conf
-        run_step S2 470 "${PYTEST[@]}" --case-tags "$SETTINGS_TAGS"
+        run_step S2 430 "${PYTEST[@]}" --case-tags "$SETTINGS_TAGS"
+        TORCH_SYMBOLIZE_MODE=dladdr run_step S4 480 "$PY" -m sd_vram.plugin.device_tasks snapshot \
+            "${TASK_BACKEND[@]}" --cases "$CL_SNAPSHOT" --results-dir "$RESULTS_DIR"
         if opt_in_site "$SITE-xformers" 'xformers-*'; then
             run_step S3 540 env PYTHONPATH="$SITE-xformers:$PYTHONPATH" "${PYTEST[@]}" --case-tags xformers
         else
