@@ -129,10 +129,19 @@ NHWC_COPY = "NHWC copy of the conv input (channels_last)"
 
 
 def nhwc_input_copy(s: Shape, p: Peak, size: int) -> None:
-    """A convolution after GroupNorm and SiLU with channels-last weights, up to torch 2.12: its
-    NCHW input is copied to NHWC first (kernels.Layouts, section 4b)."""
+    """A convolution after GroupNorm and SiLU with channels-last weights where GroupNorm writes
+    NCHW (kernels.Layouts.norm_copies): its input is copied to NHWC first."""
     if s.layouts.norm_copies:
         p.add("activations", NHWC_COPY, size)
+
+
+def upsample_copies(s_or_layouts, batch: int, c: int, h: int, w: int) -> bool:
+    """diffusers' Upsample2D.forward (models/upsampling.py) calls ``hidden_states.contiguous()``
+    for a batch of 64 or more, and where the interpolated map would exceed 2^31 elements
+    (``numel() * scale_factor > 2 ** 31``, scale 2). With channels-last weights that copies the
+    NHWC input to NCHW, the interpolation writes NCHW and the conv copies it back to NHWC."""
+    layouts = getattr(s_or_layouts, "layouts", s_or_layouts)
+    return layouts.channels_last and (batch >= 64 or batch * c * h * w * 2 > 2 ** 31)
 
 
 def merge(*peaks: Peak, operation: str | None = None) -> Peak:
@@ -388,7 +397,8 @@ def vae_decode_upsampler(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     """The upsampler into full resolution (SD1.5: up_blocks[2]'s): nearest x2, then a
     channels[1] 3x3 conv. Alive: Decoder.forward's `sample` (the up block before's output,
     channels[2] at H/2), the block's hidden state (channels[1] at H/2), the interpolated input
-    and the conv output (full res), and cuDNN's workspace."""
+    and the conv output (full res), and cuDNN's workspace (or, channels-last, upsample_copies'
+    NHWC copy of the interpolated map)."""
     m = s.model
     ch, blk = m.vae_channels, len(m.vae_channels) - 2
     c = ch[1]
@@ -397,6 +407,8 @@ def vae_decode_upsampler(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     p.add("activations", f"decoder.up_blocks.{blk - 1} output ({ch[2]} ch, H/2)", s.bytes(b, ch[2], H // 2, W // 2))
     p.add("activations", f"up_blocks.{blk}.resnets.{m.vae_layers} output ({c} ch, H/2)", s.bytes(b, c, H // 2, W // 2))
     p.add("activations", f"interpolate(x, 2) ({c} ch, full res)", full)
+    if upsample_copies(s, b, c, H // 2, W // 2):
+        p.add("activations", NHWC_COPY, full)
     p.add("activations", f"conv output ({c} ch, full res)", full)
     ws = conv_workspace(ws_rule, f"vae.decoder.up_blocks.{blk}.upsamplers.0.conv", 3, (b, c, H, W),
                         full, full, c * c * 9 * s.itemsize)
@@ -532,8 +544,8 @@ def vae_encode_conv(s: Shape, H: int, W: int, ws_rule) -> Peak:
 
 
 def vae_encode_norm(s: Shape, H: int, W: int) -> Peak:
-    """With channels-last weights up to torch 2.12: the encoder's first block's last resnet at
-    norm2 (kernels.Layouts): conv_in's output, the resnet before's output, conv1's (NHWC)
+    """With channels-last weights where GroupNorm copies (kernels.Layouts.norm_copies): the
+    encoder's first block's last resnet at norm2: conv_in's output, the resnet before's output, conv1's (NHWC)
     output, GroupNorm's NCHW copy of it and its output, five channels[0] full-res maps, with
     the group statistics (mean, rstd: 1 x groups each)."""
     p, _ = _vae_encode_last_resnet(

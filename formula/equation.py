@@ -266,10 +266,10 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
     breakdown["cuda_context"] = profile.cuda_context
     source = "+".join(sorted(ws.used)) or "none"
     source = {"native": "native im2col (cuDNN off)", "rule": f"rule {profile.conv_workspace_rule}"}.get(source, source)
+    if o.channels_last:
+        source = "rule nhwc: no workspace (NHWC engines, channels_last: derived, not measured)"
     if o.cudnn_deterministic:
         source += " (deterministic engines: derived, not measured)"
-    if o.channels_last:
-        source = "none: NHWC engines (channels_last; derived, not measured)"
     est = Estimate(
         height=H, width=W, prompt_tokens=tokens,
         truncated=tokens is not None and tokens > MAX_PROMPT_TOKENS,

@@ -574,53 +574,49 @@ def no_conv_workspace(options):
 
 # --- 4b. Memory formats: channels_last (Options.channels_last) ---------------------------------------
 # pipe.unet.to(memory_format=torch.channels_last) and the same for pipe.vae re-stride every 4-D
-# weight (nn.Module._apply converts 4-D tensors only; a (C_out, C_in, 1, 1) filter too: its
-# contiguous strides do not suggest channels_last, so .to() copies it). Then:
-# - cuDNN convolutions (aten/src/ATen/native/ConvUtils.h cudnn_conv_suggest_memory_format, torch
-#   2.11 and 2.13 alike): NHWC when the input OR the weight suggests channels_last (4-D weight,
-#   cuDNN >= 7.6.3, not float64). Convolution.cpp _convolution passes
-#   ``input.contiguous(backend_memory_format)`` to at::cudnn_convolution: an NCHW input is copied
-#   to NHWC before the output is allocated, and freed when the convolution returns; the output is
-#   NHWC. A channels-last weight needs no copy.
-# - GroupNorm (aten/src/ATen/native/group_norm.cpp native_group_norm): up to torch 2.12 a CUDA
-#   input is made contiguous (``X.contiguous(MemoryFormat::Contiguous)``, a copy of an NHWC map
-#   alive with the output until the kernel returns) and the output is NCHW; from torch 2.13 (the
-#   NHWC CUDA kernels of pytorch/pytorch#191945, merged 2026-08-13; group_norm_memory_format)
-#   the input's suggested format is kept: no copy, an NHWC output. Read from the sources, not
-#   measured.
-# - Workspaces of NHWC convolutions: the H100 conv probe's channels-last inputs (results/
-#   H100-80GB-HBM3/20261126T055338Z_nogit_conv_probe.json, 64x64-256x256, torch 2.11, cuDNN 9.19)
-#   took the filter's bytes for a 3x3 conv (its NHWC copy, ``weight.contiguous(memory_format)`` in
-#   cudnn_convolution, which a channels-last filter does not need) and nothing for a 1x1: the NHWC
-#   engines there took no workspace. The rule set "nhwc" takes that as the point for every
-#   convolution; at the call's own shapes it is derived, not measured.
-CHANNELS_LAST_NOTE = ("channels_last: the NHWC convolutions' workspaces (none) and the layout copies are derived "
-                      "from the sources and a 256-px probe, not measured on a GPU at these sizes")
+# parameter and buffer (nn.Module.to converts the 4-D and 5-D ones; SD1.5 has no 5-D), a
+# (C_out, C_in, 1, 1) filter too: its contiguous strides do not suggest channels_last, so
+# Tensor.to copies it. Then:
+# - cuDNN convolutions (aten/src/ATen/native/ConvUtils.h cudnn_conv_suggest_memory_format): NHWC
+#   when the input OR the weight suggests channels_last (a 4-D weight, cuDNN >= 7.6.3, not
+#   float64). Convolution.cpp _convolution passes ``input.contiguous(backend_memory_format)`` to
+#   at::cudnn_convolution: an NCHW input is copied to NHWC before the output is allocated, and
+#   freed when the convolution returns; the output is NHWC; a channels-last filter needs no copy.
+# - GroupNorm (aten/src/ATen/native/group_norm.cpp): through torch 2.13.0 the composite
+#   group_norm makes a CUDA input contiguous (``input.contiguous()``: a copy of an NHWC map, alive
+#   until native_group_norm returns) and native_group_norm writes NCHW (pytorch/pytorch#186414
+#   moved that copy into native_group_norm, same order). pytorch/pytorch#191945 (merged
+#   2026-08-13, after 2.13.0 branched: its composite still copies, tests/test_channels_last.py
+#   checks the installed wheel) keeps the input's suggested format on CUDA
+#   (group_norm_memory_format): no copy, an NHWC output. Taken as torch >= 2.14: read from the
+#   sources, not measured. A 3-D (B, C, N) view of an NHWC map is copied either way.
+# - Workspaces of NHWC convolutions: in the H100 conv probe (results/H100-80GB-HBM3/
+#   20261126T055338Z_nogit_conv_probe.json, 64x64-256x256, torch 2.11, cuDNN 9.19) the
+#   convolutions with a channels-last input (the encoder's conv_in, its stride-2 downsamplers,
+#   two 1x1 shortcuts) took their 3x3 filter's bytes (its NHWC copy, which a channels-last filter
+#   does not need) and nothing else. No stride-1 3x3 convolution of 128-1280 channels, the kind
+#   the peaks sit at, ran NHWC there: the rule set "nhwc" (none) is derived for them, and the
+#   bounds stay open (the heaviest rule set on record).
 CONV_RULE_SETS["nhwc"] = ()
-
-
-def conv_runs_channels_last(input_channels_last: bool, weight_channels_last: bool, dtype: str = "float16") -> bool:
-    """cudnn_conv_suggest_memory_format: NHWC when the input or the (4-D) weight is channels-last."""
-    return dtype != "float64" and (input_channels_last or weight_channels_last)
+GROUP_NORM_KEEPS_NHWC_FROM = (2, 14)
 
 
 def group_norm_keeps_channels_last(stack) -> bool:
-    """native_group_norm on CUDA keeps an NHWC input's layout (torch >= 2.13) instead of copying
-    it to NCHW (torch <= 2.12)."""
-    return tuple(stack.torch_version) >= (2, 13)
+    """CUDA GroupNorm keeps an NHWC input's layout instead of copying it to NCHW (section 4b)."""
+    return tuple(stack.torch_version) >= GROUP_NORM_KEEPS_NHWC_FROM
 
 
 @dataclass(frozen=True)
 class Layouts:
-    """Which layout copies the UNet's and the VAE's feature maps go through (section 4b).
+    """The layout copies the UNet's and the VAE's feature maps go through (section 4b).
 
-    NCHW weights (the default): the maps stay NCHW (the encoder's first block, which gets the
-    channels-last image, is covered by the workspace rules above), and Transformer2DModel's
-    permuted view makes LayerNorm copy its input. Channels-last weights: every convolution
-    writes NHWC; up to torch 2.12 each GroupNorm copies its NHWC input to NCHW and writes NCHW,
-    so the convolution after its SiLU copies the map back to NHWC; from torch 2.13 neither
-    copy happens. Either way Transformer2DModel's ``.permute(0, 3, 1, 2).contiguous()`` feeds
-    proj_out an NCHW map that it copies, and the permuted view LayerNorm reads is contiguous."""
+    NCHW weights (the default): nothing here; the encoder's convolutions that get the
+    channels-last image's layout are covered by the workspace rules above. Channels-last
+    weights: every convolution writes NHWC; each GroupNorm copies its input and writes NCHW
+    (norm_copies) unless the stack's GroupNorm keeps NHWC (norm_keeps_nhwc), and so the
+    convolution after its SiLU copies it back; Transformer2DModel's ``.permute(0, 3, 1, 2)
+    .contiguous()`` feeds proj_out an NCHW map it copies, while the permuted view LayerNorm
+    reads is contiguous."""
 
     channels_last: bool = False
     norm_keeps_nhwc: bool = False

@@ -11,11 +11,9 @@ VAE encoder's and decoder's maps in the order diffusers' code makes and drops th
     Downsample2D:   p = pad(x, (0, 1, 0, 1)); y = conv(p)          (stride 2)
     Upsample2D:     u = interpolate(x, 2); y = conv(u)
     convolution:    output, then cuDNN's workspace, freed when the conv returns
-    channels_last:  up to torch 2.12 GroupNorm copies its NHWC input (alive with its output
-                    until it returns) and the conv after the SiLU copies its NCHW input to NHWC
-                    (allocated before the output, freed after the workspace); Transformer2DModel's
-                    proj_out copies its NCHW input, and LayerNorm's input is contiguous
-                    (kernels.Layouts)
+    channels_last:  the layout copies of kernels.Layouts: GroupNorm's of its NHWC input (alive
+                    until it returns), the conv's of an NCHW input (allocated before the output,
+                    freed after the workspace), Upsample2D's (activations.upsample_copies)
 
 A name drops when the Python variable holding it is rebound (CPython frees at refcount 0).
 Only the blocks at full and half resolution are replayed (and the upsampler into half
@@ -26,7 +24,7 @@ blocks the big maps leave cached.
 from __future__ import annotations
 
 from . import architecture as arch
-from .activations import FP16, conv_workspace, nbytes
+from .activations import FP16, conv_workspace, nbytes, upsample_copies
 from .allocator import CachingAllocator, OutOfMemoryError
 from .kernels import Layouts
 
@@ -65,9 +63,11 @@ class Schedule:
         for t in tensors:
             self.alloc.free(self._blocks.pop(t))
 
-    def norm(self, c: int, h: int, w: int) -> int:
-        """GroupNorm's output (and, copying an NHWC input, its NCHW copy while it runs)."""
-        cp = self.new(c, h, w, f"GroupNorm: NCHW copy ({self.b}, {c}, {h}, {w})") if self.layouts.norm_copies else None
+    def norm(self, c: int, h: int, w: int, copies: bool | None = None) -> int:
+        """GroupNorm's output and, copying its input (copies; default Layouts.norm_copies: an
+        NHWC map), the copy while it runs."""
+        copies = self.layouts.norm_copies if copies is None else copies
+        cp = self.new(c, h, w, f"GroupNorm: NCHW copy ({self.b}, {c}, {h}, {w})") if copies else None
         out = self.new(c, h, w)
         if cp is not None:
             self.free(cp)
@@ -98,6 +98,20 @@ class Schedule:
                 self.fallbacks.append(op)
         if cp is not None:
             self.free(cp)
+        return y
+
+    def upsample(self, c: int, h: int, w: int, module: str, out_hw=None) -> int:
+        """Upsample2D: interpolate a (c, h, w) map (its caller holds it) to out_hw (default
+        2h x 2w), then the 3x3 conv; activations.upsample_copies: an NCHW copy to interpolate
+        from, and the conv's NHWC copy of the NCHW result."""
+        oh, ow = out_hw or (2 * h, 2 * w)
+        nchw = upsample_copies(self.layouts, self.b, c, h, w)
+        cp = self.new(c, h, w, f"{module}: NCHW copy of the input (.contiguous())") if nchw else None
+        u = self.new(c, oh, ow)                        # interpolate
+        if cp is not None:
+            self.free(cp)
+        y = self.conv(u, c, c, 3, oh, ow, module=f"{module}.conv", nchw_input=nchw)
+        self.free(u)
         return y
 
     def resnet(self, x: int, c_in: int, c_out: int, h: int, w: int, module: str, temb: bool = False) -> int:
@@ -161,9 +175,8 @@ def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: 
     s = Schedule(alloc, ws, b, fallbacks, itemsize, layouts)
     h, w = H // 4, W // 4
     x = s.new(channels[1], h, w)                       # up_blocks[1]'s last resnet output
-    u = s.new(channels[1], 2 * h, 2 * w)               # its upsampler: interpolate, conv
-    sample = s.conv(u, channels[1], channels[1], 3, 2 * h, 2 * w, module="vae.decoder.up_blocks.1.upsamplers.0.conv")
-    s.free(u, x)
+    sample = s.upsample(channels[1], h, w, "vae.decoder.up_blocks.1.upsamplers.0")   # its upsampler
+    s.free(x)
     h, w = 2 * h, 2 * w
     c_prev = channels[1]
     for i, c in enumerate(channels[2:], start=2):
@@ -174,9 +187,8 @@ def vae_decoder(alloc: CachingAllocator, b: int, H: int, W: int, ws, fallbacks: 
                 s.free(x)
             x = y
         if i < len(channels) - 1:
-            u = s.new(c, 2 * h, 2 * w)                 # interpolate
-            y = s.conv(u, c, c, 3, 2 * h, 2 * w, module=f"vae.decoder.up_blocks.{i}.upsamplers.0.conv")
-            s.free(u, x)
+            y = s.upsample(c, h, w, f"vae.decoder.up_blocks.{i}.upsamplers.0")
+            s.free(x)
             x = y
             h, w = 2 * h, 2 * w
         s.free(sample)
@@ -280,9 +292,8 @@ def unet(alloc: CachingAllocator, B: int, levels: list[tuple[int, int]], ws, fal
                 z = _unet_transformer(s, y, c, h, w, f"unet.up_blocks.{i}.attentions.{j}"); s.free(y)
                 y = z
             x = y
-        if lvl > 0:
-            u = s.new(c, *levels[lvl - 1])               # interpolate to the next skip's size
-            y = s.conv(u, c, c, 3, *levels[lvl - 1], module=f"unet.up_blocks.{i}.upsamplers.0.conv"); s.free(u, x)
+        if lvl > 0:                                      # interpolate to the next skip's size
+            y = s.upsample(c, h, w, f"unet.up_blocks.{i}.upsamplers.0", out_hw=levels[lvl - 1]); s.free(x)
             x = y
         s.free(sample)
         if lvl > 0:                                      # res_samples rebound by the next block
@@ -309,10 +320,7 @@ def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, fal
     h, w = H // 8, W // 8
     sample = s.conv(None, m.latent_channels, c, 3, h, w, module="vae.decoder.conv_in")
     x = s.resnet(sample, c, c, h, w, "vae.decoder.mid_block.resnets.0"); s.free(sample)
-    cp = s.new(c, h, w) if layouts.channels_last else None   # group_norm copies the (B, C, N) view of an NHWC map
-    n = s.new(c, h, w)                                   # group_norm
-    if cp is not None:
-        s.free(cp)
+    n = s.norm(c, h, w, copies=layouts.channels_last)    # group_norm of the (B, C, N) view: copied if NHWC
     q, k, v = s.new(c, h, w), s.new(c, h, w), s.new(c, h, w); s.free(n)
     o = s.new(c, h, w); s.free(q, k, v)                  # sdpa output (q, k, v dropped with the processor's names)
     t = s.new(c, h, w); s.free(o)                        # to_out
@@ -323,8 +331,7 @@ def vae_decoder_low_res(alloc: CachingAllocator, b: int, H: int, W: int, ws, fal
             y = s.resnet(x, c, c, h, w, f"vae.decoder.up_blocks.{i}.resnets.{j}"); s.free(x)
             x = y
         if i == 0:
-            u = s.new(c, 2 * h, 2 * w)                   # interpolate
-            y = s.conv(u, c, c, 3, 2 * h, 2 * w, module="vae.decoder.up_blocks.0.upsamplers.0.conv"); s.free(u, x)
+            y = s.upsample(c, h, w, "vae.decoder.up_blocks.0.upsamplers.0"); s.free(x)
             x = y
             h, w = 2 * h, 2 * w
     s.free(x)                                            # vae_decoder starts from this output again

@@ -402,7 +402,7 @@ class CudaBackend:
 
     def _warmup(self, keep: bool = False):
         """Tiny calls under each backend: kernels load lazily (CUDA_MODULE_LOADING=LAZY) on first use.
-        In the pipeline's dtype; keep: add to the earlier warm-ups (a rebuild in another dtype)."""
+        In the pipeline's dtype and memory format; keep: add to the earlier warm-ups (a rebuild, use_build)."""
         base = {"guidance_scale": 5.0, "num_images_per_prompt": 1, "strength": 1.0, "num_inference_steps": 2,
                 "attention_slicing": None, "vae_slicing": False, "vae_tiling": False, "safety_checker": True,
                 "output_type": "pil", "dtype": self.dtype_name, "channels_last": self.channels_last}

@@ -15,10 +15,10 @@
 #   settings  S1 (+130) the alloc-conf cases, in a process started with
 #                       PYTORCH_CUDA_ALLOC_CONF=$SPLIT_CONF (the allocator reads it once)
 #             S2 (+430) every other settings case (SETTINGS_TAGS), in one process
-#             S4 (+480) a memory-history snapshot of CL_SNAPSHOT (a channels_last case: its NHWC
-#                       workspaces and layout copies, which only a trace shows)
-#                                                             -> results/<gpu>/*memhistory*
-#             S3 (+540) the xformers cases, in the one process that has the carried xformers
+#             S3 (+480) a memory-history snapshot of CL_SNAPSHOT (a channels_last case: its NHWC
+#                       workspaces and layout copies, which only a trace shows; CASES does not
+#                       apply)                                -> results/<gpu>/*memhistory*
+#             S4 (+540) the xformers cases, in the one process that has the carried xformers
 #                       wheel (diffusers imports xformers whenever it is installed)
 #   pipelines T  (+250) the txt2img cases
 #             I  (+540) the inpaint cases
@@ -77,13 +77,13 @@ main() {
     if [ "$GROUP" = settings ]; then
         run_step S1 130 env PYTORCH_CUDA_ALLOC_CONF="$SPLIT_CONF" "${PYTEST[@]}" --case-tags alloc-conf
         run_step S2 430 "${PYTEST[@]}" --case-tags "$SETTINGS_TAGS"
-        TORCH_SYMBOLIZE_MODE=dladdr run_step S4 480 "$PY" -m sd_vram.plugin.device_tasks snapshot \
+        run_step S3 480 env TORCH_SYMBOLIZE_MODE=dladdr "$PY" -m sd_vram.plugin.device_tasks snapshot \
             "${TASK_BACKEND[@]}" --cases "$CL_SNAPSHOT" --results-dir "$RESULTS_DIR"
         if opt_in_site "$SITE-xformers" 'xformers-*'; then
-            run_step S3 540 env PYTHONPATH="$SITE-xformers:$PYTHONPATH" "${PYTEST[@]}" --case-tags xformers
+            run_step S4 540 env PYTHONPATH="$SITE-xformers:$PYTHONPATH" "${PYTEST[@]}" --case-tags xformers
         else
-            log "step S3: the xformers cases run without xformers (each is skipped with the reason)"
-            run_step S3 540 "${PYTEST[@]}" --case-tags xformers
+            log "step S4: the xformers cases run without xformers (each is skipped with the reason)"
+            run_step S4 540 "${PYTEST[@]}" --case-tags xformers
         fi
     else
         run_step T 250 "${PYTEST[@]}" --case-tags txt2img

@@ -146,6 +146,15 @@ def to_channels_last(*modules) -> None:
         m.to(memory_format=torch.channels_last)
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Tensor.suggest_memory_format() == channels_last, from the strides alone: a channels-last
+    (C_out, C_in, 1, 1) filter is contiguous too, and a contiguous one is channels-last-contiguous,
+    so neither is_contiguous test tells them apart."""
+    from torch._prims_common import suggest_memory_format
+
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
+
+
 def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None,
                     channels_last: bool = False):
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -209,7 +218,7 @@ def unet_in_channels(unet, channels: int, seed: int = 0):
     device = conv.weight.device
     new = torch.nn.Conv2d(channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
                           device=device, dtype=conv.weight.dtype).requires_grad_(False)
-    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+    if is_channels_last(conv.weight):
         to_channels_last(new)   # the UNet's memory format (Options.channels_last)
     real = device.type != "meta"
     if real:

@@ -158,7 +158,7 @@ def option_flags() -> tuple[OptionFlag, ...]:
         OptionFlag("lora_fused", "--lora-fused", "then pipe.fuse_lora() (needs --lora)", switch=True),
         OptionFlag("channels_last", "--channels-last",
                    "pipe.unet and pipe.vae .to(memory_format=torch.channels_last) before pipe.to('cuda'): NHWC "
-                   "convolutions, GroupNorm's NCHW copies up to torch 2.12; derived from the PyTorch sources and a "
+                   "convolutions and the layout copies around GroupNorm; derived from the PyTorch sources and a "
                    "256-px probe, not measured on a GPU (converting on the GPU also leaves the old weights' "
                    "blocks cached: not modelled)", switch=True),
         OptionFlag("gpu", "--gpu-profile",

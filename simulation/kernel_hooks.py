@@ -2,10 +2,10 @@
 
 During a simulated call these become synthetic events on the recorder (recorder.py):
 cuDNN convolution workspaces (the GPU profile's conv rules, sd_vram.formula.kernels); with
-channels-last weights, the convolutions' NHWC input copies and outputs, and GroupNorm's NHWC
-outputs from torch 2.13 (kernels.py section 4b); the contiguous staging tensor of a CPU ->
-CUDA copy that converts into a non-contiguous destination (h2d_temporary_bytes), the bool
-temporaries of SDPA's math path (_safe_softmax) and layer_norm's input copy. The attention kernels' own (the
+channels-last weights, the convolutions' NHWC input copies and outputs; GroupNorm as CUDA runs
+it (kernels.py section 4b); the contiguous staging tensor of a CPU -> CUDA copy that converts
+into a non-contiguous destination (h2d_temporary_bytes), the bool temporaries of SDPA's math
+path (_safe_softmax) and layer_norm's input copy. The attention kernels' own (the
 memory-efficient accumulator, flash's split-KV buffers) are sdpa.py's.
 
 Imports torch and the recorder; the GPU profile comes from the caller.
@@ -17,10 +17,10 @@ import contextlib
 import math
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from sd_vram.formula.gpu_profiles import GPUProfile
-from sd_vram.formula.kernels import Layouts, NativeConv, conv_kernels, conv_runs_channels_last, native_conv_columns
+from sd_vram.formula.kernels import Layouts, NativeConv, conv_kernels, native_conv_columns
+from sd_vram.models import is_channels_last
 
 from .patches import patch_attr
 from .recorder import MemoryRecorder
@@ -48,23 +48,11 @@ def kernel_allocations(recorder: MemoryRecorder, profile: GPUProfile, device_typ
             _rewrite(es, recorder, torch.ops.aten.convolution.default, _cudnn_convolution(recorder, ws))
 
         _rewrite(es, recorder, torch.ops.aten.native_layer_norm.default, _layer_norm_contiguous(recorder))
-        if Layouts.of(options, profile).norm_keeps_nhwc:
-            # torch >= 2.13 (kernels.py section 4b). Up to 2.12 the CPU build's composite
-            # group_norm already does what CUDA's does: a non-contiguous input is copied to NCHW
-            # (the recorder sees the clone) and alive until native_group_norm returns NCHW.
+        keeps = Layouts.of(options, profile).norm_keeps_nhwc
+        es.enter_context(patch_attr(torch.nn.functional, "group_norm", _cuda_group_norm(keeps)))
+        if keeps:
             _rewrite(es, recorder, torch.ops.aten.native_group_norm.default, _group_norm_keeps_nhwc)
-            es.enter_context(patch_attr(torch.nn.functional, "group_norm", _native_group_norm))
         yield
-
-
-def _native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """F.group_norm as torch >= 2.13's group_norm.cpp runs it on CUDA: an NHWC input as it is
-    (group_norm_memory_format keeps channels_last); any other non-contiguous one (the VAE
-    attention's (B, C, N) view of an NHWC map) copied to contiguous first."""
-    if not input.is_contiguous() and not _channels_last(input):
-        input = input.contiguous()
-    n, c = input.shape[:2]
-    return torch.ops.aten.native_group_norm(input, weight, bias, n, c, math.prod(input.shape[2:]), num_groups, eps)[0]
 
 
 def _rewrite(es: contextlib.ExitStack, recorder: MemoryRecorder, op, rewrite) -> None:
@@ -72,18 +60,26 @@ def _rewrite(es: contextlib.ExitStack, recorder: MemoryRecorder, op, rewrite) ->
     es.callback(recorder.rewrites.pop, op, None)
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    """Tensor.suggest_memory_format() == channels_last, by its strides alone (a channels-last
-    (C_out, C_in, 1, 1) filter is contiguous too, and suggests channels_last)."""
-    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
+def _cuda_group_norm(keeps_nhwc: bool):
+    """F.group_norm as group_norm.cpp runs it on CUDA (kernels.py section 4b), whatever the
+    installed CPU build's composite does: a non-contiguous input copied to contiguous first (the
+    recorder sees the clone, alive until native_group_norm returns), except an NHWC one where
+    the stack's GroupNorm keeps NHWC (Layouts.norm_keeps_nhwc)."""
+    def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+        if not input.is_contiguous() and not (keeps_nhwc and is_channels_last(input)):
+            input = input.contiguous()
+        n, c = input.shape[:2]
+        return torch.ops.aten.native_group_norm(input, weight, bias, n, c, math.prod(input.shape[2:]),
+                                                num_groups, eps)[0]
+    return group_norm
 
 
 def _group_norm_keeps_nhwc(func, args, kwargs):
-    """CUDA native_group_norm from torch 2.13: an NHWC input gives an NHWC output, no copy
-    (the meta kernel, the _refs decomposition, lays it out contiguous)."""
+    """native_group_norm keeping NHWC: an NHWC output (the meta kernel, the _refs decomposition,
+    lays it out contiguous)."""
     x = args[0]
     y, mean, rstd = func(*args, **kwargs)
-    return (torch.empty_like(x) if _channels_last(x) else y), mean, rstd   # preserve_format: x's strides
+    return (torch.empty_like(x) if is_channels_last(x) else y), mean, rstd   # preserve_format: x's strides
 
 
 def _cudnn_convolution(recorder: MemoryRecorder, ws):
@@ -94,22 +90,19 @@ def _cudnn_convolution(recorder: MemoryRecorder, ws):
     caching allocator after the output and freed when the convolution returns (results/H200/
     20261126T052749Z_nogit_memhistory_truck-4032x3024.json: the decoder's peak is at
     up_blocks.2.upsamplers.0.conv with the interpolated input, the conv output and a
-    12,486,574,464 B workspace alive), then the input copy. The workspace's
-    size comes from the GPU profile (profile.conv_workspace(): a probe's measurement for this
-    module and input shape, else the first rule matching the module path, kernel size and
-    batch)."""
+    12,486,574,464 B workspace alive), then the input copy. The workspace's size comes from
+    the GPU profile (profile.conv_workspace(): a probe's measurement for this module and input
+    shape, else the first rule matching the module path, kernel size and batch)."""
     def rewrite(func, args, kwargs):
         x, weight = args[0], args[1]
-        if x.device.type not in recorder.device_types or weight.dim() != 4:
+        if x.device.type not in recorder.device_types:
             return func(*args, **kwargs)
-        # NHWC as cudnn_conv_suggest_memory_format picks it, for channels-last weights only: with
-        # NCHW weights the meta kernel's contiguous output stays, and the workspace rules (measured
-        # that way) name the encoder's convolutions that get the channels-last image's layout
-        weight_nhwc = _channels_last(weight)
-        nhwc = weight_nhwc and conv_runs_channels_last(_channels_last(x), weight_nhwc,
-                                                       str(x.dtype).removeprefix("torch."))
+        # cudnn_conv_suggest_memory_format's NHWC, for channels-last weights only (not float64):
+        # with NCHW weights the meta kernel's contiguous output stays, and the workspace rules
+        # (measured that way) name the encoder's convolutions that get the channels-last image
+        nhwc = is_channels_last(weight) and x.dtype != torch.float64
         x_in = x
-        if nhwc and not _channels_last(x):
+        if nhwc and not is_channels_last(x):
             x_in = x.contiguous(memory_format=torch.channels_last)   # inside our handler: by hand
             recorder.track(x_in, op="convolution:input.contiguous(channels_last)")
         out = func(x_in, *args[1:], **kwargs)
