@@ -135,12 +135,11 @@ def nhwc_input_copy(s: Shape, p: Peak, size: int) -> None:
         p.add("activations", NHWC_COPY, size)
 
 
-def upsample_copies(s_or_layouts, batch: int, c: int, h: int, w: int) -> bool:
+def upsample_copies(layouts: Layouts, batch: int, c: int, h: int, w: int) -> bool:
     """diffusers' Upsample2D.forward (models/upsampling.py) calls ``hidden_states.contiguous()``
     for a batch of 64 or more, and where the interpolated map would exceed 2^31 elements
     (``numel() * scale_factor > 2 ** 31``, scale 2). With channels-last weights that copies the
     NHWC input to NCHW, the interpolation writes NCHW and the conv copies it back to NHWC."""
-    layouts = getattr(s_or_layouts, "layouts", s_or_layouts)
     return layouts.channels_last and (batch >= 64 or batch * c * h * w * 2 > 2 ** 31)
 
 
@@ -407,7 +406,7 @@ def vae_decode_upsampler(s: Shape, b: int, H: int, W: int, ws_rule) -> Peak:
     p.add("activations", f"decoder.up_blocks.{blk - 1} output ({ch[2]} ch, H/2)", s.bytes(b, ch[2], H // 2, W // 2))
     p.add("activations", f"up_blocks.{blk}.resnets.{m.vae_layers} output ({c} ch, H/2)", s.bytes(b, c, H // 2, W // 2))
     p.add("activations", f"interpolate(x, 2) ({c} ch, full res)", full)
-    if upsample_copies(s, b, c, H // 2, W // 2):
+    if upsample_copies(s.layouts, b, c, H // 2, W // 2):
         p.add("activations", NHWC_COPY, full)
     p.add("activations", f"conv output ({c} ch, full res)", full)
     ws = conv_workspace(ws_rule, f"vae.decoder.up_blocks.{blk}.upsamplers.0.conv", 3, (b, c, H, W),

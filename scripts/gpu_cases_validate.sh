@@ -45,24 +45,14 @@ CL_SNAPSHOT=${CL_SNAPSHOT:-channels-last.balloon-396x380}
 CASES=${CASES:-*}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-if [ "$DRY" = 1 ]; then
-    SITE=${SITE:-/tmp/sd-vram-dry-site}
-    RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
-    BACKEND=(--sd-backend fake)
-    TASK_BACKEND=(--backend fake)
-else
-    SITE=/tmp/site
-    RESULTS_DIR=${RESULTS_DIR:-results}
-    BACKEND=()
-    TASK_BACKEND=()
-fi
+# log, prepare (wheels and the sd_vram shim), run_step, collect, finish; DRY's folders and backends
+source scripts/gpu_common.sh
+set_backends
 mkdir -p "$OUT"
 START=$(date +%s)
 MARK=$(mktemp)
 TAIL=$GRACE
 SKIP=${SKIP:-}
-# log, prepare (wheels and the sd_vram shim), run_step, collect, finish
-source scripts/gpu_common.sh
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q --gpu "${BACKEND[@]}"
         --results-dir "$RESULTS_DIR" -m "not sd_vram_archived" --full-call none --cases "$CASES"

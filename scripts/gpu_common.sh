@@ -1,8 +1,26 @@
-# Sourced by scripts/gpu_validate.sh and scripts/gpu_probe_validate.sh (from the repository root),
-# after they set DRY, OUT, PY, SITE, RESULTS_DIR, BUDGET, GRACE, TAIL, SKIP, START and MARK.
-# What both do the same way: the log, sd_vram without installing it, timed steps, copying results.
+# Sourced by scripts/gpu_validate.sh, gpu_probe_validate.sh and gpu_cases_validate.sh (from the
+# repository root) once they set DRY; its functions read OUT, PY, SITE, RESULTS_DIR, BUDGET, GRACE,
+# TAIL, SKIP, START and MARK when called.
+# What they do the same way: the log, the DRY switch, sd_vram without installing it, timed steps, copying results.
 
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+
+# set_backends: from DRY, the site folder (SITE), the archives' folder (RESULTS_DIR) and the
+# arguments that pick the backend: BACKEND for pytest --gpu, TASK_BACKEND for the device tasks,
+# the conv probe and sd-vram probe. DRY=1: fake backends and temporary folders.
+set_backends() {
+    if [ "$DRY" = 1 ]; then
+        SITE=${SITE:-/tmp/sd-vram-dry-site}
+        RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
+        BACKEND=(--sd-backend fake)
+        TASK_BACKEND=(--backend fake)
+    else
+        SITE=/tmp/site
+        RESULTS_DIR=${RESULTS_DIR:-results}
+        BACKEND=()
+        TASK_BACKEND=()
+    fi
+}
 
 # sd_vram without installing it: $SITE/sitecustomize.py puts a finder first on sys.meta_path
 # that maps sd_vram -> sd_vram/, sd_vram.formula -> formula/, sd_vram.plugin -> plugin/,

@@ -32,17 +32,9 @@ PROFILE=${PROFILE:-h200-probe}
 STACK_CHANGE=${STACK_CHANGE:-CUBLAS_WORKSPACE_CONFIG=:16:8}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-if [ "$DRY" = 1 ]; then
-    SITE=${SITE:-/tmp/sd-vram-dry-site}
-    RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
-    BACKEND=(--sd-backend fake)
-    PROBE_BACKEND=(--backend fake)
-else
-    SITE=/tmp/site
-    RESULTS_DIR=${RESULTS_DIR:-results}
-    BACKEND=()
-    PROBE_BACKEND=()
-fi
+# log, prepare (wheels and the sd_vram shim), run_step, collect, finish; DRY's folders and backends
+source scripts/gpu_common.sh
+set_backends
 export SD_VRAM_PROFILES="$RESULTS_DIR/profiles"
 mkdir -p "$OUT" "$SD_VRAM_PROFILES"
 START=$(date +%s)
@@ -50,12 +42,10 @@ MARK=$(mktemp)
 
 TAIL=$GRACE                 # a step ends GRACE s after its deadline, the last one after BUDGET
 SKIP=${SKIP:-}
-# log, prepare (wheels and the sd_vram shim), run_step, collect, finish
-source scripts/gpu_common.sh
 
 PYTEST=("$PY" -m pytest tests/test_plugin_suite.py -o addopts=-ra -p no:cacheprovider -q --gpu "${BACKEND[@]}"
         --results-dir "$RESULTS_DIR" -m "not sd_vram_archived" --cases "$CASES" --full-call none)
-PROBE=("$PY" -m sd_vram.cli probe "${PROBE_BACKEND[@]}")
+PROBE=("$PY" -m sd_vram.cli probe "${TASK_BACKEND[@]}")
 
 main() {
     log "sd-vram gpu_probe_validate: DRY=$DRY OUT=$OUT budget=${BUDGET}s results=$RESULTS_DIR cases=$CASES"

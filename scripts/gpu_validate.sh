@@ -58,23 +58,12 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # No third-party pytest plugins (the GPU image has no pytest-benchmark, which addopts names);
 # the repository's conftest.py loads the sd-vram plugin.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-if [ "$DRY" = 1 ]; then
-    SITE=${SITE:-/tmp/sd-vram-dry-site}
-    RESULTS_DIR=${RESULTS_DIR:-/tmp/sd-vram-dry-results}
-    BACKEND=(--sd-backend fake)
-    TASK_BACKEND=(--backend fake)
-else
-    SITE=/tmp/site
-    RESULTS_DIR=${RESULTS_DIR:-results}
-    BACKEND=()
-    TASK_BACKEND=()
-fi
+# log, prepare (wheels and the sd_vram shim), run_step, collect, finish; DRY's folders and backends
+source scripts/gpu_common.sh
+set_backends
 mkdir -p "$OUT"
 START=$(date +%s)
 MARK=$(mktemp)            # archives newer than this file are this run's
-
-# log, prepare (wheels and the sd_vram shim), run_step, collect, finish
-source scripts/gpu_common.sh
 
 # missing_full_calls: the FULL_CALLS cases whose full call no archive of this run holds, comma-separated.
 missing_full_calls() {
