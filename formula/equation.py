@@ -264,10 +264,11 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
     breakdown = dict(peak.components)
     breakdown["allocator_overhead"] = peak_reserved - peak.allocated
     breakdown["cuda_context"] = profile.cuda_context
+    rule = profile.conv_workspace_rule_nhwc if o.channels_last else profile.conv_workspace_rule
     source = "+".join(sorted(ws.used)) or "none"
-    source = {"native": "native im2col (cuDNN off)", "rule": f"rule {profile.conv_workspace_rule}"}.get(source, source)
-    if o.channels_last:
-        source = "rule nhwc: no workspace (NHWC engines, channels_last: derived, not measured)"
+    source = {"native": "native im2col (cuDNN off)", "rule": f"rule {rule}"}.get(source, source)
+    if o.channels_last and not ws:      # no NHWC workspace probed, the "nhwc" rule set (none)
+        source = f"rule {rule}: no workspace (NHWC engines, channels_last: derived, not measured)"
     if o.cudnn_deterministic:
         source += " (deterministic engines: derived, not measured)"
     est = Estimate(
@@ -435,7 +436,8 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     CUDA context on record, hi the call with the heaviest workspace rule set on record and the
     largest context, each widened by ACCURACY."""
     benchmark = o.cudnn_benchmark      # the search's workspace: anything the free memory allows
-    nhwc = o.channels_last             # NHWC engines' workspaces: derived (kernels.py section 4b)
+    # unprobed NHWC engines' workspaces: derived, taken as none (kernels.py section 4b)
+    nhwc = o.channels_last and not ws
     derived = benchmark or nhwc or "rule" in ws.used or "native" in ws.used   # native columns: derived, not measured
     if not derived and profile.cuda_context_measured:
         return {"peak_allocated_bytes": [allocated] * 2, "peak_reserved_bytes": [reserved] * 2,

@@ -65,7 +65,9 @@ class GPUProfile:
     # explicit rules ({"module": regex, "kernel": 3 or [kh, kw], "min_batch": n, "formula":
     # expression in input, output, weight}); non-empty: they replace conv_workspace_rule's set
     conv_workspace_rules: tuple = ()
-    # a probe's measurements: kernels.conv_key(module, input shape) -> workspace bytes
+    # channels-last convolutions' rule set (kernels.py section 4b; a probe fits it)
+    conv_workspace_rule_nhwc: str = kernels.NHWC_CONV_RULE_SET
+    # a probe's measurements: kernels.conv_key(module, input shape[, nhwc]) -> workspace bytes
     conv_workspaces: dict = field(default_factory=dict)
     cuda_context_measured: bool = False                    # on this GPU (else a cover: bounds)
     source: str = "custom"                                 # bundled, probe, custom
@@ -106,13 +108,18 @@ class GPUProfile:
     def conv_rules(self) -> tuple[kernels.ConvRule, ...]:
         return kernels.conv_rules(self.conv_workspace_rules or self.conv_workspace_rule)
 
-    def conv_workspace(self, floor: bool = False, heaviest: bool = False, dtype: str = "fp16") -> kernels.ConvWorkspace:
-        """Measured shapes, else the rules (floor: 0; heaviest: the heaviest rule set).
+    def conv_workspace(self, floor: bool = False, heaviest: bool = False, dtype: str = "fp16",
+                       channels_last: bool = False, measured: bool = True) -> kernels.ConvWorkspace:
+        """Measured shapes of this layout (channels_last: the ":nhwc" keys), else the layout's rules
+        (floor: 0; heaviest: the heaviest rule set; measured=False: the rules alone).
         The measured shapes are fp16 convolutions (kernels.MEASURED_CONV_DTYPE): a pipeline of
         another dtype gets the rules' byte formulas alone (derived, DERIVATION.md "dtype")."""
-        rules = kernels.conv_rules(kernels.HEAVIEST_CONV_RULE_SET) if heaviest else self.conv_rules
-        measured = self.conv_workspaces if dtype == kernels.MEASURED_CONV_DTYPE else None
-        return kernels.ConvWorkspace(rules, measured, floor=floor)
+        if heaviest:
+            rules = kernels.conv_rules(kernels.HEAVIEST_CONV_RULE_SET)
+        else:
+            rules = kernels.conv_rules(self.conv_workspace_rule_nhwc) if channels_last else self.conv_rules
+        shapes = self.conv_workspaces if measured and dtype == kernels.MEASURED_CONV_DTYPE else None
+        return kernels.ConvWorkspace(rules, shapes, floor=floor, nhwc=channels_last)
 
 
 # --- reading and writing profile files -------------------------------------------------------------
@@ -186,7 +193,8 @@ FIELDS = {
     "torch_version": (True, _pair), "cudnn_version": (True, _opt_int), "cuda_version": (True, _pair),
     "cuda_context": (True, _int), "total_memory": (True, _int), "multiprocessor_count": (False, _int),
     "cublas_workspace": (False, _opt_int), "cublaslt_workspace": (False, _opt_int),
-    "conv_workspace_rule": (False, _rule_name), "conv_workspace_rules": (False, _rules),
+    "conv_workspace_rule": (False, _rule_name), "conv_workspace_rule_nhwc": (False, _rule_name),
+    "conv_workspace_rules": (False, _rules),
     "conv_workspaces": (False, _workspaces), "cuda_context_measured": (False, _bool),
     "source": (False, _source), "stack": (False, _dict), "measured": (False, _dict),
     "cudnn_sdpa_deprioritized": (False, _bool), "cudnn_frontend_d256": (False, _bool),

@@ -419,9 +419,13 @@ def conv_rules(spec) -> tuple[ConvRule, ...]:
     return _rules(spec)
 
 
-def conv_key(module: str, input_shape) -> str:
-    """A measured workspace's key in a probed profile: module path @ N x C x H x W input."""
-    return f"{module}@{'x'.join(str(int(d)) for d in input_shape)}"
+NHWC_KEY = ":nhwc"
+
+
+def conv_key(module: str, input_shape, nhwc: bool = False) -> str:
+    """A measured workspace's key in a probed profile: module path @ N x C x H x W input (the
+    logical shape), + ":nhwc" for a channels-last convolution (section 4b)."""
+    return f"{module}@{'x'.join(str(int(d)) for d in input_shape)}{NHWC_KEY if nhwc else ''}"
 
 
 def rule_workspace(rules, module: str, kernel, batch: int, input: int, output: int, weight: int) -> int:
@@ -435,7 +439,8 @@ def rule_workspace(rules, module: str, kernel, batch: int, input: int, output: i
 
 class ConvWorkspace:
     """The convolution workspaces of one GPU profile: a probed profile's measurement for the
-    exact (module, input shape) where it holds one, else the first matching rule. ``floor``
+    exact (module, input shape) where it holds one, else the first matching rule. ``nhwc``: the
+    convolutions run channels-last (the measurements' keys end in ":nhwc"). ``floor``
     (bounds): unmeasured convolutions take no workspace instead. ``used`` collects what
     answered ("measured", "rule"), for the breakdown. ``elastic``: cuDNN can run without it
     (try_configs' fallback); ``term``: its name in a live set."""
@@ -443,8 +448,9 @@ class ConvWorkspace:
     elastic = True
     term = "cuDNN conv workspace"
 
-    def __init__(self, rules=(), measured=None, floor: bool = False):
-        self.rules, self.measured, self.floor = tuple(rules), dict(measured or {}), floor
+    def __init__(self, rules=(), measured=None, floor: bool = False, nhwc: bool = False):
+        self.rules, self.floor, self.nhwc = tuple(rules), floor, nhwc
+        self.measured = {k: v for k, v in (measured or {}).items() if k.endswith(NHWC_KEY) == nhwc}
         self.used: set[str] = set()
 
     def __bool__(self) -> bool:
@@ -452,7 +458,7 @@ class ConvWorkspace:
 
     def __call__(self, module: str, kernel, input_shape, input: int, output: int, weight: int) -> int:
         if self.measured:
-            key = conv_key(module, input_shape)
+            key = conv_key(module, input_shape, self.nhwc)
             if key in self.measured:
                 self.used.add("measured")
                 return self.measured[key]
@@ -555,16 +561,13 @@ DETERMINISTIC_NOTE = "cudnn.deterministic=True: the deterministic engines' works
 def conv_kernels(options, profile, floor: bool = False, heaviest: bool = False):
     """The kernel-internal allocations of this call's convolutions: PyTorch's native columns with
     cuDNN off (NativeConv), else cuDNN's workspaces from the GPU profile (ConvWorkspace: measured
-    shapes, else its rules; floor: none; heaviest: the heaviest rule set). With
-    cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
+    shapes of the call's layout, else its rules; floor: none; heaviest: the heaviest rule set).
+    With cudnn_deterministic the profile's measured shapes (taken without the flag) are not used."""
     if not options.cudnn:
         return NativeConv(options.itemsize)
-    if options.channels_last:   # NHWC engines; probed shapes were NCHW (section 4b)
-        return ConvWorkspace(conv_rules(HEAVIEST_CONV_RULE_SET if heaviest else "nhwc"), {}, floor=floor)
-    if not options.cudnn_deterministic:
-        return profile.conv_workspace(floor=floor, heaviest=heaviest, dtype=options.dtype)
-    rules = conv_rules(HEAVIEST_CONV_RULE_SET) if heaviest else profile.conv_rules
-    return ConvWorkspace(rules, {}, floor=floor)
+    return profile.conv_workspace(floor=floor, heaviest=heaviest, dtype=options.dtype,
+                                  channels_last=options.channels_last,
+                                  measured=not options.cudnn_deterministic)
 
 
 def no_conv_workspace(options):
@@ -596,8 +599,11 @@ def no_conv_workspace(options):
 #   two 1x1 shortcuts) took their 3x3 filter's bytes (its NHWC copy, which a channels-last filter
 #   does not need) and nothing else. No stride-1 3x3 convolution of 128-1280 channels, the kind
 #   the peaks sit at, ran NHWC there: the rule set "nhwc" (none) is derived for them, and the
-#   bounds stay open (the heaviest rule set on record).
-CONV_RULE_SETS["nhwc"] = ()
+#   bounds stay open (the heaviest rule set on record) unless a probe measured the call's NHWC
+#   convolutions (`sd-vram probe --channels-last`: GPUProfile.conv_workspaces keys ending in
+#   ":nhwc", the rule set they fit in GPUProfile.conv_workspace_rule_nhwc).
+NHWC_CONV_RULE_SET = "nhwc"
+CONV_RULE_SETS[NHWC_CONV_RULE_SET] = ()
 GROUP_NORM_KEEPS_NHWC_FROM = (2, 14)
 
 

@@ -14,6 +14,7 @@ in the pre-hook, synchronize and read the counters in the post-hook; then
 
     workspace = peak during the conv - allocated before - the output's allocated bytes
               = max_memory_allocated() - memory_allocated() after the conv
+                (less the NHWC copy of an NCHW input a channels-last filter makes, alive with it)
 
 for the allocator's block sizes and, exactly, for the bytes requested (memory_stats()
 "requested_bytes.all.*"). Each workspace is matched against input/output/weight byte sums
@@ -88,12 +89,22 @@ def _nbytes(t) -> int:
 
 
 def _tensor_info(t) -> dict:
-    import torch
+    from sd_vram.models import is_channels_last
 
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "strides": list(t.stride()),
-            "contiguous": t.is_contiguous(),
-            "channels_last": t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last),
-            "bytes": _nbytes(t)}
+            "contiguous": t.is_contiguous(), "channels_last": is_channels_last(t), "bytes": _nbytes(t)}
+
+
+def nhwc_input_copy(x, weight) -> int:
+    """Bytes of the NHWC copy of an NCHW input that _convolution makes for a channels-last
+    filter (``input.contiguous(channels_last)``, formula/kernels.py section 4b), alive with the
+    workspace: 0 when there is none."""
+    import torch
+
+    from sd_vram.models import is_channels_last
+
+    nhwc = is_channels_last(weight) and weight.dtype != torch.float64
+    return _nbytes(x) if nhwc and not x.is_contiguous(memory_format=torch.channels_last) else 0
 
 
 # --- meters -------------------------------------------------------------------------------------
@@ -138,7 +149,8 @@ class CudaMeter:
 
 class FakeMeter:
     """CPU rehearsal: made-up workspaces, not a model of cuDNN. 3x3 stride-1 convs get
-    in+out+weight+256 B, 1x1 convs nothing, every other conv 56 MiB."""
+    in+out+weight+256 B, 1x1 convs nothing, every other conv 56 MiB; with a channels-last
+    filter, an NCHW input's NHWC copy is counted as CUDA counts it (nhwc_input_copy)."""
 
     name = "fake"
 
@@ -153,9 +165,10 @@ class FakeMeter:
             ws = _nbytes(x) + _nbytes(out) + _nbytes(module.weight) + 256
         else:
             ws = 56 * MiB
-        o = _nbytes(out)
-        return {"requested_bytes": ws, "allocated_bytes": block_bytes(ws), "output_requested_bytes": o,
-                "output_allocated_bytes": block_bytes(o), "peak_over_before_bytes": block_bytes(ws) + block_bytes(o)}
+        o, copy = _nbytes(out), nhwc_input_copy(x, module.weight)
+        blocks = block_bytes(ws) + (block_bytes(copy) if copy else 0)
+        return {"requested_bytes": ws + copy, "allocated_bytes": blocks, "output_requested_bytes": o,
+                "output_allocated_bytes": block_bytes(o), "peak_over_before_bytes": blocks + block_bytes(o)}
 
 
 # --- the probe ----------------------------------------------------------------------------------
@@ -219,21 +232,27 @@ class Recorder:
         key = (name, tuple(x.shape))
         row = self.rows.get(key)
         if row is None:
-            w = module.weight
+            w = _tensor_info(module.weight)
             row = self.rows[key] = {
-                "module": name, "stage": stage, "input": _tensor_info(x), "weight": _tensor_info(w),
+                "module": name, "stage": stage, "input": _tensor_info(x), "weight": w,
                 "bias_bytes": _nbytes(module.bias) if module.bias is not None else 0,
                 "output": _tensor_info(out),
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
                 "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
                 "dilation": list(module.dilation), "groups": module.groups, "padding_mode": module.padding_mode,
                 "conv_backend": _conv_backend(module, x), "image_sizes": [], "calls": 0, "workspaces": [],
+                "layout": "nhwc" if w["channels_last"] else "nchw",
             }
         row["calls"] += 1
         if self.size not in row["image_sizes"]:
             row["image_sizes"].append(self.size)
         if list(x.stride()) != row["input"]["strides"] and list(x.stride()) not in row.setdefault("other_strides", []):
             row["other_strides"].append(list(x.stride()))
+        copy = nhwc_input_copy(x, module.weight)
+        if copy:            # the workspace is what the conv holds beyond its NHWC input copy
+            m = {**m, "input_copy_bytes": copy,
+                 "requested_bytes": None if m["requested_bytes"] is None else m["requested_bytes"] - copy,
+                 "allocated_bytes": m["allocated_bytes"] - block_bytes(copy)}
         for ws in row["workspaces"]:
             if ws["requested_bytes"] == m["requested_bytes"] and ws["allocated_bytes"] == m["allocated_bytes"]:
                 ws["calls"] += 1
@@ -352,8 +371,9 @@ FAKE_CONFIG = {
 }
 
 
-def build_fake_pipeline():
-    """The tiny pipeline of FAKE_CONFIG on the CPU in fp32, through sd_vram.models.build_pipeline."""
+def build_fake_pipeline(channels_last: bool = False):
+    """The tiny pipeline of FAKE_CONFIG on the CPU in fp32, through sd_vram.models.build_pipeline
+    (channels_last: its UNet and VAE converted, as Options.channels_last)."""
     from unittest import mock
 
     import torch
@@ -363,7 +383,7 @@ def build_fake_pipeline():
     torch.set_num_threads(1)      # tiny ops: a second thread only contends (64x64 runs 30x faster)
     cfg = {**models.sd15_config(), **FAKE_CONFIG}
     with mock.patch.object(models, "sd15_config", lambda: cfg):
-        return models.build_pipeline("cpu", dtype=torch.float32)
+        return models.build_pipeline("cpu", dtype=torch.float32, channels_last=channels_last)
 
 
 # --- output -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     sd-vram probe                                  # the four seed images and a ladder of sizes
     sd-vram probe photo.jpg 1024x768 --name mygpu  # these sizes; saved as "mygpu"
     sd-vram probe --out mygpu.json --json          # this file; the profile on stdout
+    sd-vram probe --channels-last                  # and the NHWC convolutions of --channels-last
 
 Needs torch with CUDA and an NVIDIA driver (extra sd-vram[gpu]); no model weights: the
 pipeline is the bundled SD1.5 config with random fp16 weights (memory does not depend on
@@ -14,7 +15,9 @@ weight values). In one process, as the GPU suite does (plugin/gpu.py CudaBackend
 - the cuBLAS and cuBLASLt workspaces at the first matmul, checked against the values
   CublasHandlePool.cpp derives for this architecture (formula/kernels.py);
 - every distinct convolution of the img2img call at the exact shapes of each size, through
-  conv_probe.run_probe (the workspace the caching allocator sees, one conv at a time);
+  conv_probe.run_probe (the workspace the caching allocator sees, one conv at a time); with
+  --channels-last the call runs again with the UNet and the VAE channels-last (CudaBackend.
+  use_build), and its NHWC convolutions are kept under keys ending in ":nhwc", fitted apart;
 - the SDPA backend PyTorch picks for each attention call's shapes (torch._fused_sdp_choice),
   checked against the kernel table, and the scratch the call allocates beside its output.
 
@@ -171,6 +174,10 @@ class FakeHardware:
         self.environment = {**fake.environment, "gpu": dict(self.gpu)}   # the fake suite's stack
         self.pipe = conv_probe.build_fake_pipeline()
 
+    def use_channels_last(self) -> None:
+        self.pipe = None
+        self.pipe = conv_probe.build_fake_pipeline(channels_last=True)
+
     def context_now(self) -> int:
         return self.hardware["context_after_warmup_bytes"]
 
@@ -188,6 +195,12 @@ class CudaHardware:
         self.backend = gpu.CudaBackend(monitor=monitor, warmup=True)
         self.hardware, self.gpu, self.pipe = self.backend.hardware, self.backend.gpu, self.backend.pipe
         self.environment = dict(self.backend.environment)
+
+    def use_channels_last(self) -> None:
+        """The same build with the UNet and the VAE channels-last (the old weights freed first)."""
+        self.pipe = None
+        self.backend.use_build(self.backend.dtype_name, channels_last=True)
+        self.pipe = self.backend.pipe
 
     def context_now(self) -> int | None:
         return self.backend._nvml_over_reserved()
@@ -212,21 +225,27 @@ def stack_of(env: dict) -> dict:
             "TORCH_CUDNN_SDPA_DEPRIORITIZED": e.get("TORCH_CUDNN_SDPA_DEPRIORITIZED")}
 
 
+def _nhwc(row: dict) -> bool:
+    return row.get("layout") == "nhwc"
+
+
 def conv_workspaces(rows: list[dict]) -> dict[str, int]:
-    """kernels.conv_key -> the largest workspace seen (bytes cuDNN asked for where the
-    allocator counts them exactly, else the allocator's blocks)."""
+    """kernels.conv_key (":nhwc" for a channels-last filter's row) -> the largest workspace
+    seen (bytes cuDNN asked for where the allocator counts them exactly, else the allocator's
+    blocks)."""
     out = {}
     for r in rows:
         seen = [w["requested_bytes"] if w["requested_bytes"] is not None else w["allocated_bytes"]
                 for w in r["workspaces"]]
         if seen:
-            out[kernels.conv_key(r["module"], r["input"]["shape"])] = max(0, max(seen))
+            out[kernels.conv_key(r["module"], r["input"]["shape"], _nhwc(r))] = max(0, max(seen))
     return out
 
 
-def fit_rules(rows: list[dict]) -> dict:
-    """How well each named rule set predicts the measured rows: {set: [rows within
-    conv_probe.TOLERANCE (+ 2 MiB on allocator blocks), rows]}, and the best set."""
+def fit_rules(rows: list[dict], prefer: str = "nchw_transpose") -> dict:
+    """How well each named rule set predicts the measured rows (of one layout): {set: [rows
+    within conv_probe.TOLERANCE (+ 2 MiB on allocator blocks), rows]}, and the best set (a tie
+    goes to `prefer`)."""
     scores = {}
     for name in kernels.CONV_RULE_SETS:
         ws = kernels.ConvWorkspace(kernels.conv_rules(name))
@@ -241,7 +260,7 @@ def fit_rules(rows: list[dict]) -> dict:
                 n += 1
                 hit += abs(got - want) <= conv_probe.TOLERANCE + (0 if exact else 2 * MiB)
         scores[name] = [hit, n]
-    best = max(scores, key=lambda s: (scores[s][0], s == "nchw_transpose"))
+    best = max(scores, key=lambda s: (scores[s][0], s == prefer))
     return {"best": best, "scores": scores}
 
 
@@ -257,8 +276,10 @@ def sdpa_checks(rows: list[dict], profile) -> list[dict]:
     return out
 
 
-def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None) -> tuple:
-    """Run the measurements on `hw`; returns (profile, info for the file)."""
+def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None,
+          channels_last: bool = False) -> tuple:
+    """Run the measurements on `hw` (channels_last: then once more with the UNet and the VAE
+    channels-last, for the NHWC convolutions); returns (profile, info for the file)."""
     t0 = time.perf_counter()
     env, hard, g = hw.environment, hw.hardware, hw.gpu
     stage = {"name": None}
@@ -270,9 +291,16 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None)
 
     hw_sizes = [(h, w) for w, h in sizes]
     deadline = os.environ.get("SD_VRAM_DEADLINE")          # epoch seconds (the GPU scripts): later sizes skip
-    with sp.installed(), stage_hooks(hw.pipe, on_stage):
-        result = conv_probe.run_probe(hw.pipe, hw_sizes, conv_meter, device_kind=device_kind,
-                                      deadline=float(deadline) if deadline else None)
+    passes = [False, True] if channels_last else [False]
+    result = {"calls": [], "rows": []}
+    for nhwc in passes:
+        if nhwc:
+            hw.use_channels_last()
+        with sp.installed(), stage_hooks(hw.pipe, on_stage):
+            one = conv_probe.run_probe(hw.pipe, hw_sizes, conv_meter, device_kind=device_kind,
+                                       deadline=float(deadline) if deadline else None)
+        result["calls"] += [{**c, "layout": "nhwc" if nhwc else "nchw"} for c in one["calls"]]
+        result["rows"] += [r for r in one["rows"] if _nhwc(r) == nhwc]   # the safety checker's: measured once
     context = max(c for c in (hard.get("context_after_warmup_bytes"), hw.context_now(),
                               hard.get("context_and_handles_bytes")) if c is not None) if g.get("nvml_matched") else None
     cc = _version_pair(g["compute_capability"])
@@ -280,7 +308,9 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None)
     base = gpu_profiles.get("default")
     cublas = hard.get("cublas_workspace_allocated_bytes")
     cublaslt = hard.get("cublaslt_extra_allocated_bytes")
-    fit = fit_rules(result["rows"])
+    fit = fit_rules([r for r in result["rows"] if not _nhwc(r)])
+    nhwc_rows = [r for r in result["rows"] if _nhwc(r)]
+    fit_nhwc = fit_rules(nhwc_rows, prefer=kernels.NHWC_CONV_RULE_SET) if nhwc_rows else None
     digest = hashlib.sha1(json.dumps([g["name"], stack], sort_keys=True).encode()).hexdigest()[:6]
     profile = gpu_profiles.GPUProfile(
         name=name or f"{g['slug'].lower()}-{digest}", gpu=g["name"], compute_capability=cc,
@@ -291,12 +321,14 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None)
         total_memory=g["total_memory_bytes"], multiprocessor_count=g.get("multi_processor_count") or 0,
         cublas_workspace=cublas, cublaslt_workspace=cublaslt,
         conv_workspace_rule=fit["best"], conv_workspaces=conv_workspaces(result["rows"]),
+        conv_workspace_rule_nhwc=fit_nhwc["best"] if fit_nhwc else kernels.NHWC_CONV_RULE_SET,
         source="probe", stack=stack,
         cudnn_sdpa_deprioritized=str((env.get("env") or {}).get("TORCH_CUDNN_SDPA_DEPRIORITIZED") or "").strip().upper()
         in ("1", "ON", "YES", "TRUE", "Y"),
         measured={"derived_cublas_workspace": kernels.cublas_workspace(cc),
                   "derived_cublaslt_workspace": kernels.cublaslt_workspace(cc),
                   "sizes": [f"{w}x{h}" for w, h in sizes], "conv_rule_fit": fit["scores"],
+                  **({"conv_rule_fit_nhwc": fit_nhwc["scores"]} if fit_nhwc else {}),
                   "cuda_context": "NVML used (v1) minus torch reserved, the largest of after the warm-up "
                                   "calls and after the probe" if context is not None else
                                   "not measured (NVML did not match the device): the default profile's"})
@@ -329,12 +361,15 @@ def table(profile, info) -> list[str]:
     lines.append(f"  cuBLASLt workspace      {_mib(profile.cublaslt_workspace):>14}  "
                  f"{check(profile.cublaslt_workspace, m['derived_cublaslt_workspace'])}")
     calls = info["probe"]["calls"]
-    ok = [c["size"] for c in calls if c["status"] == "ok"]
-    bad = [f"{c['size']} ({c['status']})" for c in calls if c["status"] != "ok"]
-    hit, n = m["conv_rule_fit"][profile.conv_workspace_rule]
+    ok = list(dict.fromkeys(c["size"] for c in calls if c["status"] == "ok"))
+    bad = [f"{c['size']} {c.get('layout', 'nchw')} ({c['status']})" for c in calls if c["status"] != "ok"]
     lines.append(f"  convolutions            {len(profile.conv_workspaces):>10} shapes at {', '.join(ok) or 'no size'}"
                  + (f"; failed: {', '.join(bad)}" if bad else ""))
-    lines.append(f"  conv rule fitted        {profile.conv_workspace_rule:>14}  {hit} of {n} measurements")
+    for key, rule, layout in (("conv_rule_fit", profile.conv_workspace_rule, ""),
+                              ("conv_rule_fit_nhwc", profile.conv_workspace_rule_nhwc, " (NHWC)")):
+        if key in m:
+            hit, n = m[key][rule]
+            lines.append(f"  conv rule fitted{layout:<8}{rule:>14}  {hit} of {n} measurements")
     top = sorted(profile.conv_workspaces.items(), key=lambda kv: -kv[1])[:3]
     for key, v in top:
         lines.append(f"    {_mib(v):>14}  {key}")
@@ -361,7 +396,7 @@ def run(args, resolve) -> int:
                              "the probe measures an NVIDIA GPU")
         hw, sdpa_meter, conv_meter, kind = CudaHardware(), CudaSdpaMeter(), conv_probe.CudaMeter(), "cuda"
     sizes = sizes or default_sizes(hw.gpu["total_memory_bytes"])
-    profile, info = probe(sizes, hw, sdpa_meter, conv_meter, kind, args.name)
+    profile, info = probe(sizes, hw, sdpa_meter, conv_meter, kind, args.name, channels_last=args.channels_last)
     path = Path(args.out) if args.out else gpu_profiles.user_dir() / f"{profile.name}.json"
     gpu_profiles.write(profile, path, **info)
     gpu_profiles.read(path)                                # what was written reads back

@@ -467,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the profile here (default: the user profile folder)")
     p.add_argument("--name", metavar="NAME", help="the profile's name (default: the GPU and a stack digest)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also run the call with the UNet and the VAE channels-last and measure its NHWC "
+                        "convolutions (what --channels-last predictions use; about twice the time)")
     p.add_argument("--backend", choices=["cuda", "fake"], default="cuda", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_probe)
     return parser

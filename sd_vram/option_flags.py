@@ -159,8 +159,9 @@ def option_flags() -> tuple[OptionFlag, ...]:
         OptionFlag("channels_last", "--channels-last",
                    "pipe.unet and pipe.vae .to(memory_format=torch.channels_last) before pipe.to('cuda'): NHWC "
                    "convolutions and the layout copies around GroupNorm; derived from the PyTorch sources and a "
-                   "256-px probe, not measured on a GPU (converting on the GPU also leaves the old weights' "
-                   "blocks cached: not modelled)", switch=True),
+                   "256-px probe, not measured on a GPU: NHWC workspaces are taken as none unless the profile "
+                   "comes from `sd-vram probe --channels-last` (converting on the GPU also leaves the old "
+                   "weights' blocks cached: not modelled)", switch=True),
         OptionFlag("gpu", "--gpu-profile",
                    "GPU profile for workspaces and the CUDA context: a name (probed profiles first, then "
                    f"bundled: {', '.join(sorted(gpu_profiles.profiles()))}) or a profile file (default: default)",

@@ -198,3 +198,25 @@ def _resident(**options):
     from sd_vram.simulation import simulate
 
     return simulate(256, 256, prompt_length=20, steps=1, **options, **H200).resident_allocated
+
+
+def test_a_probed_nhwc_shape_reaches_the_simulation_too():
+    """`sd-vram probe --channels-last` measures the NHWC convolutions under ":nhwc" keys: one such
+    workspace, at the channels-last decoder's peak conv, moves the equation and the simulation
+    alike, by the workspace (it sits on the peak), and the NCHW call not at all."""
+    pytest.importorskip("diffusers")
+    from sd_vram.simulation import simulate
+
+    MiB = 1 << 20
+    key = kernels.conv_key("vae.decoder.up_blocks.3.resnets.0.conv1", (1, 256, 256, 256), nhwc=True)
+    h200 = gpu_profiles.get("h200")
+    probed = h200.with_(name="probed-nhwc", source="probe", conv_workspaces={key: 512 * MiB})
+    runs = {}
+    for name, p in (("rule", h200), ("probed", probed)):
+        e = estimate(256, 256, prompt_length=5, gpu=p, channels_last=True)
+        sim = simulate(256, 256, prompt_length=5, profile=p, steps=1, channels_last=True)
+        runs[name] = (e.stages["vae_decode"].allocated, sim.stages["vae_decode"].allocated)
+        assert "up_blocks.3.resnets.0.conv1 " in e.stages["vae_decode"].operation
+    for i in (0, 1):   # equation, simulation
+        assert runs["probed"][i] - runs["rule"][i] == 512 * MiB, runs
+    assert estimate(256, 256, gpu=probed).peak_allocated == estimate(256, 256, gpu=h200).peak_allocated

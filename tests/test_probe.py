@@ -104,6 +104,46 @@ def test_fake_probe_writes_a_profile_that_reads_back(fake_probe):
     assert e.gpu_profile == "fakegpu" and e.breakdown["cuda_context"] == 610 * MiB
 
 
+def test_channels_last_probe_keeps_nhwc_workspaces_apart(tmp_path):
+    """--channels-last runs the call again with the UNet and the VAE channels-last; its
+    convolutions' workspaces go under ":nhwc" keys, fitted apart from the NCHW ones."""
+    out = tmp_path / "cl.json"
+    assert cli.main(["probe", "--backend", "fake", "64x64", "--channels-last", "--out", str(out)]) == 0
+    p, data = gpu_profiles.read(out), json.loads(out.read_text())
+    conv1 = "vae.decoder.up_blocks.3.resnets.0.conv1@1x2x64x64"
+    assert p.conv_workspaces[conv1 + kernels.NHWC_KEY] == p.conv_workspaces[conv1] > 0   # FakeMeter's own rule
+    nhwc = {k for k in p.conv_workspaces if k.endswith(kernels.NHWC_KEY)}
+    assert nhwc and not any(k.startswith("safety_checker") for k in nhwc)   # its conv stays NCHW
+    assert {c["layout"] for c in data["probe"]["calls"]} == {"nchw", "nhwc"}
+    assert set(p.measured["conv_rule_fit_nhwc"]) == set(kernels.CONV_RULE_SETS)
+
+
+def test_nhwc_workspace_is_measured_without_the_input_copy():
+    """A channels-last filter's conv holds the NHWC copy of an NCHW input beside its workspace;
+    FakeMeter counts that copy as CUDA would, and the recorded workspace is FakeMeter's made-up
+    one alone (3x3 stride 1: input + output + weight + 256 B; 1x1: none; else 56 MiB)."""
+    pipe = conv_probe.build_fake_pipeline(channels_last=True)
+    rows = conv_probe.run_probe(pipe, [(64, 64)], conv_probe.FakeMeter(), device_kind="cpu")["rows"]
+    copied = [(r, w) for r in rows for w in r["workspaces"] if w.get("input_copy_bytes")]
+    assert copied
+    for r, w in copied:
+        assert w["input_copy_bytes"] == r["input"]["bytes"] and r["layout"] == "nhwc"
+        k, stride = tuple(r["kernel_size"]), tuple(r["stride"])
+        made_up = (0 if k == (1, 1) else
+                   r["input"]["bytes"] + r["output"]["bytes"] + r["weight"]["bytes"] + 256 if stride == (1, 1) else 56 * MiB)
+        assert w["requested_bytes"] == made_up, r["module"]
+
+
+def test_nhwc_input_copy_follows_the_filter_and_the_input():
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Conv2d(4, 8, 3)
+    x = torch.zeros(1, 4, 6, 6)
+    assert conv_probe.nhwc_input_copy(x, conv.weight) == 0                      # NCHW filter
+    conv.to(memory_format=torch.channels_last)
+    assert conv_probe.nhwc_input_copy(x, conv.weight) == 4 * 36 * 4             # copied to NHWC
+    assert conv_probe.nhwc_input_copy(x.to(memory_format=torch.channels_last), conv.weight) == 0
+
+
 def test_probe_saves_into_the_user_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SD_VRAM_PROFILES", str(tmp_path))
     monkeypatch.setattr(conv_probe, "run_probe", lambda *a, **k: {"calls": [{"size": "64x64", "status": "ok"}],

@@ -122,19 +122,20 @@ def test_lo_point_hi(height, width, options, gpu):
     assert e.bounds["peak_allocated_bytes"][1] >= e.peak_allocated * 1.01
 
 
-def _every_conv_measured(height, width, **options):
-    """A probed profile that holds the rule's workspace for every conv the call asks for."""
+def _every_conv_measured(height, width, ruled="h200", **options):
+    """A probed h200 profile that holds the workspace profile `ruled` gives every conv the call
+    asks for (the keys of the call's layout)."""
     asked = {}
     original = kernels.ConvWorkspace.__call__
 
     def spy(self, module, kernel, input_shape, i, o, w):
         n = original(self, module, kernel, input_shape, i, o, w)
-        asked.setdefault(kernels.conv_key(module, input_shape), n)   # the point, not the bounds
+        asked.setdefault(kernels.conv_key(module, input_shape, self.nhwc), n)   # the point, not the bounds
         return n
 
     kernels.ConvWorkspace.__call__ = spy
     try:
-        estimate(height, width, gpu="h200", **options)
+        estimate(height, width, gpu=ruled, **options)
     finally:
         kernels.ConvWorkspace.__call__ = original
     return gpu_profiles.get("h200").with_(source="probe", conv_workspaces=asked)
@@ -152,6 +153,27 @@ def test_lo_equals_hi_when_fully_measured(height, width, options):
     # the context alone unmeasured: a range again
     open_ctx = estimate(height, width, gpu=p.with_(cuda_context_measured=False), **options).bounds
     assert open_ctx["peak_device_bytes"][0] < e.peak_device < open_ctx["peak_device_bytes"][1]
+
+
+def test_channels_last_closes_its_bounds_only_with_its_nhwc_convs_probed():
+    """kernels.py section 4b: an unprobed NHWC workspace is derived (none) and leaves the bounds
+    open; `sd-vram probe --channels-last` measures them under ":nhwc" keys, which the channels-last
+    call uses, and the NCHW call does not."""
+    h200 = gpu_profiles.get("h200")
+    ruled = h200.with_(name="nhwc-ruled", conv_workspace_rule_nhwc="nchw_transpose")
+    p = _every_conv_measured(427, 640, ruled=ruled, channels_last=True)
+    assert p.conv_workspaces and all(k.endswith(":nhwc") for k in p.conv_workspaces)
+    e, rule = (estimate(427, 640, gpu=g, channels_last=True) for g in (p, ruled))
+    assert e.conv_workspace == "measured"
+    assert (e.peak_allocated, e.peak_reserved) == (rule.peak_allocated, rule.peak_reserved)
+    assert e.bounds["peak_allocated_bytes"] == [e.peak_allocated] * 2
+    assert e.bounds["peak_device_bytes"] == [e.peak_device] * 2
+    unprobed = estimate(427, 640, gpu="h200", channels_last=True)
+    assert unprobed.peak_allocated < e.peak_allocated           # the workspaces it took as none
+    assert unprobed.bounds["peak_allocated_bytes"][0] < unprobed.peak_allocated < unprobed.bounds["peak_allocated_bytes"][1]
+    nchw = estimate(427, 640, gpu=p)
+    assert nchw.conv_workspace == "rule nchw_transpose"
+    assert nchw.peak_allocated == estimate(427, 640, gpu="h200").peak_allocated
 
 
 def _archived_cases():
