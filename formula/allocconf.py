@@ -56,6 +56,13 @@ class AllocConf:
 NATIVE = AllocConf()
 
 
+def from_environment(env) -> str:
+    """The allocator settings a process reads from its environment: PYTORCH_ALLOC_CONF when it is
+    set, else PYTORCH_CUDA_ALLOC_CONF (c10/core/AllocatorConfig.cpp, AllocatorConfig::instance)."""
+    conf = env.get("PYTORCH_ALLOC_CONF")
+    return str(conf if conf is not None else env.get("PYTORCH_CUDA_ALLOC_CONF") or "")
+
+
 def _lex(text: str) -> list[str]:
     tokens, buf = [], ""
     for ch in text:

@@ -278,8 +278,9 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
         peak_device=peak_reserved + profile.cuda_context, peak_stage=peak_stage,
         stages=stages, breakdown=breakdown, options=o.to_dict(), gpu_profile=profile.name,
         conv_workspace=source,
-        bounds_of=lambda: _bounds(s, o, profile, ws, peak.allocated, peak_reserved),
+        bounds_of=lambda: _bounds(s, o, profile, ws, peak.allocated, peak_reserved, vram),
         runtime_note=kernels.BENCHMARK_NOTE if o.cudnn_benchmark else "",
+        derived_settings=o.derived_settings,
     )
     if vram is not None:
         est.boundary = _boundary(est, vram, limit, s, o, profile, ws, call)
@@ -337,6 +338,10 @@ def _setup(height, width, prompt, prompt_length, options: dict, architecture: di
             model = arch.spec({**model.config, "unet": {**model.config["unet"], "in_channels": o.unet_in_channels}})
     except ValueError as e:
         raise InputError(str(e)) from None
+    if isinstance(o.attention_slicing, int) and o.attention_slicing > model.unet_heads:
+        # UNet2DConditionModel.set_attention_slice: "size N has to be smaller or equal to <heads>"
+        raise InputError(f"attention_slicing {o.attention_slicing}: the UNet's attention has {model.unet_heads} heads, "
+                         f"and diffusers refuses a slice size above that (1 to {model.unet_heads}, auto or max)")
     return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg,
                                                dtype=o.dtype, model=model, layouts=kernels.Layouts.of(o, profile))
 
@@ -429,7 +434,8 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, ws, 
 ACCURACY = {"allocated": 0.01, "reserved": 0.03}
 
 
-def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int) -> dict[str, list[int]]:
+def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int,
+            vram: int | None = None) -> dict[str, list[int]]:
     """[lo, hi] of each quantity (DERIVATION.md, "Bounds"). Where the profile measured every
     convolution workspace of the call and the CUDA context on its GPU, lo == hi == the point.
     Otherwise lo is the call without the workspaces it did not measure and with the smallest
@@ -454,12 +460,13 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
     context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
     lo_ctx, hi_ctx = min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
     if benchmark:      # get_plans_from_find may take every byte free at the search: the whole card
+        card = vram or profile.total_memory
         for key in span:
-            span[key][1] = max(span[key][1], profile.total_memory - lo_ctx)
+            span[key][1] = max(span[key][1], card - lo_ctx)
         # and it empties the allocator's cache after each search: reserved can fall to allocated
         span["reserved"][0] = min(span["reserved"][0], span["allocated"][0])
         return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
-                "peak_device_bytes": [span["reserved"][0] + lo_ctx, max(span["reserved"][1], profile.total_memory)]}
+                "peak_device_bytes": [span["reserved"][0] + lo_ctx, max(span["reserved"][1], card)]}
     return {"peak_allocated_bytes": span["allocated"], "peak_reserved_bytes": span["reserved"],
             "peak_device_bytes": [span["reserved"][0] + lo_ctx, span["reserved"][1] + hi_ctx]}
 
@@ -484,7 +491,8 @@ def suggestions(height, width, vram, prompt=None, prompt_length=None, limit="car
             if base.allocator.expandable_segments:
                 continue
             # appended, so it wins over an earlier expandable_segments:False, as in PyTorch
-            change = {"alloc_conf": ",".join(filter(None, (base.alloc_conf, "expandable_segments:True")))}
+            change = {"alloc_conf": ",".join(filter(None, (base.alloc_conf, "expandable_segments:True"))),
+                      "expandable_segments": False}
         elif getattr(base, field) == value or (field == "vae_slicing" and base.num_images_per_prompt == 1):
             continue
         else:

@@ -74,6 +74,10 @@ class MaxSize:
     fallback_height: int | None = None
 
 
+class NothingFits(InputError):
+    """Not even the smallest image fits: an answer, not bad input (the CLI prints it, exit 1)."""
+
+
 def _check(budget_bytes, aspect, quantity):
     if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes <= 0:
         raise InputError(f"the budget must be a positive number of bytes, got {budget_bytes!r}")
@@ -100,6 +104,9 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     Options are those of ``estimate``. Raises InputError when not even the smallest image
     fits, saying whether the weights and CUDA context alone are over the budget."""
     _check(budget_bytes, aspect, quantity)
+    sized = [name for name in ("pipe_height", "pipe_width", "mask_size") if options.get(name) is not None]
+    if sized:      # the search sets the call's size (and an inpaint mask's) itself
+        raise InputError(f"max-size searches the size itself: leave out {' and '.join(sized)}")
     from . import gpu_profiles
     from .options import Options
 
@@ -126,7 +133,7 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
         what = ("the weights and CUDA context alone need " + _human(weights + fixed)
                 if weights + fixed > budget_bytes else
                 f"the smallest image, {width_for(lo, aspect)}x{lo}, needs {_human(_peak(first, quantity))} ({quantity})")
-        raise InputError(f"nothing fits a budget of {_human(budget_bytes)}: {what}")
+        raise NothingFits(f"nothing fits a budget of {_human(budget_bytes)}: {what}")
 
     height = _walk_down(_last_step(lambda h: _allocated(h, options, aspect) + fixed <= budget_bytes, lo),
                         lambda h: under_budget(h)[0], lo)

@@ -93,8 +93,11 @@ class Options:
             conf = allocconf.parse(self.alloc_conf)
         except allocconf.AllocConfError as e:
             raise InputError(str(e)) from None
+        need(not (self.expandable_segments and "expandable_segments" in self.alloc_conf and not conf.expandable_segments),
+             f"expandable_segments=True conflicts with alloc_conf {self.alloc_conf!r}: give one of them")
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments
                                                   or self.expandable_segments))
+        object.__setattr__(self, "expandable_segments", self._conf.expandable_segments)   # what the call runs with
         for name in ("cudnn_benchmark", "cudnn_deterministic"):
             need(self.cudnn or not getattr(self, name),
                  f"{name} needs cuDNN: with cudnn=False (torch.backends.cudnn.enabled = False) PyTorch runs its "
@@ -121,7 +124,8 @@ class Options:
         need(self.lora is None or self.dtype == "fp16",
              f"a LoRA with dtype {self.dtype} is not modelled (the adapters are derived for fp16 pipelines)")
         need(self.unet_evaluations >= 1,
-             f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} step leaves no denoising step: diffusers 0.42.1 "
+             f"strength {1 if self.strength is None else self.strength:g} x {self.num_inference_steps} "
+             f"step{'' if self.num_inference_steps == 1 else 's'} leaves no denoising step: diffusers 0.42.1 "
              "then decodes an empty batch and fails "
              + ("(use strength 1 or at least 2 steps)" if self.scheduler == "pndm"
                 else f"(with {self.scheduler}, use a strength of at least 1/{self.num_inference_steps})"))
@@ -175,6 +179,32 @@ class Options:
     def allocator(self) -> allocconf.AllocConf:
         """The caching allocator's settings: alloc_conf, with the expandable_segments shorthand."""
         return self._conf
+
+    @property
+    def alloc_conf_text(self) -> str:
+        """PYTORCH_CUDA_ALLOC_CONF as the call runs with it ("" for PyTorch's defaults)."""
+        if self.expandable_segments and "expandable_segments" not in self.alloc_conf:
+            return ",".join(p for p in (self.alloc_conf, "expandable_segments:True") if p)
+        return self.alloc_conf
+
+    @property
+    def derived_settings(self) -> tuple[str, ...]:
+        """The settings in effect whose memory is derived from the sources and not yet measured on
+        a GPU (their catalogue cases wait for a GPU run; each flag's help says so too)."""
+        conf = self.allocator
+        return tuple(name for name, on in (
+            (f"dtype {self.dtype}", self.dtype != "fp16"),
+            (self.pipeline, self.pipeline != "img2img"),
+            ("xformers", self.attention == XFORMERS),
+            (f"scheduler {self.scheduler}", self.scheduler != schedulers.DEFAULT),
+            ("LoRA", self.lora is not None),
+            ("channels_last", self.channels_last),
+            ("cuDNN off", not self.cudnn),
+            ("cudnn.benchmark", self.cudnn_benchmark),
+            ("cudnn.deterministic", self.cudnn_deterministic),
+            ("PYTORCH_CUDA_ALLOC_CONF " + self.alloc_conf_text,
+             conf != allocconf.AllocConf(expandable_segments=conf.expandable_segments, ignored=conf.ignored)),
+        ) if on)
 
     @property
     def adapters(self):

@@ -62,7 +62,8 @@ def call_size(height, width, o: Options) -> tuple[int, int]:
                          "Python: mask_size=(height, width))")
     if tuple(o.mask_size) != image:
         (mh, mw), (ih, iw) = o.mask_size, image
-        raise InputError(f"the mask is {mw}x{mh} but the image is {iw}x{ih}: inpaint needs a mask of the image's size")
+        raise InputError(f"the mask is {mw}x{mh} but the image is {iw}x{ih}: give the mask of this image, at its size "
+                         "(diffusers would resize any mask to pipe(height, width); sd-vram takes a mismatch for a wrong file)")
     return o.pipe_height or DEFAULT_SIZE, o.pipe_width or DEFAULT_SIZE
 
 

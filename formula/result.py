@@ -82,6 +82,8 @@ class Estimate:
     _bounds: dict | None = field(default=None, repr=False, compare=False)
     # why the peak depends on run-time state (cudnn.benchmark), "" where it does not
     runtime_note: str = ""
+    # the settings in effect that are derived, not yet measured on a GPU (Options.derived_settings)
+    derived_settings: tuple = ()
 
     @property
     def bounds(self) -> dict:
@@ -112,6 +114,8 @@ class Estimate:
         }
         if self.runtime_note:
             out["depends_on_runtime_state"] = self.runtime_note
+        if self.derived_settings:
+            out["derived_not_measured"] = list(self.derived_settings)
         if self.boundary is not None:
             out["verdict"] = self.boundary.verdict
             out["boundary"] = self.boundary.to_dict()

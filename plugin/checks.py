@@ -61,10 +61,10 @@ def match_profile(gpu_name: str | None) -> str | None:
 
 
 def alloc_conf(env_vars: dict) -> str:
-    """The allocator settings a process read from its environment: PYTORCH_ALLOC_CONF when it is
-    set, else PYTORCH_CUDA_ALLOC_CONF (c10/core/AllocatorConfig.cpp, AllocatorConfig::instance)."""
-    conf = env_vars.get("PYTORCH_ALLOC_CONF")
-    return str(conf if conf is not None else env_vars.get("PYTORCH_CUDA_ALLOC_CONF") or "")
+    """The allocator settings a process read from its environment (allocconf.from_environment)."""
+    from sd_vram.formula import allocconf
+
+    return allocconf.from_environment(env_vars)
 
 
 def allocator_variant(env_vars: dict) -> str:

@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+from sd_vram.formula import InputError
+
 from .archive import SCHEMA, find_archives
 from .checks import QUANTITIES, alloc_conf, allocator_variant, match_profile, mib, predict
 
@@ -364,6 +366,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args, prog: str = "sd-vram compare") -> int:
     """Print the report; a bad archive or folder is one line and exit 2. Without matplotlib the
     text still prints, then one line says the plot needs it (exit 1)."""
+    if args.png:
+        from sd_vram.plotfile import check_plot_path
+
+        try:
+            check_plot_path("--png", args.png)
+        except InputError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        except ImportError:
+            pass                  # said after the text, below
     try:
         text, runs, pts = report(args.paths, as_recorded=args.as_recorded,
                                  gpu_profile=getattr(args, "gpu_profile", None))

@@ -711,12 +711,11 @@ def _check_process_allocator(opts) -> None:
     from .checks import alloc_conf
     from .environment import env_vars
 
-    if not (opts.alloc_conf or opts.expandable_segments):
+    if not opts.alloc_conf_text:
         return
     process = alloc_conf(env_vars())
     if allocconf.parse(process) != opts.allocator:
-        wanted = ",".join(filter(None, (opts.alloc_conf, "expandable_segments:True" if opts.expandable_segments else "")))
-        raise RuntimeError(f"this case needs PYTORCH_CUDA_ALLOC_CONF={wanted}; the run has {process or 'none'}: "
+        raise RuntimeError(f"this case needs PYTORCH_CUDA_ALLOC_CONF={opts.alloc_conf_text}; the run has {process or 'none'}: "
                            "start pytest with it set")
 
 

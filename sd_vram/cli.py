@@ -23,7 +23,7 @@ from typing import NamedTuple
 from sd_vram.formula import InputError, Options
 from sd_vram.formula.report import SEEDS
 from sd_vram.formula.tokenizer import MAX_PROMPT_TOKENS
-from sd_vram.option_flags import add_option_flags, option_kwargs
+from sd_vram.option_flags import add_option_flags, as_flags, option_kwargs
 from sd_vram.output import (format_compare, format_estimate, format_max_size, format_simulation, format_verdict,
                             truncation_warning)
 
@@ -85,9 +85,17 @@ _BUDGET_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{0,9})?|\.\d{1,9})\s*([a-zA-Z]*)\s
 _MAX_BUDGET = 1 << 50   # 1 PiB: far beyond any GPU
 
 
+BUDGET_FORMS = "8GiB or 8G (2^30 B), 8GB (10^9 B), 8192MiB, or bytes"
+BUDGET_MEANS = ("the total PyTorch sees (torch.cuda.mem_get_info()[1], the 'total capacity' of an out-of-memory "
+                "message, often a little below the card's nominal size), less what other programs hold on it "
+                "(nvidia-smi)")
+
+
 def parse_budget(text: str) -> tuple[int, str]:
     """'8GiB', '8 GiB', '8192MiB', '8G' (binary), '8GB' (decimal) or a byte count of at least
     1 MiB -> (bytes, how the unit was read)."""
+    if text.strip().startswith("-"):
+        raise InputError(f"the memory budget must be positive, got {text!r}")
     m = _BUDGET_RE.match(text)
     unit = m.group(2).lower() if m else ""
     if not m or (unit and unit not in _UNITS):
@@ -261,6 +269,19 @@ def _prompt_kwargs(args, case: dict) -> dict:
     return {}
 
 
+def with_environment(opts: dict) -> dict:
+    """The allocator settings of this shell (PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF), as the
+    user's own call would read them, where neither --alloc-conf nor --expandable-segments is given."""
+    from sd_vram.formula import allocconf
+
+    env = allocconf.from_environment(os.environ)
+    if not env or {"alloc_conf", "expandable_segments"} & opts.keys():
+        return opts
+    print(f"{PROG}: note: PYTORCH_CUDA_ALLOC_CONF={env} from the environment applies "
+          "(--alloc-conf gives other settings)", file=sys.stderr)
+    return {**opts, "alloc_conf": env}
+
+
 def resolve_call(image: str | None, cli_options: dict) -> tuple[dict, dict]:
     """(the input as resolve_input reads it, the call's options: the case's, then the flags'). txt2img
     takes no image: IMAGE is the output's WIDTHxHEIGHT, and may be left out (512x512)."""
@@ -269,10 +290,10 @@ def resolve_call(image: str | None, cli_options: dict) -> tuple[dict, dict]:
         if pipeline != "txt2img":
             raise InputError(f"{pipeline} needs an IMAGE: WIDTHxHEIGHT, an image file or a case name "
                              "(only --pipeline txt2img may leave it out: 512x512)")
-        case = {"width": None, "height": None, "source": "txt2img at the default size"}
+        case = {"width": None, "height": None, "source": "txt2img"}
     else:
         case = resolve_input(image)
-    opts = {**case.get("options", {}), **cli_options}
+    opts = with_environment({**case.get("options", {}), **cli_options})
     if opts.get("pipeline") == "txt2img" and "file" in case:
         raise InputError(f"txt2img takes no image ({case['file']}): give the output's WIDTHxHEIGHT, or none for 512x512")
     return case, opts
@@ -322,13 +343,23 @@ def cmd_probe(args) -> int:
 
 
 def cmd_max_size(args) -> int:
-    from sd_vram.formula.maxsize import search
+    from sd_vram.formula.maxsize import NothingFits, search
 
     budget, read_as = parse_budget(args.vram)
     aspect = parse_aspect(args.aspect)
-    opts = option_kwargs(args)
+    opts = with_environment(option_kwargs(args))
     options = Options(**opts)
-    found = search(budget, aspect=aspect, quantity=args.quantity, **opts)
+    try:
+        found = search(budget, aspect=aspect, quantity=args.quantity, **opts)
+    except NothingFits as e:     # an answer: on stdout, exit 1 (bad input is exit 2)
+        if args.json:
+            import json
+
+            print(json.dumps({"width": None, "height": None, "nothing_fits": str(e), "budget_bytes": budget,
+                              "budget_read_as": read_as, "gpu_profile": options.gpu}, indent=2))
+        else:
+            print(e)
+        return 1
     fallback = None if found.fallback_height is None else {"width": found.fallback_width, "height": found.fallback_height}
     if args.json:
         import json
@@ -341,7 +372,7 @@ def cmd_max_size(args) -> int:
                           "with_fallbacks": fallback, "gpu_profile": options.gpu,
                           "options": options.to_dict()}, indent=2))
         return 0
-    print(format_max_size(found, aspect, args.quantity, budget, read_as, options.gpu))
+    print(format_max_size(found, aspect, args.quantity, budget, read_as, options))
     return 0
 
 
@@ -375,24 +406,12 @@ def cmd_simulate(args) -> int:
 
 def _check_timeline(path: str) -> None:
     """Before the simulation runs (it takes seconds to minutes): where the plot will go."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise InputError(f"--timeline {path} is a directory: give a file name such as timeline.png")
-    if not folder.is_dir():
-        raise InputError(f"--timeline {path}: no such folder {folder}")
-    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise InputError(f"--timeline {path}: not writable")
+    from sd_vram.plotfile import check_plot_path
+
     try:
-        import matplotlib
+        check_plot_path("--timeline", path)
     except ImportError:
         raise CliError("the timeline plot needs matplotlib: pip install 'sd-vram[sim]'", 1) from None
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    kinds = FigureCanvasBase.get_supported_filetypes()
-    if target.suffix.lower().lstrip(".") not in kinds:
-        raise InputError(f"--timeline {path}: the file name must end in one of "
-                         + ", ".join("." + k for k in sorted(kinds)))
 
 
 def cmd_compare(args) -> int:
@@ -413,7 +432,7 @@ def _add_prompt(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     seeds = ", ".join(SEED_CASES)
-    parser = _Parser(prog=PROG, description="Peak GPU memory of Stable Diffusion v1.5 img2img (diffusers, FP16).")
+    parser = _Parser(prog=PROG, description="Peak GPU memory of Stable Diffusion v1.5 calls (diffusers img2img, txt2img, inpaint; FP16 by default).")
     parser.add_argument("--version", action="version", version=f"{PROG} " + _version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -421,22 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     image_help = (f"WIDTHxHEIGHT (640x427 is 640 wide), an image file, a seed case ({seeds}) "
                   "or a case name of cases/catalogue.toml; txt2img: the output's WIDTHxHEIGHT (default 512x512)")
     p = sub.add_parser("estimate", help="predict the peak memory of one call (no GPU, no torch)",
-                       description="Predict the peak GPU memory of one img2img call with the closed-form equation.")
+                       description="Predict the peak GPU memory of one pipeline call (img2img unless --pipeline) "
+                                   "with the closed-form equation.")
     p.add_argument("image", metavar="IMAGE", nargs="?", help=image_help)
     _add_prompt(p)
     add_option_flags(p)
-    p.add_argument("--vram", metavar="BUDGET", help="the card's memory: 8GiB or 8G (2^30 B), 8GB (10^9 B), "
-                   "8192MiB; answers fits / fits with fallbacks / out of memory at an operation first")
+    p.add_argument("--vram", metavar="BUDGET", help=f"the card's memory: {BUDGET_FORMS}; {BUDGET_MEANS}; "
+                   "answers fits / fits with fallbacks / out of memory at an operation first")
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     p.add_argument("--compare", action="store_true", help="also show the baseline estimators for the same input")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("max-size", help="largest image that fits a memory budget",
                        description="Largest image (sides multiples of 8) whose predicted peak fits the budget.")
-    p.add_argument("--vram", required=True, metavar="BUDGET", help="budget: 8GiB or 8G (2^30 B), 8GB (10^9 B), 8192MiB, or bytes")
+    p.add_argument("--vram", required=True, metavar="BUDGET", help=f"the card's memory: {BUDGET_FORMS}; {BUDGET_MEANS}")
     p.add_argument("--aspect", default="1:1", metavar="W:H", help="aspect ratio, width:height (default 1:1)")
     p.add_argument("--quantity", choices=["allocated", "reserved", "device"], default="device",
-                   help="which peak must fit: torch allocated, torch reserved, or the device as NVML sees it (default device)")
+                   help="which peak must fit: the device as NVML sees it, the call replayed under the budget as "
+                        "PyTorch runs it (cached segments released before an out-of-memory; the default), or torch's "
+                        "allocated or reserved peak on a card without a limit")
     add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_max_size)
@@ -522,7 +544,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.status
     except InputError as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else 'bad input'}", file=sys.stderr)
+        print(f"{PROG}: error: {as_flags(str(e).splitlines()[0]) if str(e) else 'bad input'}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else 0

@@ -120,7 +120,7 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "shorthand for --alloc-conf expandable_segments:True", switch=True),
         OptionFlag("alloc_conf", "--alloc-conf",
                    "PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
-                   "roundup_power2_divisions, garbage_collection_threshold (under --vram); derived from "
+                   "roundup_power2_divisions, garbage_collection_threshold (which acts only under a budget: estimate --vram); derived from "
                    "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
         OptionFlag("cudnn", "--no-cudnn",
                    "torch.backends.cudnn.enabled = False: PyTorch's native convolutions and their im2col "
@@ -133,7 +133,7 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "torch.backends.cudnn.deterministic = True: deterministic engines only; their workspaces "
                    "are derived, not measured on a GPU (the answer is a range)", switch=True),
         OptionFlag("pipeline", "--pipeline", "the diffusers pipeline: img2img (StableDiffusionImg2ImgPipeline), "
-                   "txt2img (StableDiffusionPipeline: IMAGE is the output's WIDTHxHEIGHT, default 512x512), "
+                   "txt2img (StableDiffusionPipeline: estimate's and simulate's IMAGE is the output's WIDTHxHEIGHT, default 512x512), "
                    "inpaint (StableDiffusionInpaintPipeline: needs --mask) (default img2img); txt2img and inpaint are "
                    "derived from diffusers' code, not measured on a GPU", {"choices": PIPELINES}),
         OptionFlag("pipe_height", "--height", "txt2img / inpaint: pipe(height=...), a multiple of 8 (default 512: "
@@ -201,3 +201,19 @@ def option_kwargs(args: argparse.Namespace) -> dict:
         elif v is not None and not (v == "" and getattr(defaults, f.field) == ""):
             kw[f.field] = v
     return kw
+
+
+def as_flags(message: str) -> str:
+    """An Options error in the command line's words: ``pipe_height`` -> ``--height``,
+    ``cudnn=False`` -> ``--no-cudnn``, ``lora=RANK`` -> ``--lora RANK``. A one-word field is
+    rewritten only in its ``field=`` form (``pipeline`` is also a word of the prose)."""
+    import re
+
+    message = re.sub(r";\s*Python: [^()]*(\([^()]*\))?[^()]*", "", message)   # a hint for the Python API alone
+    for f in option_flags():
+        if f.switch is not None:
+            message = message.replace(f"{f.field}={f.switch}", f.flag)
+        message = re.sub(rf"(?<![\w.-]){f.field}=(?=[\w(])", f"{f.flag} ", message)
+        if "_" in f.field:
+            message = re.sub(rf"(?<![\w.-]){f.field}(?![\w=:])", f.flag, message)
+    return message

@@ -74,8 +74,8 @@ def options_line(o: Options) -> str:
         parts.append(f"scheduler {o.scheduler} ({plural(o.unet_evaluations, 'UNet evaluation')})")
     if o.adapters:
         parts.append(f"LoRA {o.adapters.source}" + (" (fused)" if o.lora_fused else ""))
-    if o.alloc_conf or o.expandable_segments:
-        parts.append("PYTORCH_CUDA_ALLOC_CONF=" + (o.alloc_conf or "expandable_segments:True"))
+    if o.alloc_conf_text:
+        parts.append("PYTORCH_CUDA_ALLOC_CONF=" + o.alloc_conf_text)
     if o.dtype != "fp16":
         parts.append(f"dtype {o.dtype}")
     if o.channels_last:
@@ -87,8 +87,16 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def headline(est, source: str) -> str:
+    """The answer in one line: the device peak (a range where not every term is measured)."""
+    lo, hi = est.bounds["peak_device_bytes"] if est.bounds else (est.peak_device,) * 2
+    spread = "" if lo == hi else f", between {fmt_bytes(lo)} and {fmt_bytes(hi)} (not all measured)"
+    return (f"sd-vram estimate: {source} needs {fmt_bytes(est.peak_device)} of GPU memory (nvidia-smi){spread}; "
+            f"{fmt_bytes(est.peak_allocated)} allocated by PyTorch at the peak, in {est.peak_stage}")
+
+
 def format_estimate(est, source: str, options: Options) -> str:
-    out = [f"sd-vram estimate: {source}"]
+    out = [headline(est, source)]
     size = f"{est.width}x{est.height}"
     if options.pipeline == "img2img":
         out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
@@ -97,6 +105,8 @@ def format_estimate(est, source: str, options: Options) -> str:
     if est.prompt_tokens is not None:
         out.append(f"prompt: {est.prompt_tokens} CLIP tokens ({min(est.prompt_tokens, MAX_PROMPT_TOKENS) + 2} of 77 positions with BOS/EOS)")
     out.append(f"options: {options_line(options)}")
+    if est.derived_settings:
+        out.append(f"derived from the sources, not yet measured on a GPU: {', '.join(est.derived_settings)}")
     out.append(f"GPU profile: {est.gpu_profile} (convolution workspaces: {est.conv_workspace})")
     out.append("")
     rows = []
@@ -126,8 +136,9 @@ def format_bounds(est) -> list[str]:
     """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
     b = est.bounds
     note = [f"the peak depends on run-time state: {est.runtime_note}"] if est.runtime_note else []
-    if note:
-        return ["", *note, *format_range(b)]
+    if note:       # the top is the card: the default profile's is no card's in particular
+        top = "the card's memory (give --vram)" if est.gpu_profile == "default" and est.boundary is None else None
+        return ["", *note, *format_range(b, top)]
     if est.conv_workspace.startswith("native"):
         return ["cuDNN off: the convolutions' im2col columns are derived from PyTorch's source "
                 "(ConvolutionMM2d.cu), not measured on a GPU", *format_range(b)]
@@ -141,9 +152,9 @@ def format_bounds(est) -> list[str]:
     return out
 
 
-def format_range(b) -> list[str]:
-    """One line per quantity: between lo and hi."""
-    return [f"  {quantity:<9} between {fmt_bytes(b[key][0])} and {fmt_bytes(b[key][1])}"
+def format_range(b, top: str | None = None) -> list[str]:
+    """One line per quantity: between lo and hi (or `top`, in words)."""
+    return [f"  {quantity:<9} between {fmt_bytes(b[key][0])} and {top or fmt_bytes(b[key][1])}"
             for key, quantity in (("peak_allocated_bytes", "allocated"), ("peak_reserved_bytes", "reserved"),
                                   ("peak_device_bytes", "device"))]
 
@@ -184,6 +195,11 @@ def format_verdict(est, read_as: str, fixes) -> str:
         lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
                  f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
                  f"  PyTorch would say: {o.message}"]
+    lo, hi = est.bounds["peak_device_bytes"] if est.bounds else (est.peak_device,) * 2
+    if lo < b.vram < hi:     # the budget inside the range: the verdict rests on unmeasured terms
+        lines.insert(1, f"  not certain: the peak lies between {fmt_bytes(lo)} and {fmt_bytes(hi)} where not every "
+                        f"term is measured (GPU profile {est.gpu_profile}); `sd-vram probe` on the card gives the "
+                        "exact verdict")
     if b.verdict != "fits":
         if fixes:
             lines.append("makes it fit at full speed, each alone:")
@@ -196,14 +212,18 @@ def format_verdict(est, read_as: str, fixes) -> str:
     return "\n".join(lines)
 
 
-def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, read_as: str, gpu) -> str:
+def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, read_as: str, options: Options) -> str:
     """The largest image under a budget, the next step that does not fit, and the fallback range."""
+    # quantity "device": the call replayed under the budget, cached segments released as PyTorch
+    # does before it runs out (maxsize.py); allocated and reserved: the peaks on a larger card
+    under = " under this budget (the allocator releasing cached segments as PyTorch does)" if quantity == "device" else ""
+    what = "image" if options.pipeline == "img2img" else f"{options.pipeline} call"
     lines = [f"{found.width}x{found.height}",
-             f"the largest {aspect[0]}:{aspect[1]} image (sides multiples of 8) whose predicted peak {quantity} memory "
-             f"fits {exact(budget)} ({read_as}) at full speed (GPU profile {gpu}):",
-             f"  {found.width}x{found.height} needs {exact(found.peak)}",
+             f"the largest {aspect[0]}:{aspect[1]} {what} (sides multiples of 8) whose predicted peak {quantity} memory "
+             f"fits {exact(budget)} ({read_as}) at full speed (GPU profile {options.gpu}):",
+             f"  {found.width}x{found.height} needs {exact(found.peak)}{under}",
              f"  the next step, {found.next_width}x{found.next_height}, does not fit at full speed "
-             f"(its peak is {exact(found.next_peak)} on a larger card)"]
+             f"(on a card without a limit its peak is {exact(found.next_peak)})"]
     if found.fallback_height is not None:
         lines.append(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
                      "workspaces (slower; derived, not measured)")

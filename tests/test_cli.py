@@ -21,6 +21,7 @@ from sd_vram.cli import main, parse_aspect, parse_budget, parse_size
 from sd_vram.formula import InputError, Options, tokenizer
 from sd_vram.formula.maxsize import max_size, smallest_height, width_for
 from sd_vram.formula.result import Estimate, StagePeak
+from sd_vram.output import fmt_bytes
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -61,8 +62,14 @@ def _real_equation_works() -> bool:
 REAL = _real_equation_works()
 
 
+# the CLI applies the shell's allocator settings (cli.with_environment): not this shell's here
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 @pytest.fixture(autouse=True)
 def _equation(monkeypatch):
+    for name in ALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
     if not REAL:
         monkeypatch.setattr(equation, "estimate", fake_estimate)
 
@@ -76,7 +83,8 @@ def run_cli(*args, timeout=60):
         + "from sd_vram.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     return subprocess.run([sys.executable, "-c", boot, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          cwd=str(REPO), env={**{k: v for k, v in os.environ.items() if k not in ALLOC_ENV},
+                                              "PYTHONWARNINGS": "ignore"})
 
 
 def call(capsys, *args):
@@ -103,7 +111,7 @@ def test_estimate_table(capsys):
                   "peak allocated"):
         assert label in out
     assert "GiB" in out or "MiB" in out
-    from sd_vram.output import fmt_bytes, label as _label
+    from sd_vram.output import label as _label
 
     for key, value in est.breakdown.items():
         if key not in ("allocator_overhead", "cuda_context"):   # those have their own lines
@@ -322,7 +330,7 @@ def _bad_inputs(tmp):
         ["estimate", "640x427", "--strength", "1.5"], ["estimate", "640x427", "--steps", "0"],
         ["estimate", "640x427", "--attention", "sage"], ["estimate", "640x427", "--attention-slicing", "0"],
         ["estimate", "640x427", "--num-images-per-prompt", "0"], ["estimate"], [], ["frobnicate"],
-        ["max-size", "--vram", "1GiB"], ["max-size", "--vram", "100MiB"], ["max-size", "--vram", "abc"],
+        ["max-size", "--vram", "abc"],
         ["max-size", "--vram", "-8GiB"], ["max-size", "--vram", "0"], ["max-size", "--vram", "8XB"],
         ["max-size", "--vram", "8GiB", "--aspect", "3:0"], ["max-size", "--vram", "8GiB", "--aspect", "0:2"],
         ["max-size", "--vram", "8GiB", "--aspect", "wide"], ["max-size"],
@@ -354,7 +362,17 @@ def test_specific_error_messages(tmp_path, capsys):
     assert "not allowed with argument --prompt" in call(capsys, "estimate", "640x427", "--prompt", "x",
                                                          "--prompt-length", "1")[2]
     assert "zero side" in call(capsys, "max-size", "--vram", "8GiB", "--aspect", "3:0")[2]
-    assert "the weights and CUDA context alone need" in call(capsys, "max-size", "--vram", "1GiB")[2]
+
+
+
+def test_nothing_fits_is_an_answer_not_an_error(capsys):
+    """max-size: a budget below the weights is a valid question; its answer goes to stdout, exit 1."""
+    for budget in ("1GiB", "100MiB"):
+        rc, out, err = call(capsys, "max-size", "--vram", budget)
+        assert (rc, err) == (1, "") and out.startswith("nothing fits a budget of ")
+    assert "the weights and CUDA context alone need" in out
+    rc, out, _ = call(capsys, "max-size", "--vram", "1GiB", "--json")
+    assert rc == 1 and json.loads(out)["width"] is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,14 +406,14 @@ def test_budgets_beyond_any_card_or_the_named_one_are_refused(capsys):
 
 def test_small_budgets_print_their_unit(capsys):
     """`--vram 1KiB` used to report "0.0 MiB", and any failure was blamed on the weights."""
-    rc, _, err = call(capsys, "max-size", "--vram", "1048576")
-    assert rc == 2 and "1.00 MiB" in err and "the weights and CUDA context alone need" in err
+    rc, out, _ = call(capsys, "max-size", "--vram", "1048576")
+    assert rc == 1 and "1.00 MiB" in out and "the weights and CUDA context alone need" in out
     # a budget the weights fit but the smallest image does not (CUDA context + weights ~ 3.3 GiB)
     from sd_vram.formula import estimate
 
     small = estimate(8, 8)
-    rc, _, err = call(capsys, "max-size", "--vram", str(small.peak_device - 1))
-    assert rc == 2 and "the smallest image, 8x8, needs" in err
+    rc, out, _ = call(capsys, "max-size", "--vram", str(small.peak_device - 1))
+    assert rc == 1 and "the smallest image, 8x8, needs" in out
 
 
 def test_parse_size_and_aspect():
@@ -553,3 +571,98 @@ def test_console_script():
     r = subprocess.run([exe, "estimate", "640x427", "--json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["peak_stage"]
+
+
+# ------------------------------------------------------------------------------------------
+# what a new user tripped over (a trial of the CLI): each is one line, or said in the answer
+# ------------------------------------------------------------------------------------------
+
+def test_the_first_line_is_the_answer(capsys):
+    rc, out, _ = call(capsys, "estimate", "640x427")
+    est = equation.estimate(427, 640)
+    first = out.splitlines()[0]
+    assert rc == 0 and f"needs {fmt_bytes(est.peak_device)} of GPU memory" in first and est.peak_stage in first
+    lo, hi = est.bounds["peak_device_bytes"]
+    assert f"between {fmt_bytes(lo)} and {fmt_bytes(hi)}" in first          # the default profile: a range
+    rc, out, _ = call(capsys, "estimate", "--pipeline", "txt2img", "--width", "1024", "--height", "1024")
+    assert out.splitlines()[0].startswith("sd-vram estimate: txt2img needs ") and "txt2img at 1024x1024" in out
+
+
+def test_options_errors_name_the_flags(capsys):
+    for argv, flag in ((["512x512", "--pipeline", "txt2img", "--height", "500"], "--height must be a multiple of 8"),
+                       (["512x512", "--lora-fused"], "--lora-fused needs a LoRA (--lora RANK"),
+                       (["512x512", "--cudnn-benchmark", "--no-cudnn"], "with --no-cudnn"),
+                       (["512x512", "--pipeline", "inpaint"], "(--mask FILE or WIDTHxHEIGHT)"),
+                       (["512x512", "--expandable-segments", "--alloc-conf", "expandable_segments:False"],
+                        "--expandable-segments conflicts with --alloc-conf 'expandable_segments:False'")):
+        rc, _, err = call(capsys, "estimate", *argv)
+        assert rc == 2 and flag in err and "Python" not in err, (argv, err)
+
+
+def test_an_alloc_conf_that_enables_expandable_segments_says_so(capsys):
+    rc, out, _ = call(capsys, "estimate", "512x512", "--json", "--alloc-conf",
+                      "expandable_segments:False,expandable_segments:True")
+    d = json.loads(out)
+    assert d["options"]["expandable_segments"] is True            # the last value wins, as in PyTorch
+    assert d["peak_reserved_bytes"] == equation.estimate(512, 512, expandable_segments=True).peak_reserved
+    rc, out, _ = call(capsys, "estimate", "512x512", "--expandable-segments", "--alloc-conf", "max_split_size_mb:512")
+    assert "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512,expandable_segments:True" in out
+
+
+def test_the_shells_alloc_conf_applies_unless_a_flag_gives_one(capsys, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    rc, out, err = call(capsys, "estimate", "2048x2048", "--json")
+    assert rc == 0 and "from the environment applies" in err and len(err.strip().splitlines()) == 1
+    assert json.loads(out)["peak_reserved_bytes"] == equation.estimate(2048, 2048, expandable_segments=True).peak_reserved
+    rc, out, err = call(capsys, "estimate", "2048x2048", "--json", "--alloc-conf", "max_split_size_mb:512")
+    assert err == "" and json.loads(out)["options"]["alloc_conf"] == "max_split_size_mb:512"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "frobnicate:1")        # read before the CUDA name, as c10 does
+    rc, _, err = call(capsys, "estimate", "512x512")
+    assert rc == 2 and "Unrecognized CachingAllocator option: frobnicate" in err.splitlines()[-1]
+
+
+def test_derived_settings_are_named_in_the_answer(capsys):
+    rc, out, _ = call(capsys, "estimate", "512x512", "--dtype", "fp32", "--scheduler", "ddim")
+    assert "not yet measured on a GPU: dtype fp32, scheduler ddim" in out
+    rc, out, _ = call(capsys, "estimate", "512x512", "--json", "--expandable-segments")
+    assert "derived_not_measured" not in json.loads(out)            # measured on the H200 and the H100
+
+
+def test_a_budget_inside_the_range_makes_the_verdict_uncertain(capsys):
+    est = equation.estimate(1096, 1640)
+    lo, hi = est.bounds["peak_device_bytes"]
+    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", str((lo + hi) // 2))
+    assert rc == 0 and out.splitlines()[1].startswith("  not certain: the peak lies between")
+    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", str(hi + (1 << 30)))
+    assert out.startswith("fits: ") and "not certain" not in out
+
+
+def test_max_size_leaves_the_size_to_its_search(capsys):
+    for argv, flag in ((["--pipeline", "txt2img", "--height", "768"], "--height"),
+                       (["--pipeline", "inpaint", "--mask", "512x512"], "--mask")):
+        rc, _, err = call(capsys, "max-size", "--vram", "8GiB", *argv)
+        assert rc == 2 and f"max-size searches the size itself: leave out {flag}" in err, err
+    rc, out, _ = call(capsys, "max-size", "--vram", "8GiB", "--pipeline", "txt2img")
+    assert rc == 0 and "txt2img call" in out and "under this budget" in out
+
+
+def test_slice_sizes_and_budgets(capsys):
+    rc, _, err = call(capsys, "estimate", "512x512", "--attention-slicing", "9")
+    assert rc == 2 and "8 heads" in err
+    rc, _, err = call(capsys, "max-size", "--vram=-8GiB")
+    assert rc == 2 and "must be positive" in err
+
+
+def test_cudnn_benchmark_range_tops_out_at_the_card(capsys):
+    rc, out, _ = call(capsys, "estimate", "512x512", "--cudnn-benchmark")
+    assert "and the card's memory (give --vram)" in out            # the default profile is no card
+    est = equation.estimate(512, 512, cudnn_benchmark=True, vram=8 << 30)
+    assert est.bounds["peak_device_bytes"][1] == 8 << 30
+
+
+def test_compare_checks_the_plot_path_first(capsys, tmp_path):
+    missing = tmp_path / "no-such-folder" / "x.png"
+    rc, _, err = call(capsys, "compare", str(REPO / "results"), "--png", str(missing))
+    assert rc == 2 and "no such folder" in err and not missing.parent.exists()
+    rc, _, err = call(capsys, "compare", str(REPO / "results"), "--png", str(tmp_path))
+    assert rc == 2 and "is a directory" in err

@@ -99,6 +99,23 @@ def test_attention_slicing_costs_n_squared_in_fp16():
     assert sliced.stages["unet"].components["attention"] == 2 * nbytes(1, 16384, 16384)
 
 
+def test_a_slice_size_above_the_head_count_is_refused_as_diffusers_refuses_it():
+    """UNet2DConditionModel.set_attention_slice (which pipe.enable_attention_slicing calls)
+    raises for a slice size above an attention layer's head count: 8 in every SD1.5 UNet layer."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from sd_vram.models import sd15_config
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(sd15_config()["unet"])
+    unet.set_attention_slice(8)
+    with pytest.raises(ValueError, match="smaller or equal to 8"):
+        unet.set_attention_slice(9)
+    assert estimate(512, 512, attention_slicing=8).peak_allocated > 0
+    with pytest.raises(InputError, match="8 heads"):
+        estimate(512, 512, attention_slicing=9)
+
+
 def test_default_peak_is_the_decoder_upsampler_conv_and_its_workspace():
     e = estimate(1024, 1024, gpu="h200")
     assert e.peak_stage == "vae_decode"
