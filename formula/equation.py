@@ -338,10 +338,7 @@ def _setup(height, width, prompt, prompt_length, options: dict, architecture: di
             model = arch.spec({**model.config, "unet": {**model.config["unet"], "in_channels": o.unet_in_channels}})
     except ValueError as e:
         raise InputError(str(e)) from None
-    if isinstance(o.attention_slicing, int) and o.attention_slicing > model.unet_heads:
-        # UNet2DConditionModel.set_attention_slice: "size N has to be smaller or equal to <heads>"
-        raise InputError(f"attention_slicing {o.attention_slicing}: the UNet's attention has {model.unet_heads} heads, "
-                         f"and diffusers refuses a slice size above that (1 to {model.unet_heads}, auto or max)")
+    pipelines.check_slice_size(o, model)
     return H, W, tokens, o, profile, act.Shape(H=H, W=W, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg,
                                                dtype=o.dtype, model=model, layouts=kernels.Layouts.of(o, profile))
 

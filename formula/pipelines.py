@@ -142,3 +142,11 @@ def _inpaint(stages: dict, s: act.Shape, o: Options) -> dict:
         else:
             out[name] = [act.merge(held, p) for p in cands]
     return out   # the 9-channel UNet's wider input: activations.unet reads Shape.model.unet_in_channels
+
+
+def check_slice_size(o, model) -> None:
+    """UNet2DConditionModel.set_attention_slice (pipe.enable_attention_slicing(N)) raises "size N
+    has to be smaller or equal to <heads>" for a slice size above an attention layer's heads."""
+    if isinstance(o.attention_slicing, int) and o.attention_slicing > model.unet_heads:
+        raise InputError(f"attention_slicing {o.attention_slicing}: the UNet's attention has {model.unet_heads} heads, "
+                         f"and diffusers refuses a slice size above that (1 to {model.unet_heads}, auto or max)")

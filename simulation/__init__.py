@@ -56,11 +56,17 @@ def simulate(height: int | None = None, width: int | None = None, prompt: str | 
     """
     from sd_vram.formula.options import InputError, Options
 
-    opts = Options(**options)
-    if opts.pipeline != "img2img":   # the call's size: pipe(height, width) (formula/pipelines.py)
-        from sd_vram.formula.pipelines import call_size
+    from sd_vram.formula import architecture as arch
+    from sd_vram.formula import pipelines
 
-        height, width = call_size(height, width, opts)
+    opts = Options(**options)
+    try:
+        model = arch.spec(architecture)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    pipelines.check_slice_size(opts, model)
+    if opts.pipeline != "img2img":   # the call's size: pipe(height, width) (formula/pipelines.py)
+        height, width = pipelines.call_size(height, width, opts)
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 8:
             raise InputError(f"{name} must be an integer >= 8, got {v!r}")

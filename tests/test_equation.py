@@ -114,6 +114,10 @@ def test_a_slice_size_above_the_head_count_is_refused_as_diffusers_refuses_it():
     assert estimate(512, 512, attention_slicing=8).peak_allocated > 0
     with pytest.raises(InputError, match="8 heads"):
         estimate(512, 512, attention_slicing=9)
+    from sd_vram.simulation import simulate
+
+    with pytest.raises(InputError, match="8 heads"):       # before any model is built
+        simulate(64, 64, attention_slicing=9)
 
 
 def test_default_peak_is_the_decoder_upsampler_conv_and_its_workspace():
