@@ -56,11 +56,20 @@ class AllocConf:
 NATIVE = AllocConf()
 
 
+# c10/core/AllocatorConfig.cpp, AllocatorConfig::instance: PYTORCH_ALLOC_CONF when it is set,
+# else the older PYTORCH_CUDA_ALLOC_CONF
+ENVIRONMENT = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def environment_variable(env) -> str | None:
+    """The variable a process reads its allocator settings from, or None."""
+    return next((name for name in ENVIRONMENT if env.get(name) is not None), None)
+
+
 def from_environment(env) -> str:
-    """The allocator settings a process reads from its environment: PYTORCH_ALLOC_CONF when it is
-    set, else PYTORCH_CUDA_ALLOC_CONF (c10/core/AllocatorConfig.cpp, AllocatorConfig::instance)."""
-    conf = env.get("PYTORCH_ALLOC_CONF")
-    return str(conf if conf is not None else env.get("PYTORCH_CUDA_ALLOC_CONF") or "")
+    """The allocator settings a process reads from its environment ("" for none)."""
+    name = environment_variable(env)
+    return str(env.get(name) or "") if name else ""
 
 
 def _lex(text: str) -> list[str]:

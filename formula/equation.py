@@ -23,7 +23,7 @@ from . import gpu_profiles, kernels, pipelines, schedule, schedulers
 from .allocconf import NATIVE, AllocConf
 from .allocator import CachingAllocator, OutOfMemoryError, kSmallSize, round_size
 from .options import XFORMERS, InputError, Options
-from .result import OOM, Boundary, Estimate, StagePeak
+from .result import OOM, VERDICTS, Boundary, Estimate, StagePeak
 from .tokenizer import MAX_PROMPT_TOKENS, count_tokens
 
 GB = 1e9  # the notebook's f reports decimal gigabytes
@@ -247,7 +247,8 @@ def estimate(height=None, width=None, prompt=None, prompt_length=None, *, vram=N
     pipeline="inpaint": the image's, and mask_size its mask's (the call runs at options
     height/width, default 512; DERIVATION.md, "Pipelines").
 
-    vram: the card's memory in bytes (what nvidia-smi shows as total). With it, the call is
+    vram: the card's memory in bytes as PyTorch sees it (torch.cuda.mem_get_info()[1], the "total
+    capacity" of an out-of-memory message), less what other processes hold. With it, the call is
     replayed under that capacity as PyTorch would run it (DERIVATION.md section 11), and the
     estimate carries a verdict: "fits", "fits-with-fallback" or "oom". limit: "card" (a card of
     that size), or "fraction" (torch.cuda.set_per_process_memory_fraction allowing vram less
@@ -431,6 +432,36 @@ def _boundary(est: Estimate, vram: int, limit: str, s, o: Options, profile, ws, 
 ACCURACY = {"allocated": 0.01, "reserved": 0.03}
 
 
+def _context_range(profile) -> tuple[int, int]:
+    """The CUDA context's [lo, hi]: the measured one, else the range on record (CONTEXT_RANGE)."""
+    context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
+    return min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
+
+
+def verdict_range(height=None, width=None, prompt=None, prompt_length=None, *, vram, limit="card",
+                  architecture: dict | None = None, **options) -> tuple[str, str] | None:
+    """(mildest, severest) of the verdicts under `vram` of the point and of the two ends of the
+    bounds (DERIVATION.md, "Bounds"): the workspaces the profile did not measure none with the
+    smallest CUDA context on record, and the heaviest workspaces on record with the largest
+    context; None where the profile measured every term. The OOM path is not monotone in the
+    workspaces (a failed workspace releases cached segments), so all three are taken."""
+    kw = dict(prompt=prompt, prompt_length=prompt_length, vram=vram, limit=limit, architecture=architecture)
+    point = estimate(height, width, **kw, **options)
+    if all(lo == hi for lo, hi in point.bounds.values()):
+        return None
+    profile = gpu_profiles.get(Options(**options).gpu)
+    lo_ctx, hi_ctx = _context_range(profile)
+    seen = {point.boundary.verdict}
+    for end, rules, context in (("best case", kernels.NO_CONV_WORKSPACE, lo_ctx),
+                                ("worst case", kernels.HEAVIEST_CONV_RULE_SET, hi_ctx)):
+        variant = profile.with_(name=f"{profile.name} ({end})", cuda_context=context, conv_workspace_rules=(),
+                                conv_workspace_rule=rules, conv_workspace_rule_nhwc=rules,
+                                total_memory=max(profile.total_memory, vram))
+        seen.add(estimate(height, width, **kw, **{**options, "gpu": variant}).boundary.verdict)
+    ordered = sorted(seen, key=VERDICTS.index)
+    return ordered[0], ordered[-1]
+
+
 def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int,
             vram: int | None = None) -> dict[str, list[int]]:
     """[lo, hi] of each quantity (DERIVATION.md, "Bounds"). Where the profile measured every
@@ -454,8 +485,7 @@ def _bounds(s: act.Shape, o: Options, profile, ws, allocated: int, reserved: int
                 span[key] = [min(span[key][0], v), max(span[key][1], v)]
     for key, band in ACCURACY.items():
         span[key] = [int(span[key][0] * (1 - band)), -int(-span[key][1] * (1 + band) // 1)]
-    context = (profile.cuda_context,) * 2 if profile.cuda_context_measured else gpu_profiles.CONTEXT_RANGE
-    lo_ctx, hi_ctx = min(context[0], profile.cuda_context), max(context[1], profile.cuda_context)
+    lo_ctx, hi_ctx = _context_range(profile)
     if benchmark:      # get_plans_from_find may take every byte free at the search: the whole card
         card = vram or profile.total_memory
         for key in span:

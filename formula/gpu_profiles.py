@@ -235,6 +235,8 @@ def to_json(p: GPUProfile, **extra) -> dict:
         v = getattr(p, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     out["conv_workspace_rules"] = [dict(r) for r in p.conv_workspace_rules]
+    if p.conv_workspace_rule_nhwc == kernels.NHWC_CONV_RULE_SET:   # the default: files older readers take
+        del out["conv_workspace_rule_nhwc"]
     out.update({k: v for k, v in extra.items() if k in _INFO_KEYS})
     return out
 

@@ -189,13 +189,16 @@ class Options:
 
     @property
     def derived_settings(self) -> tuple[str, ...]:
-        """The settings in effect whose memory is derived from the sources and not yet measured on
-        a GPU (their catalogue cases wait for a GPU run; each flag's help says so too)."""
+        """The settings in effect whose code paths are derived from the sources and not yet measured
+        on a GPU (their catalogue cases wait for a GPU run; tests/test_profiles.py holds this against
+        the archives). Sizes, counts and strengths between measured ones are the equation's own."""
         conf = self.allocator
         return tuple(name for name, on in (
             (f"dtype {self.dtype}", self.dtype != "fp16"),
             (self.pipeline, self.pipeline != "img2img"),
-            ("xformers", self.attention == XFORMERS),
+            (f"attention {self.attention}", self.attention not in ("auto", "math", "efficient")),
+            (f"attention slicing {self.attention_slicing}", self.attention_slicing not in (None, "auto")),
+            (f"output {self.output_type}", self.output_type not in ("pil", "latent")),
             (f"scheduler {self.scheduler}", self.scheduler != schedulers.DEFAULT),
             ("LoRA", self.lora is not None),
             ("channels_last", self.channels_last),

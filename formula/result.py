@@ -33,6 +33,9 @@ class OOM:
                 "message": self.message}
 
 
+VERDICTS = ("fits", "fits-with-fallback", "oom")        # mildest first
+
+
 @dataclass
 class Boundary:
     """The call under a memory budget, as PyTorch's OOM path runs it (DERIVATION.md section 11)."""

@@ -97,14 +97,11 @@ def _tensor_info(t) -> dict:
 
 def nhwc_input_copy(x, weight) -> int:
     """Bytes of the NHWC copy of an NCHW input that _convolution makes for a channels-last
-    filter (``input.contiguous(channels_last)``, formula/kernels.py section 4b), alive with the
-    workspace: 0 when there is none."""
-    import torch
+    filter (models.copies_to_nhwc, formula/kernels.py section 4b), alive with the workspace: 0
+    when there is none."""
+    from sd_vram.models import copies_to_nhwc
 
-    from sd_vram.models import is_channels_last
-
-    nhwc = is_channels_last(weight) and weight.dtype != torch.float64
-    return _nbytes(x) if nhwc and not x.is_contiguous(memory_format=torch.channels_last) else 0
+    return _nbytes(x) if copies_to_nhwc(x, weight) else 0
 
 
 # --- meters -------------------------------------------------------------------------------------

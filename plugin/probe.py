@@ -293,15 +293,19 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None,
     deadline = os.environ.get("SD_VRAM_DEADLINE")          # epoch seconds (the GPU scripts): later sizes skip
     passes = [False, True] if channels_last else [False]
     result = {"calls": [], "rows": []}
+    nchw_context = None
     for nhwc in passes:
         if nhwc:
+            nchw_context = hw.context_now()        # before the NHWC kernels' modules load
             hw.use_channels_last()
         with sp.installed(), stage_hooks(hw.pipe, on_stage):
             one = conv_probe.run_probe(hw.pipe, hw_sizes, conv_meter, device_kind=device_kind,
                                        deadline=float(deadline) if deadline else None)
         result["calls"] += [{**c, "layout": "nhwc" if nhwc else "nchw"} for c in one["calls"]]
         result["rows"] += [r for r in one["rows"] if _nhwc(r) == nhwc]   # the safety checker's: measured once
-    context = max(c for c in (hard.get("context_after_warmup_bytes"), hw.context_now(),
+    # the profile's context is the NCHW call's; a channels-last pass loads more modules (kept in measured)
+    after = nchw_context if channels_last else hw.context_now()
+    context = max(c for c in (hard.get("context_after_warmup_bytes"), after,
                               hard.get("context_and_handles_bytes")) if c is not None) if g.get("nvml_matched") else None
     cc = _version_pair(g["compute_capability"])
     stack = stack_of(env)
@@ -328,7 +332,8 @@ def probe(sizes, hw, sdpa_meter, conv_meter, device_kind: str, name: str | None,
         measured={"derived_cublas_workspace": kernels.cublas_workspace(cc),
                   "derived_cublaslt_workspace": kernels.cublaslt_workspace(cc),
                   "sizes": [f"{w}x{h}" for w, h in sizes], "conv_rule_fit": fit["scores"],
-                  **({"conv_rule_fit_nhwc": fit_nhwc["scores"]} if fit_nhwc else {}),
+                  **({"conv_rule_fit_nhwc": fit_nhwc["scores"],
+                      "cuda_context_after_channels_last_pass": hw.context_now()} if fit_nhwc else {}),
                   "cuda_context": "NVML used (v1) minus torch reserved, the largest of after the warm-up "
                                   "calls and after the probe" if context is not None else
                                   "not measured (NVML did not match the device): the default profile's"})
@@ -363,7 +368,9 @@ def table(profile, info) -> list[str]:
     calls = info["probe"]["calls"]
     ok = list(dict.fromkeys(c["size"] for c in calls if c["status"] == "ok"))
     bad = [f"{c['size']} {c.get('layout', 'nchw')} ({c['status']})" for c in calls if c["status"] != "ok"]
-    lines.append(f"  convolutions            {len(profile.conv_workspaces):>10} shapes at {', '.join(ok) or 'no size'}"
+    nhwc = sum(k.endswith(kernels.NHWC_KEY) for k in profile.conv_workspaces)
+    lines.append(f"  convolutions            {len(profile.conv_workspaces):>10} shapes"
+                 + (f" ({nhwc} NHWC)" if nhwc else "") + f" at {', '.join(ok) or 'no size'}"
                  + (f"; failed: {', '.join(bad)}" if bad else ""))
     for key, rule, layout in (("conv_rule_fit", profile.conv_workspace_rule, ""),
                               ("conv_rule_fit_nhwc", profile.conv_workspace_rule_nhwc, " (NHWC)")):

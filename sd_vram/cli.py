@@ -277,8 +277,8 @@ def with_environment(opts: dict) -> dict:
     env = allocconf.from_environment(os.environ)
     if not env or {"alloc_conf", "expandable_segments"} & opts.keys():
         return opts
-    print(f"{PROG}: note: PYTORCH_CUDA_ALLOC_CONF={env} from the environment applies "
-          "(--alloc-conf gives other settings)", file=sys.stderr)
+    print(f"{PROG}: note: {allocconf.environment_variable(os.environ)}={env} from the environment applies "
+          "(--alloc-conf '' for PyTorch's defaults)", file=sys.stderr)
     return {**opts, "alloc_conf": env}
 
 
@@ -310,6 +310,7 @@ def cmd_estimate(args) -> int:
     est = equation.estimate(case["height"], case["width"], **prompt, **budget, **opts)
     fixes = (equation.suggestions(case["height"], case["width"], vram, **prompt, **opts)
              if est.boundary is not None and est.boundary.verdict != "fits" else [])
+    ends = equation.verdict_range(case["height"], case["width"], vram=vram, **prompt, **opts) if vram else None
     warning = truncation_warning(est)
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
@@ -319,6 +320,7 @@ def cmd_estimate(args) -> int:
         d = est.to_dict()
         if vram is not None:
             d["boundary"]["vram_read_as"] = read_as
+            d["boundary"]["verdict_range"] = list(ends) if ends else [est.boundary.verdict] * 2
             d["suggestions"] = [{"change": how, "peak_device_bytes": e.boundary.peak_device,
                                  "peak_allocated_bytes": e.peak_allocated} for how, e in fixes]
         if args.compare:
@@ -326,7 +328,7 @@ def cmd_estimate(args) -> int:
         print(json.dumps(d, indent=2))
         return 0
     if est.boundary is not None:
-        print(format_verdict(est, read_as, fixes))
+        print(format_verdict(est, read_as, fixes, ends))
         print()
     print(format_estimate(est, case["source"], options))
     if args.compare:
@@ -355,8 +357,9 @@ def cmd_max_size(args) -> int:
         if args.json:
             import json
 
-            print(json.dumps({"width": None, "height": None, "nothing_fits": str(e), "budget_bytes": budget,
-                              "budget_read_as": read_as, "gpu_profile": options.gpu}, indent=2))
+            print(json.dumps({"width": None, "height": None, "nothing_fits": str(e), "aspect": list(aspect),
+                              "quantity": args.quantity, "budget_bytes": budget, "budget_read_as": read_as,
+                              "gpu_profile": options.gpu, "options": options.to_dict()}, indent=2))
         else:
             print(e)
         return 1
@@ -456,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", required=True, metavar="BUDGET", help=f"the card's memory: {BUDGET_FORMS}; {BUDGET_MEANS}")
     p.add_argument("--aspect", default="1:1", metavar="W:H", help="aspect ratio, width:height (default 1:1)")
     p.add_argument("--quantity", choices=["allocated", "reserved", "device"], default="device",
-                   help="which peak must fit: the device as NVML sees it, the call replayed under the budget as "
-                        "PyTorch runs it (cached segments released before an out-of-memory; the default), or torch's "
-                        "allocated or reserved peak on a card without a limit")
+                   help="which peak must fit: device (the default): what NVML shows, with the call replayed "
+                        "under the budget as PyTorch runs it (cached segments released before an out-of-memory); "
+                        "allocated or reserved: torch's peak on a card without a limit")
     add_option_flags(p)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_max_size)

@@ -155,6 +155,13 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
+def copies_to_nhwc(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """_convolution's ``input.contiguous(channels_last)`` copies x: the filter suggests channels_last
+    (cudnn_conv_suggest_memory_format, not float64) and x is not channels-last-contiguous."""
+    return (is_channels_last(weight) and weight.dtype != torch.float64
+            and not x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None,
                     channels_last: bool = False):
     from diffusers import StableDiffusionImg2ImgPipeline

@@ -120,8 +120,10 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "shorthand for --alloc-conf expandable_segments:True", switch=True),
         OptionFlag("alloc_conf", "--alloc-conf",
                    "PYTORCH_CUDA_ALLOC_CONF as PyTorch parses it: expandable_segments, max_split_size_mb, "
-                   "roundup_power2_divisions, garbage_collection_threshold (which acts only under a budget: estimate --vram); derived from "
-                   "CUDACachingAllocator.cpp, not yet measured on a GPU", {"metavar": "CONF"}),
+                   "roundup_power2_divisions, garbage_collection_threshold (which acts only under "
+                   "torch.cuda.set_per_process_memory_fraction: Python estimate(vram=..., limit='fraction')); "
+                   "derived from CUDACachingAllocator.cpp, not yet measured on a GPU (expandable_segments is: "
+                   "on the H200)", {"metavar": "CONF"}),
         OptionFlag("cudnn", "--no-cudnn",
                    "torch.backends.cudnn.enabled = False: PyTorch's native convolutions and their im2col "
                    "column buffers (from ConvolutionMM2d.cu: derived, not measured on a GPU)", switch=False),
@@ -190,30 +192,39 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def option_kwargs(args: argparse.Namespace) -> dict:
-    """The Options fields given on the command line (the rest keep Options' defaults).
-    An empty text where the field's default is empty text (--alloc-conf "") counts as not given."""
-    defaults, kw = Options(), {}
+    """The Options fields given on the command line (the rest keep Options' defaults). An empty
+    text is given too: --alloc-conf "" asks for PyTorch's defaults over the shell's setting."""
+    kw = {}
     for f in option_flags():
         v = getattr(args, f.dest, None)
         if f.switch is not None:
             if v:
                 kw[f.field] = f.switch
-        elif v is not None and not (v == "" and getattr(defaults, f.field) == ""):
+        elif v is not None:
             kw[f.field] = v
     return kw
 
 
 def as_flags(message: str) -> str:
     """An Options error in the command line's words: ``pipe_height`` -> ``--height``,
-    ``cudnn=False`` -> ``--no-cudnn``, ``lora=RANK`` -> ``--lora RANK``. A one-word field is
-    rewritten only in its ``field=`` form (``pipeline`` is also a word of the prose)."""
+    ``cudnn=False`` -> ``--no-cudnn``, ``lora=RANK`` -> ``--lora RANK``. Quoted values and paths
+    are left as they are; a one-word field is rewritten only in its ``field=`` form
+    (``pipeline`` is also a word of the prose), a switch only where it means the flag."""
     import re
 
     message = re.sub(r";\s*Python: [^()]*(\([^()]*\))?[^()]*", "", message)   # a hint for the Python API alone
+    parts = re.split(r"('[^']*'|\"[^\"]*\"|\S*/\S*)", message)              # quoted values and paths: kept
+    edge_before, edge_after = r"(?<![\w.-])", r"(?![\w.:/-])"
     for f in option_flags():
-        if f.switch is not None:
-            message = message.replace(f"{f.field}={f.switch}", f.flag)
-        message = re.sub(rf"(?<![\w.-]){f.field}=(?=[\w(])", f"{f.flag} ", message)
-        if "_" in f.field:
-            message = re.sub(rf"(?<![\w.-]){f.field}(?![\w=:])", f.flag, message)
-    return message
+        for i in range(0, len(parts), 2):
+            text = parts[i]
+            if f.switch is not None:
+                text = re.sub(rf"{edge_before}{f.field}={f.switch}{edge_after}", f.flag, text)
+                if f.switch and "_" in f.field:
+                    text = re.sub(rf"{edge_before}{f.field}(?![\w=.:/-])", f.flag, text)
+            else:
+                text = re.sub(rf"{edge_before}{f.field}=(?=[\w(])", f"{f.flag} ", text)
+                if "_" in f.field:
+                    text = re.sub(rf"{edge_before}{f.field}(?![\w=.:/-])", f.flag, text)
+            parts[i] = text
+    return "".join(parts)

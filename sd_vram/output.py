@@ -87,16 +87,26 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def headline(est, source: str) -> str:
+def headline(est, source: str, options: Options) -> str:
     """The answer in one line: the device peak (a range where not every term is measured)."""
     lo, hi = est.bounds["peak_device_bytes"] if est.bounds else (est.peak_device,) * 2
-    spread = "" if lo == hi else f", between {fmt_bytes(lo)} and {fmt_bytes(hi)} (not all measured)"
-    return (f"sd-vram estimate: {source} needs {fmt_bytes(est.peak_device)} of GPU memory (nvidia-smi){spread}; "
-            f"{fmt_bytes(est.peak_allocated)} allocated by PyTorch at the peak, in {est.peak_stage}")
+    spread = "" if lo == hi else f", between {fmt_bytes(lo)} and {_card_top(est) or fmt_bytes(hi)} (not all measured)"
+    size = f"{est.width}x{est.height}"
+    what = {"img2img": source, "txt2img": f"txt2img at {size}", "inpaint": f"inpaint of {source} at {size}"}
+    return (f"sd-vram estimate: {what[options.pipeline]} needs {fmt_bytes(est.peak_device)} of GPU memory "
+            f"(nvidia-smi){spread}; {fmt_bytes(est.peak_allocated)} allocated by PyTorch at the peak, in {est.peak_stage}")
+
+
+def _card_top(est) -> str | None:
+    """A range that runs to the whole card (cudnn.benchmark) on the default profile, which is no
+    card in particular: said in words, not as that profile's memory."""
+    if est.runtime_note and est.gpu_profile == "default" and est.boundary is None:
+        return "the card's memory (give --vram)"
+    return None
 
 
 def format_estimate(est, source: str, options: Options) -> str:
-    out = [headline(est, source)]
+    out = [headline(est, source, options)]
     size = f"{est.width}x{est.height}"
     if options.pipeline == "img2img":
         out.append(f"image on the GPU: {size} (width x height, each side rounded down to a multiple of 8)")
@@ -136,20 +146,31 @@ def format_bounds(est) -> list[str]:
     """The range where not every term was measured on this GPU (DERIVATION.md, "Bounds")."""
     b = est.bounds
     note = [f"the peak depends on run-time state: {est.runtime_note}"] if est.runtime_note else []
-    if note:       # the top is the card: the default profile's is no card's in particular
-        top = "the card's memory (give --vram)" if est.gpu_profile == "default" and est.boundary is None else None
-        return ["", *note, *format_range(b, top)]
+    if note:
+        return ["", *note, *format_range(b, _card_top(est))]
     if est.conv_workspace.startswith("native"):
         return ["cuDNN off: the convolutions' im2col columns are derived from PyTorch's source "
                 "(ConvolutionMM2d.cu), not measured on a GPU", *format_range(b)]
     if not b or all(lo == hi for lo, hi in b.values()):
+        if est.derived_settings:
+            return [f"every hardware term (workspaces, CUDA context) measured for this call on {est.gpu_profile}'s "
+                    "GPU; the settings named above are derived from the sources"]
         return [f"every term measured for this call on {est.gpu_profile}'s GPU: the figures are exact"]
     out = ["", f"not every term was measured on this GPU (profile {est.gpu_profile}, conv workspaces: "
                f"{est.conv_workspace}); the peak lies"]
     out.extend(format_range(b))
-    out.append("for the exact figure on your GPU run `sd-vram probe` (needs sd-vram[gpu]), then pass "
-               "--gpu-profile NAME")
+    out.append(probe_advice(est))
     return out
+
+
+def probe_advice(est) -> str:
+    """What measures the missing terms on the user's GPU, where anything does."""
+    o = est.options
+    if o.get("dtype", "fp16") != "fp16" or o.get("cudnn_deterministic"):
+        return ("no probe measures this call's convolution engines yet (the probe runs fp16 with the default "
+                "engines): its workspaces are derived")
+    flag = " --channels-last" if o.get("channels_last") else ""
+    return f"for the exact figure on your GPU run `sd-vram probe{flag}` (needs sd-vram[gpu]), then pass --gpu-profile NAME"
 
 
 def format_range(b, top: str | None = None) -> list[str]:
@@ -172,8 +193,12 @@ def format_compare(rows: list[dict], reference: int) -> str:
     return table(cells, ["estimator", "predicted peak", "vs device", "what it counts"], right={1, 2})
 
 
-def format_verdict(est, read_as: str, fixes) -> str:
-    """The answer under a budget, first: fits, fits with fallbacks, or where it runs out."""
+VERDICT_WORDS = {"fits": "fits", "fits-with-fallback": "fits only with cuDNN fallbacks", "oom": "out of memory"}
+
+
+def format_verdict(est, read_as: str, fixes, ends: tuple[str, str] | None = None) -> str:
+    """The answer under a budget, first: fits, fits with fallbacks, or where it runs out; `ends`:
+    the mildest and severest verdict over the bounds (equation.verdict_range), said where they differ."""
     from sd_vram.formula.equation import REMEDIES
 
     b = est.boundary
@@ -195,11 +220,10 @@ def format_verdict(est, read_as: str, fixes) -> str:
         lines = [f"out of memory in {o.stage} at {o.operation}: tried to allocate {fmt_bytes(o.requested_bytes)}",
                  f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
                  f"  PyTorch would say: {o.message}"]
-    lo, hi = est.bounds["peak_device_bytes"] if est.bounds else (est.peak_device,) * 2
-    if lo < b.vram < hi:     # the budget inside the range: the verdict rests on unmeasured terms
-        lines.insert(1, f"  not certain: the peak lies between {fmt_bytes(lo)} and {fmt_bytes(hi)} where not every "
-                        f"term is measured (GPU profile {est.gpu_profile}); `sd-vram probe` on the card gives the "
-                        "exact verdict")
+    if ends is not None and ends[0] != ends[1]:      # the verdict rests on unmeasured terms
+        lines.insert(1, f"  not certain: from {VERDICT_WORDS[ends[0]]} to {VERDICT_WORDS[ends[1]]} over the "
+                        f"workspaces and CUDA contexts on record (GPU profile {est.gpu_profile} has not measured "
+                        f"them all); {probe_advice(est)}")
     if b.verdict != "fits":
         if fixes:
             lines.append("makes it fit at full speed, each alone:")

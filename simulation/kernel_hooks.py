@@ -20,7 +20,7 @@ import torch
 
 from sd_vram.formula.gpu_profiles import GPUProfile
 from sd_vram.formula.kernels import Layouts, NativeConv, conv_kernels, native_conv_columns
-from sd_vram.models import is_channels_last
+from sd_vram.models import copies_to_nhwc, is_channels_last
 
 from .patches import patch_attr
 from .recorder import MemoryRecorder
@@ -102,7 +102,7 @@ def _cudnn_convolution(recorder: MemoryRecorder, ws):
         # (measured that way) name the encoder's convolutions that get the channels-last image
         nhwc = is_channels_last(weight) and x.dtype != torch.float64
         x_in = x
-        if nhwc and not is_channels_last(x):
+        if copies_to_nhwc(x, weight):
             x_in = x.contiguous(memory_format=torch.channels_last)   # inside our handler: by hand
             recorder.track(x_in, op="convolution:input.contiguous(channels_last)")
         out = func(x_in, *args[1:], **kwargs)

@@ -17,6 +17,8 @@ import pytest
 from sd_vram.formula import InputError, Options, estimate, gpu_profiles, kernels
 from sd_vram.formula.activations import NHWC_COPY
 
+pytestmark = pytest.mark.usefixtures("no_shell_alloc_conf")   # tests/conftest.py
+
 H200 = {"gpu": "h200"}
 # a stack whose GroupNorm keeps NHWC (kernels.py section 4b: taken as torch 2.14)
 TORCH_214 = dataclasses.replace(gpu_profiles.get("h200"), name="h200-torch-2.14", torch_version=(2, 14))

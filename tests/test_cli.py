@@ -62,14 +62,8 @@ def _real_equation_works() -> bool:
 REAL = _real_equation_works()
 
 
-# the CLI applies the shell's allocator settings (cli.with_environment): not this shell's here
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-
-
 @pytest.fixture(autouse=True)
-def _equation(monkeypatch):
-    for name in ALLOC_ENV:
-        monkeypatch.delenv(name, raising=False)
+def _equation(monkeypatch, no_shell_alloc_conf):
     if not REAL:
         monkeypatch.setattr(equation, "estimate", fake_estimate)
 
@@ -83,8 +77,7 @@ def run_cli(*args, timeout=60):
         + "from sd_vram.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     return subprocess.run([sys.executable, "-c", boot, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO), env={**{k: v for k, v in os.environ.items() if k not in ALLOC_ENV},
-                                              "PYTHONWARNINGS": "ignore"})
+                          cwd=str(REPO), env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def call(capsys, *args):
@@ -585,7 +578,9 @@ def test_the_first_line_is_the_answer(capsys):
     lo, hi = est.bounds["peak_device_bytes"]
     assert f"between {fmt_bytes(lo)} and {fmt_bytes(hi)}" in first          # the default profile: a range
     rc, out, _ = call(capsys, "estimate", "--pipeline", "txt2img", "--width", "1024", "--height", "1024")
-    assert out.splitlines()[0].startswith("sd-vram estimate: txt2img needs ") and "txt2img at 1024x1024" in out
+    assert out.splitlines()[0].startswith("sd-vram estimate: txt2img at 1024x1024 needs ")
+    rc, out, _ = call(capsys, "estimate", "640x427", "--pipeline", "inpaint", "--mask", "640x427")
+    assert out.splitlines()[0].startswith("sd-vram estimate: inpaint of 640x427 at 512x512 needs ")
 
 
 def test_options_errors_name_the_flags(capsys):
@@ -625,16 +620,22 @@ def test_derived_settings_are_named_in_the_answer(capsys):
     rc, out, _ = call(capsys, "estimate", "512x512", "--dtype", "fp32", "--scheduler", "ddim")
     assert "not yet measured on a GPU: dtype fp32, scheduler ddim" in out
     rc, out, _ = call(capsys, "estimate", "512x512", "--json", "--expandable-segments")
-    assert "derived_not_measured" not in json.loads(out)            # measured on the H200 and the H100
+    assert "derived_not_measured" not in json.loads(out)            # measured on the H200
 
 
-def test_a_budget_inside_the_range_makes_the_verdict_uncertain(capsys):
-    est = equation.estimate(1096, 1640)
-    lo, hi = est.bounds["peak_device_bytes"]
-    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", str((lo + hi) // 2))
-    assert rc == 0 and out.splitlines()[1].startswith("  not certain: the peak lies between")
-    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", str(hi + (1 << 30)))
+def test_a_verdict_resting_on_unmeasured_terms_says_so(capsys):
+    """1640x1096 on an 8 GiB budget (the default profile): the point fits, with the cache released;
+    the heaviest workspaces on record would need cuDNN's fallbacks (equation.verdict_range)."""
+    ends = equation.verdict_range(1096, 1640, vram=8 << 30)
+    assert ends == ("fits", "fits-with-fallback")
+    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", "8GiB")
+    assert rc == 0 and out.startswith("fits: ")
+    assert out.splitlines()[1].startswith("  not certain: from fits to fits only with cuDNN fallbacks")
+    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", "8GiB", "--json")
+    assert json.loads(out)["boundary"]["verdict_range"] == ["fits", "fits-with-fallback"]
+    rc, out, _ = call(capsys, "estimate", "1640x1096", "--vram", "16GiB")
     assert out.startswith("fits: ") and "not certain" not in out
+    assert equation.verdict_range(1096, 1640, vram=16 << 30) == ("fits", "fits")
 
 
 def test_max_size_leaves_the_size_to_its_search(capsys):

@@ -20,6 +20,8 @@ from sd_vram.cli import main
 from sd_vram.output import fmt_bytes
 from sd_vram.formula import InputError, estimate, tokenizer
 
+pytestmark = pytest.mark.usefixtures("no_shell_alloc_conf")   # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 

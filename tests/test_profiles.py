@@ -150,6 +150,9 @@ def test_lo_equals_hi_when_fully_measured(height, width, options):
                                                                  rule.peak_device)
     assert e.bounds == {"peak_allocated_bytes": [e.peak_allocated] * 2, "peak_reserved_bytes": [e.peak_reserved] * 2,
                         "peak_device_bytes": [e.peak_device] * 2}
+    from sd_vram.formula.equation import verdict_range
+
+    assert verdict_range(height, width, vram=e.peak_device, gpu=p, **options) is None   # nothing to range over
     # the context alone unmeasured: a range again
     open_ctx = estimate(height, width, gpu=p.with_(cuda_context_measured=False), **options).bounds
     assert open_ctx["peak_device_bytes"][0] < e.peak_device < open_ctx["peak_device_bytes"][1]
@@ -185,6 +188,17 @@ def _archived_cases():
         for case in data["cases"]:
             if case["measurement"].get("status") == "ok":
                 yield f, case, expandable
+
+
+def test_no_archived_setting_is_called_derived():
+    """Options.derived_settings names what no GPU run measured: nothing of an archived case."""
+    from sd_vram.formula import Options, allocconf
+
+    for f, case, _ in _archived_cases():
+        env = json.load(open(f, encoding="utf-8"))["environment"]["env"]
+        o = Options(**case["inputs"]["options"], alloc_conf=allocconf.from_environment(env))
+        assert o.derived_settings == (), (f, case["id"], o.derived_settings)
+    assert Options(attention="flash", dtype="bf16").derived_settings == ("dtype bf16", "attention flash")
 
 
 def test_every_archived_measurement_lies_inside_the_default_bounds():
