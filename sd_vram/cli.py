@@ -435,7 +435,8 @@ def _add_prompt(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     seeds = ", ".join(SEED_CASES)
-    parser = _Parser(prog=PROG, description="Peak GPU memory of Stable Diffusion v1.5 calls (diffusers img2img, txt2img, inpaint; FP16 by default).")
+    parser = _Parser(prog=PROG, description="Peak GPU memory of Stable Diffusion v1.5 calls "
+                                            "(diffusers img2img, txt2img, inpaint; FP16 by default).")
     parser.add_argument("--version", action="version", version=f"{PROG} " + _version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -135,7 +135,8 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "torch.backends.cudnn.deterministic = True: deterministic engines only; their workspaces "
                    "are derived, not measured on a GPU (the answer is a range)", switch=True),
         OptionFlag("pipeline", "--pipeline", "the diffusers pipeline: img2img (StableDiffusionImg2ImgPipeline), "
-                   "txt2img (StableDiffusionPipeline: estimate's and simulate's IMAGE is the output's WIDTHxHEIGHT, default 512x512), "
+                   "txt2img (StableDiffusionPipeline: estimate's and simulate's IMAGE is the output's "
+                   "WIDTHxHEIGHT, default 512x512), "
                    "inpaint (StableDiffusionInpaintPipeline: needs --mask) (default img2img); txt2img and inpaint are "
                    "derived from diffusers' code, not measured on a GPU", {"choices": PIPELINES}),
         OptionFlag("pipe_height", "--height", "txt2img / inpaint: pipe(height=...), a multiple of 8 (default 512: "
