@@ -101,7 +101,8 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     """The largest images on the aspect's ladder whose predicted peak ``quantity``
     (allocated, reserved or device bytes) is at most ``budget_bytes`` (module docstring).
 
-    Options are those of ``estimate``. Raises InputError when not even the smallest image
+    Options are those of ``estimate`` but the call's size (pipe_height, pipe_width, mask_size),
+    which the search sets. Raises NothingFits (an InputError) when not even the smallest image
     fits, saying whether the weights and CUDA context alone are over the budget."""
     _check(budget_bytes, aspect, quantity)
     sized = [name for name in ("pipe_height", "pipe_width", "mask_size") if options.get(name) is not None]
