@@ -33,7 +33,7 @@ def width_for(height: int, aspect: tuple[int, int]) -> int:
     return _floor8(height * aw // ah)
 
 
-def _call_options(height: int, width: int, options: dict) -> dict:
+def call_options(height: int, width: int, options: dict) -> dict:
     """inpaint runs at pipe(height, width), not at its image's size: the search sizes the call,
     with an image and a mask of that size."""
     if options.get("pipeline") == "inpaint":
@@ -45,14 +45,14 @@ def _estimate(height: int, options: dict, aspect, floor: bool = False, vram=None
     from . import equation  # looked up at call time so tests can substitute it
 
     width = width_for(height, aspect)
-    return equation.estimate(height, width, vram=vram, _floor=floor, **_call_options(height, width, options))
+    return equation.estimate(height, width, vram=vram, _floor=floor, **call_options(height, width, options))
 
 
 def _allocated(height: int, options: dict, aspect, floor: bool = False) -> int:
     from . import equation
 
     width = width_for(height, aspect)
-    return equation.peak_allocated(height, width, _floor=floor, **_call_options(height, width, options))
+    return equation.peak_allocated(height, width, _floor=floor, **call_options(height, width, options))
 
 
 def _peak(est, quantity: str) -> int:
@@ -131,7 +131,7 @@ def search(budget_bytes: int, aspect: tuple[int, int] = (1, 1), quantity: str = 
     first = _estimate(lo, options, aspect)
     weights = sum(v for k, v in first.breakdown.items() if k.startswith("weights_") or k == "cublas_workspace")
     if weights + fixed > budget_bytes or not under_budget(lo)[0]:
-        what = ("the weights and CUDA context alone need " + _human(weights + fixed)
+        what = (("the weights and CUDA context alone need " if fixed else "the weights alone need ") + _human(weights + fixed)
                 if weights + fixed > budget_bytes else
                 f"the smallest image, {width_for(lo, aspect)}x{lo}, needs {_human(_peak(first, quantity))} ({quantity})")
         raise NothingFits(f"nothing fits a budget of {_human(budget_bytes)}: {what}")

@@ -28,6 +28,11 @@ class InputError(ValueError):
     """Bad user input: the CLI prints it as one line, never a traceback."""
 
 
+class VerbatimInputError(InputError):
+    """Bad input in another program's own words (PyTorch's PYTORCH_CUDA_ALLOC_CONF parser): the CLI
+    prints it as it is, without naming its flags."""
+
+
 @dataclass(frozen=True)
 class Options:
     """Options of `pipe(prompt, image=..., ...)` and of the setup that change memory.
@@ -92,7 +97,7 @@ class Options:
         try:
             conf = allocconf.parse(self.alloc_conf)
         except allocconf.AllocConfError as e:
-            raise InputError(str(e)) from None
+            raise VerbatimInputError(str(e)) from None
         need(not (self.expandable_segments and "expandable_segments" in self.alloc_conf and not conf.expandable_segments),
              f"expandable_segments=True conflicts with alloc_conf {self.alloc_conf!r}: give one of them")
         object.__setattr__(self, "_conf", replace(conf, expandable_segments=conf.expandable_segments

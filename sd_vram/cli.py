@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sd_vram.formula import InputError, Options
+from sd_vram.formula.options import VerbatimInputError
 from sd_vram.formula.report import SEEDS
 from sd_vram.formula.tokenizer import MAX_PROMPT_TOKENS
 from sd_vram.option_flags import add_option_flags, as_flags, option_kwargs
@@ -277,8 +278,13 @@ def with_environment(opts: dict) -> dict:
     env = allocconf.from_environment(os.environ)
     if not env or {"alloc_conf", "expandable_segments"} & opts.keys():
         return opts
-    print(f"{PROG}: note: {allocconf.environment_variable(os.environ)}={env} from the environment applies "
-          "(--alloc-conf '' for PyTorch's defaults)", file=sys.stderr)
+    name = allocconf.environment_variable(os.environ)
+    try:
+        allocconf.parse(env)
+    except allocconf.AllocConfError as e:
+        raise VerbatimInputError(f"{name}={env} in the environment: {e}") from None
+    print(f"{PROG}: note: {name}={env} from the environment applies (--alloc-conf '' for PyTorch's defaults)",
+          file=sys.stderr)
     return {**opts, "alloc_conf": env}
 
 
@@ -364,6 +370,13 @@ def cmd_max_size(args) -> int:
             print(e)
         return 1
     fallback = None if found.fallback_height is None else {"width": found.fallback_width, "height": found.fallback_height}
+    ends = None
+    if args.quantity == "device":      # the answer's own verdict over the bounds (estimate --vram's "not certain")
+        from sd_vram.formula import equation
+        from sd_vram.formula.maxsize import call_options
+
+        ends = equation.verdict_range(found.height, found.width, vram=budget,
+                                      **call_options(found.height, found.width, opts))
     if args.json:
         import json
 
@@ -373,9 +386,11 @@ def cmd_max_size(args) -> int:
                           "next": {"width": found.next_width, "height": found.next_height,
                                    "peak_bytes": found.next_peak},
                           "with_fallbacks": fallback, "gpu_profile": options.gpu,
+                          "verdict_range": list(ends) if ends else None,
+                          "derived_not_measured": list(options.derived_settings),
                           "options": options.to_dict()}, indent=2))
         return 0
-    print(format_max_size(found, aspect, args.quantity, budget, read_as, options))
+    print(format_max_size(found, aspect, args.quantity, budget, read_as, options, ends))
     return 0
 
 
@@ -548,7 +563,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.status
     except InputError as e:
-        print(f"{PROG}: error: {as_flags(str(e).splitlines()[0]) if str(e) else 'bad input'}", file=sys.stderr)
+        line = str(e).splitlines()[0] if str(e) else "bad input"
+        print(f"{PROG}: error: {line if isinstance(e, VerbatimInputError) else as_flags(line)}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else 0

@@ -62,7 +62,7 @@ def mask_size(text: str) -> tuple[int, int]:
         else:
             raise InputError("no such mask file (or give WIDTHxHEIGHT)")
     except InputError as e:
-        raise argparse.ArgumentTypeError(f"--mask {text}: {e}") from None
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
     return height, width
 
 
@@ -209,23 +209,26 @@ def option_kwargs(args: argparse.Namespace) -> dict:
 def as_flags(message: str) -> str:
     """An Options error in the command line's words: ``pipe_height`` -> ``--height``,
     ``cudnn=False`` -> ``--no-cudnn``, ``lora=RANK`` -> ``--lora RANK``. Quoted values and paths
-    are left as they are; a one-word field is rewritten only in its ``field=`` form
-    (``pipeline`` is also a word of the prose), a switch only where it means the flag."""
+    are left as they are; a one-word field is rewritten only in its ``field=`` form or where it
+    opens the message (``pipeline`` is also a word of the prose), a switch only where it means
+    the flag."""
     import re
 
     message = re.sub(r";\s*Python: [^()]*(\([^()]*\))?[^()]*", "", message)   # a hint for the Python API alone
     parts = re.split(r"('[^']*'|\"[^\"]*\"|\S*/\S*)", message)              # quoted values and paths: kept
-    edge_before, edge_after = r"(?<![\w.-])", r"(?![\w.:/-])"
+    before, after, bare = r"(?<![\w.-])", r"(?![\w.:/-])", r"(?![\w=.:/-])"
     for f in option_flags():
         for i in range(0, len(parts), 2):
             text = parts[i]
             if f.switch is not None:
-                text = re.sub(rf"{edge_before}{f.field}={f.switch}{edge_after}", f.flag, text)
+                text = re.sub(rf"{before}{f.field}={f.switch}{after}", f.flag, text)
                 if f.switch and "_" in f.field:
-                    text = re.sub(rf"{edge_before}{f.field}(?![\w=.:/-])", f.flag, text)
+                    text = re.sub(rf"{before}{f.field}{bare}", f.flag, text)
             else:
-                text = re.sub(rf"{edge_before}{f.field}=(?=[\w(])", f"{f.flag} ", text)
+                text = re.sub(rf"{before}{f.field}=(?=[\w(])", f"{f.flag} ", text)
                 if "_" in f.field:
-                    text = re.sub(rf"{edge_before}{f.field}(?![\w=.:/-])", f.flag, text)
+                    text = re.sub(rf"{before}{f.field}{bare}", f.flag, text)
+                elif i == 0:            # a one-word field where it opens the message: "strength must be"
+                    text = re.sub(rf"^{f.field}(?= )", f.flag, text)
             parts[i] = text
     return "".join(parts)

@@ -80,6 +80,8 @@ def options_line(o: Options) -> str:
         parts.append(f"dtype {o.dtype}")
     if o.channels_last:
         parts.append("UNet and VAE channels_last")
+    parts += [name for name, on in (("cuDNN off", not o.cudnn), ("cudnn.benchmark", o.cudnn_benchmark),
+                                    ("cudnn.deterministic", o.cudnn_deterministic)) if on]
     return ", ".join(parts)
 
 
@@ -236,21 +238,29 @@ def format_verdict(est, read_as: str, fixes, ends: tuple[str, str] | None = None
     return "\n".join(lines)
 
 
-def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, read_as: str, options: Options) -> str:
-    """The largest image under a budget, the next step that does not fit, and the fallback range."""
+def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, read_as: str, options: Options,
+                    ends: tuple[str, str] | None = None) -> str:
+    """The largest image under a budget, the next step that does not fit, and the fallback range;
+    `ends`: the verdict range of the answer itself (equation.verdict_range), said where it is not sure."""
     # quantity "device": the call replayed under the budget, cached segments released as PyTorch
     # does before it runs out (maxsize.py); allocated and reserved: the peaks on a larger card
     under = " under this budget (the allocator releasing cached segments as PyTorch does)" if quantity == "device" else ""
     what = "image" if options.pipeline == "img2img" else f"{options.pipeline} call"
     lines = [f"{found.width}x{found.height}",
              f"the largest {aspect[0]}:{aspect[1]} {what} (sides multiples of 8) whose predicted peak {quantity} memory "
-             f"fits {exact(budget)} ({read_as}) at full speed (GPU profile {options.gpu}):",
+             f"fits {fmt_bytes(budget)} ({budget:,} B, read as {read_as}) at full speed (GPU profile {options.gpu}):",
              f"  {found.width}x{found.height} needs {exact(found.peak)}{under}",
              f"  the next step, {found.next_width}x{found.next_height}, does not fit at full speed "
              f"(on a card without a limit its peak is {exact(found.next_peak)})"]
     if found.fallback_height is not None:
         lines.append(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
                      "workspaces (slower; derived, not measured)")
+    if ends is not None and ends[0] != ends[1]:
+        lines.append(f"  not certain for {found.width}x{found.height}: from {VERDICT_WORDS[ends[0]]} to "
+                     f"{VERDICT_WORDS[ends[1]]} over the workspaces and CUDA contexts on record (GPU profile "
+                     f"{options.gpu} has not measured them all)")
+    if options.derived_settings:
+        lines.append(f"derived from the sources, not yet measured on a GPU: {', '.join(options.derived_settings)}")
     return "\n".join(lines)
 
 

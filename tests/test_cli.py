@@ -592,6 +592,14 @@ def test_options_errors_name_the_flags(capsys):
                         "--expandable-segments conflicts with --alloc-conf 'expandable_segments:False'")):
         rc, _, err = call(capsys, "estimate", *argv)
         assert rc == 2 and flag in err and "Python" not in err, (argv, err)
+    for argv, words in ((["512x512", "--strength", "2"], "error: --strength must be in [0, 1]"),
+                        (["512x512", "--alloc-conf", "expandable_segments:maybe"],      # PyTorch's own words
+                         "True/False argument for expandable_segments"),
+                        (["512x512", "--gpu-profile", "/nowhere/channels_last.json"], "/nowhere/channels_last.json"),
+                        (["512x512", "--pipeline", "inpaint", "--mask", "/nowhere/m.png"],
+                         "argument --mask: /nowhere/m.png: no such mask file")):
+        rc, _, err = call(capsys, "estimate", *argv)
+        assert rc == 2 and words in err, (argv, err)
 
 
 def test_an_alloc_conf_that_enables_expandable_segments_says_so(capsys):
@@ -613,7 +621,10 @@ def test_the_shells_alloc_conf_applies_unless_a_flag_gives_one(capsys, monkeypat
     assert err == "" and json.loads(out)["options"]["alloc_conf"] == "max_split_size_mb:512"
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "frobnicate:1")        # read before the CUDA name, as c10 does
     rc, _, err = call(capsys, "estimate", "512x512")
-    assert rc == 2 and "Unrecognized CachingAllocator option: frobnicate" in err.splitlines()[-1]
+    assert rc == 2 and err.strip() == ("sd-vram: error: PYTORCH_ALLOC_CONF=frobnicate:1 in the environment: "
+                                       "Unrecognized CachingAllocator option: frobnicate")
+    rc, _, err = call(capsys, "estimate", "512x512", "--alloc-conf", "")        # PyTorch's defaults instead
+    assert rc == 0 and err == ""
 
 
 def test_derived_settings_are_named_in_the_answer(capsys):
@@ -645,6 +656,18 @@ def test_max_size_leaves_the_size_to_its_search(capsys):
         assert rc == 2 and f"max-size searches the size itself: leave out {flag}" in err, err
     rc, out, _ = call(capsys, "max-size", "--vram", "8GiB", "--pipeline", "txt2img")
     assert rc == 0 and "txt2img call" in out and "under this budget" in out
+    assert out.splitlines()[-1] == "derived from the sources, not yet measured on a GPU: txt2img"
+    rc, out, _ = call(capsys, "max-size", "--vram", "1GiB", "--quantity", "allocated")
+    assert rc == 1 and "the weights alone need" in out                  # no CUDA context in torch's counters
+
+
+def test_max_size_says_when_its_answer_rests_on_unmeasured_terms(capsys):
+    rc, out, _ = call(capsys, "max-size", "--vram", "8GiB", "--aspect", "3:2")
+    width, height = map(int, out.splitlines()[0].split("x"))
+    ends = equation.verdict_range(height, width, vram=8 << 30)
+    assert ends[0] != ends[1] and f"not certain for {width}x{height}: from fits to" in out
+    rc, out, _ = call(capsys, "max-size", "--vram", "8GiB", "--aspect", "3:2", "--json")
+    assert json.loads(out)["verdict_range"] == list(ends) and json.loads(out)["derived_not_measured"] == []
 
 
 def test_slice_sizes_and_budgets(capsys):
