@@ -199,7 +199,7 @@ def resolve_input(text: str) -> dict:
     if text and os.path.exists(text):
         from sd_vram.imagesize import image_size
 
-        width, height = image_size(text)
+        width, height = image_size(text, complete=True)
         if width < 8 or height < 8:
             raise InputError(f"{text} is {width}x{height}: an image needs at least 8 px a side")
         return {"width": width, "height": height, "source": f"{text} ({width}x{height})", "file": text}

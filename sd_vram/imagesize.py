@@ -1,9 +1,10 @@
-"""An image file's size as the pipeline will see it, read from the header only.
+"""An image file's size as the pipeline will see it, read from the header (and, for a user's
+file, a check that the data is whole).
 
 diffusers.utils.load_image applies PIL.ImageOps.exif_transpose, so an image whose EXIF
 orientation is 5-8 (transposed or rotated by 90/270 degrees) reaches the pipeline with width
-and height swapped. PIL.Image.open parses the header (and the EXIF block) lazily and never
-decodes the pixels here.
+and height swapped. PIL.Image.open parses the header (and the EXIF block) lazily; only the
+completeness check reads the data (at 1/8 scale for a JPEG).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) of the image at ``path`` after the EXIF orientation is applied."""
+def image_size(path: str, complete: bool = False) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` after the EXIF orientation is applied.
+    complete: also check that the data is whole (a user's file: diffusers.utils.load_image's
+    ``convert("RGB")`` decodes it all and fails on a truncated one): PNG chunks by their CRCs
+    (Image.verify), a JPEG decoded at 1/8 scale (Image.draft), other formats decoded."""
     if not os.path.exists(path):
         raise InputError(f"no such image file: {path}")
     if os.path.isdir(path):
@@ -49,6 +53,26 @@ def image_size(path: str) -> tuple[int, int]:
         raise InputError(f"cannot read image file {path}: {e.strerror or e}") from None
     except (ValueError, SyntaxError, OverflowError, EOFError) as e:  # a header PIL cannot parse
         raise InputError(f"cannot read image file {path}: {e}") from None
+    if complete:
+        _check_complete(path)
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     return width, height
+
+
+def _check_complete(path: str) -> None:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format == "PNG":
+                    img.verify()
+                else:
+                    if img.format == "JPEG":
+                        img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+                    img.load()
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:   # what PIL raises for bad data
+        raise InputError(f"{path}: the image data is damaged or cut short ({e or type(e).__name__}); "
+                         "diffusers.utils.load_image would fail on it") from None

@@ -54,7 +54,7 @@ def mask_size(text: str) -> tuple[int, int]:
 
     try:
         if os.path.exists(text):
-            width, height = image_size(text)
+            width, height = image_size(text, complete=True)
         elif any(c.isdigit() for c in text):
             from sd_vram.cli import parse_size
 

@@ -102,8 +102,9 @@ def _png_header(path: Path, width: int, height: int) -> Path:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
+    # an IDAT chunk with a valid CRC: Image.verify (the completeness check) reads chunks, not pixels
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IEND", b""))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     return path
 
 
@@ -111,6 +112,21 @@ def _png_header(path: Path, width: int, height: int) -> Path:
 def test_huge_png_header(capsys, tmp_path, side):
     rc, _, err = call(capsys, "estimate", str(_png_header(tmp_path / "huge.png", side, side)))
     assert one_line_error(rc, err) and "PIL refuses" in err
+
+
+def test_a_truncated_image_is_refused_as_load_image_would(capsys, tmp_path):
+    """Only the header gives the size, but diffusers.utils.load_image decodes the whole file: a
+    cut-short JPEG or PNG is one line, not an estimate for a call that would fail."""
+    from PIL import Image
+
+    for name in ("photo.jpg", "photo.png"):
+        whole = tmp_path / name
+        Image.effect_noise((640, 480), 64).convert("RGB").save(whole)
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        assert call(capsys, "estimate", str(whole))[0] == 0
+        rc, _, err = call(capsys, "estimate", str(cut))
+        assert one_line_error(rc, err) and "damaged or cut short" in err, err
 
 
 def test_large_png_header_answers_without_a_pil_warning(tmp_path):
