@@ -8,6 +8,7 @@ and VAE toggles) runs here. Nothing about real memory is asserted: that is `pyte
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import types
@@ -65,6 +66,11 @@ def fake_gpu(monkeypatch):
     full = models.sd15_config()
     monkeypatch.setattr(models, "sd15_config", lambda: {**full, **TINY})
     fc = FakeCuda()
+    from sd_vram.plugin import gpu
+
+    # CudaBackend collects garbage between cases so that a real GPU's freed blocks are gone;
+    # FakeCuda counts no tensor, and each full collection of the test process costs ~0.3 s
+    monkeypatch.setattr(gpu, "gc", types.SimpleNamespace(collect=lambda *a: 0, freeze=gc.freeze, unfreeze=gc.unfreeze))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # tiny ops: threads only contend
     c = torch.cuda
