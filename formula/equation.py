@@ -439,14 +439,16 @@ def _context_range(profile) -> tuple[int, int]:
 
 
 def verdict_range(height=None, width=None, prompt=None, prompt_length=None, *, vram, limit="card",
-                  architecture: dict | None = None, **options) -> tuple[str, str] | None:
+                  architecture: dict | None = None, point: Estimate | None = None,
+                  **options) -> tuple[str, str] | None:
     """(mildest, severest) of the verdicts under `vram` of the point and of the two ends of the
     bounds (DERIVATION.md, "Bounds"): the workspaces the profile did not measure none with the
     smallest CUDA context on record, and the heaviest workspaces on record with the largest
     context; None where the profile measured every term. The OOM path is not monotone in the
-    workspaces (a failed workspace releases cached segments), so all three are taken."""
+    workspaces (a failed workspace releases cached segments), so all three are taken. `point`: the
+    call's estimate under the same budget, where the caller has it already."""
     kw = dict(prompt=prompt, prompt_length=prompt_length, vram=vram, limit=limit, architecture=architecture)
-    point = estimate(height, width, **kw, **options)
+    point = point or estimate(height, width, **kw, **options)
     if all(lo == hi for lo, hi in point.bounds.values()):
         return None
     profile = gpu_profiles.get(Options(**options).gpu)

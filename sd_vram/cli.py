@@ -316,7 +316,8 @@ def cmd_estimate(args) -> int:
     est = equation.estimate(case["height"], case["width"], **prompt, **budget, **opts)
     fixes = (equation.suggestions(case["height"], case["width"], vram, **prompt, **opts)
              if est.boundary is not None and est.boundary.verdict != "fits" else [])
-    ends = equation.verdict_range(case["height"], case["width"], vram=vram, **prompt, **opts) if vram else None
+    ends = (equation.verdict_range(case["height"], case["width"], vram=vram, point=est, **prompt, **opts)
+            if vram else None)
     warning = truncation_warning(est)
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)

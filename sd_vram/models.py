@@ -155,11 +155,15 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
 
+def runs_nhwc(weight: torch.Tensor) -> bool:
+    """cudnn_conv_suggest_memory_format's NHWC for a channels-last filter (not float64)."""
+    return is_channels_last(weight) and weight.dtype != torch.float64
+
+
 def copies_to_nhwc(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """_convolution's ``input.contiguous(channels_last)`` copies x: the filter suggests channels_last
-    (cudnn_conv_suggest_memory_format, not float64) and x is not channels-last-contiguous."""
-    return (is_channels_last(weight) and weight.dtype != torch.float64
-            and not x.is_contiguous(memory_format=torch.channels_last))
+    """_convolution's ``input.contiguous(channels_last)`` copies x: the conv runs NHWC (runs_nhwc)
+    and x is not channels-last-contiguous."""
+    return runs_nhwc(weight) and not x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _build_pipeline(device, dtype, safety_checker: bool, seed: int, config: dict | None = None,

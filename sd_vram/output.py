@@ -198,6 +198,12 @@ def format_compare(rows: list[dict], reference: int) -> str:
 VERDICT_WORDS = {"fits": "fits", "fits-with-fallback": "fits only with cuDNN fallbacks", "oom": "out of memory"}
 
 
+def uncertainty(ends: tuple[str, str], gpu) -> str:
+    """The range of verdicts (equation.verdict_range) in words."""
+    return (f"from {VERDICT_WORDS[ends[0]]} to {VERDICT_WORDS[ends[1]]} over the workspaces and CUDA contexts on "
+            f"record (GPU profile {gpu} has not measured them all)")
+
+
 def format_verdict(est, read_as: str, fixes, ends: tuple[str, str] | None = None) -> str:
     """The answer under a budget, first: fits, fits with fallbacks, or where it runs out; `ends`:
     the mildest and severest verdict over the bounds (equation.verdict_range), said where they differ."""
@@ -223,9 +229,7 @@ def format_verdict(est, read_as: str, fixes, ends: tuple[str, str] | None = None
                  f"  {fmt_bytes(o.allocated_bytes)} allocated and {fmt_bytes(o.reserved_bytes)} reserved then, {of}",
                  f"  PyTorch would say: {o.message}"]
     if ends is not None and ends[0] != ends[1]:      # the verdict rests on unmeasured terms
-        lines.insert(1, f"  not certain: from {VERDICT_WORDS[ends[0]]} to {VERDICT_WORDS[ends[1]]} over the "
-                        f"workspaces and CUDA contexts on record (GPU profile {est.gpu_profile} has not measured "
-                        f"them all); {probe_advice(est)}")
+        lines.insert(1, f"  not certain: {uncertainty(ends, est.gpu_profile)}; {probe_advice(est)}")
     if b.verdict != "fits":
         if fixes:
             lines.append("makes it fit at full speed, each alone:")
@@ -256,9 +260,7 @@ def format_max_size(found, aspect: tuple[int, int], quantity: str, budget: int, 
         lines.append(f"  up to {found.fallback_width}x{found.fallback_height} fits with cuDNN falling back to smaller "
                      "workspaces (slower; derived, not measured)")
     if ends is not None and ends[0] != ends[1]:
-        lines.append(f"  not certain for {found.width}x{found.height}: from {VERDICT_WORDS[ends[0]]} to "
-                     f"{VERDICT_WORDS[ends[1]]} over the workspaces and CUDA contexts on record (GPU profile "
-                     f"{options.gpu} has not measured them all)")
+        lines.append(f"  not certain for {found.width}x{found.height}: {uncertainty(ends, options.gpu)}")
     if options.derived_settings:
         lines.append(f"derived from the sources, not yet measured on a GPU: {', '.join(options.derived_settings)}")
     return "\n".join(lines)

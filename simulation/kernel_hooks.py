@@ -20,7 +20,7 @@ import torch
 
 from sd_vram.formula.gpu_profiles import GPUProfile
 from sd_vram.formula.kernels import Layouts, NativeConv, conv_kernels, native_conv_columns
-from sd_vram.models import copies_to_nhwc, is_channels_last
+from sd_vram.models import copies_to_nhwc, is_channels_last, runs_nhwc
 
 from .patches import patch_attr
 from .recorder import MemoryRecorder
@@ -100,7 +100,7 @@ def _cudnn_convolution(recorder: MemoryRecorder, ws):
         # cudnn_conv_suggest_memory_format's NHWC, for channels-last weights only (not float64):
         # with NCHW weights the meta kernel's contiguous output stays, and the workspace rules
         # (measured that way) name the encoder's convolutions that get the channels-last image
-        nhwc = is_channels_last(weight) and x.dtype != torch.float64
+        nhwc = runs_nhwc(weight)
         x_in = x
         if copies_to_nhwc(x, weight):
             x_in = x.contiguous(memory_format=torch.channels_last)   # inside our handler: by hand
