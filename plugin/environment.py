@@ -73,6 +73,25 @@ def fake_environment() -> dict:
                     "multi_processor_count": 0}}
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if it is set, otherwise
+    NVML's device UUIDs (CUDA's device order need not be NVML's); [] where neither answers."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            devices.append(u.decode() if isinstance(u, bytes) else u)
+        return devices
+    except Exception:
+        return []
+
+
 def pin_xdist_worker() -> str | None:
     """Under pytest-xdist, pin worker gwN to GPU N (mod the GPU count) before CUDA starts in it."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -82,20 +101,7 @@ def pin_xdist_worker() -> str | None:
         idx = int(worker.lstrip("gw"))
     except ValueError:
         return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        devices = [d.strip() for d in visible.split(",") if d.strip()]
-    else:
-        try:                       # UUIDs: CUDA's device order need not be NVML's
-            import pynvml
-
-            pynvml.nvmlInit()
-            devices = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
-                devices.append(u.decode() if isinstance(u, bytes) else u)
-        except Exception:
-            return None
+    devices = visible_gpus()
     if not devices:
         return None
     dev = devices[idx % len(devices)]

@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from .environment import pin_xdist_worker
+from .environment import pin_xdist_worker, visible_gpus
 from .session import SuiteState
 from .table import format_table, rows
 
@@ -75,6 +75,17 @@ def _is_xdist_controller(config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not os.environ.get("PYTEST_XDIST_WORKER")
 
 
+def _one_worker_per_gpu(config) -> None:
+    """`pytest --gpu -n N` pins worker gwN to GPU N mod count: more workers than GPUs would
+    put two processes on one GPU, each distorting the other's NVML readings and peaks."""
+    if not _is_xdist_controller(config):
+        return
+    workers, gpus = int(config.option.numprocesses), len(visible_gpus())
+    if gpus and workers > gpus:
+        raise pytest.UsageError(f"--gpu with -n {workers}: {gpus} GPU(s) visible, and two workers on one GPU "
+                                f"distort each other's measurements; use -n {gpus} or run without -n")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     for m in MARKERS:
@@ -85,6 +96,7 @@ def pytest_configure(config):
         for tag in state.catalogue.tags():
             config.addinivalue_line("markers", f"{tag}: sd-vram catalogue cases tagged {tag!r}")
     if config.getoption("gpu") and state.backend_name == "cuda":
+        _one_worker_per_gpu(config)
         pin_xdist_worker()
         if not _is_xdist_controller(config):
             from . import gpu

@@ -73,3 +73,12 @@ def test_pytest_runs_in_a_checkout_that_is_not_installed(bare_checkout):
     assert "No module named" not in r.stdout + r.stderr
     r = _pytest_without_sd_vram(bare_checkout, "--help")
     assert "--gpu" in r.stdout                        # the plugin's options are there
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's last line is the README's test command (run as python3 -m, quietly)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("Install the test dependencies"):]
+    command = re.search(r"```bash\n(.+)\n```", block).group(1)
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.replace("python3 -m ", "").replace(" -q", "") == command

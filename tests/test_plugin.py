@@ -464,3 +464,20 @@ def test_xdist_worker_pinned_to_a_gpu(monkeypatch, worker, visible, expect):
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expect
     assert pin_xdist_worker() == expect            # idempotent: pinned once per process
+
+
+@pytest.mark.parametrize("workers, visible, refused", [(2, "0", True), (2, "0,1", False), (1, "0", False)])
+def test_gpu_runs_refuse_two_workers_on_one_gpu(monkeypatch, workers, visible, refused):
+    from types import SimpleNamespace
+
+    from sd_vram.plugin.pytest_plugin import _one_worker_per_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    config = SimpleNamespace(option=SimpleNamespace(numprocesses=workers))
+    if refused:
+        with pytest.raises(pytest.UsageError, match=r"-n 2: 1 GPU\(s\) visible.*use -n 1"):
+            _one_worker_per_gpu(config)
+    else:
+        _one_worker_per_gpu(config)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")      # a worker: its controller decided
+    _one_worker_per_gpu(SimpleNamespace(option=SimpleNamespace(numprocesses=8)))
