@@ -236,6 +236,19 @@ def unet_level0_transformer_input(s: Shape) -> Peak:
     return base
 
 
+def unet_level0_feed_forward_input(s: Shape, operation: str) -> Peak:
+    """unet_level0_transformer_input as its first block's feed-forward starts: with what
+    BasicTransformerBlock.forward holds there (attn_output of attn2, hidden_states after its
+    residual, norm3's output, the feed-forward's input)."""
+    h, w = s.level(0)
+    B, N, C = s.B, h * w, s.model.unet_channels[0]
+    p = merge(unet_level0_transformer_input(s), Peak(operation))
+    p.add("activations", "attn2 output (/ rescale_output_factor)", s.bytes(B, N, C))
+    p.add("activations", "hidden_states after attn2 residual", s.bytes(B, N, C))
+    p.add("activations", "norm3 output", s.bytes(B, N, C))
+    return p
+
+
 def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
     """One UNet evaluation. The peak sits in the last up block (level 0, N = h*w tokens; SD1.5:
     up_blocks[3]): the layers + 1 level-0 skips (conv_in, down_blocks[0]'s attentions) are
@@ -250,10 +263,7 @@ def unet(s: Shape, backend: str, slicing=None, ws_rule=None) -> list[Peak]:
         return peaks
     base = unet_level0_transformer_input(s)
 
-    ff = merge(base, Peak("transformer_blocks.0.ff GEGLU: gelu(gate) * hidden"))
-    ff.add("activations", "attn2 output (/ rescale_output_factor)", s.bytes(B, N, C))
-    ff.add("activations", "hidden_states after attn2 residual", s.bytes(B, N, C))
-    ff.add("activations", "norm3 output", s.bytes(B, N, C))
+    ff = unet_level0_feed_forward_input(s, "transformer_blocks.0.ff GEGLU: gelu(gate) * hidden")
     ff.add("activations", "ff.net.0.proj output (2 x 4C)", s.bytes(B * N, 2 * FF_MULT * C))
     ff.add("activations", "gelu(gate)", s.bytes(B, N, FF_MULT * C))
     ff.add("activations", "hidden * gelu(gate)", s.bytes(B, N, FF_MULT * C))
@@ -743,6 +753,26 @@ def lora_unet_attention(s: Shape, targets: frozenset) -> list[Peak]:
     return peaks
 
 
+def lora_unet_feed_forward(s: Shape, targets: frozenset) -> list[Peak]:
+    """The first level-0 transformer's feed-forward with unfused LoRA: inside ff.net.0.proj
+    (GEGLU's proj, C -> 2 x 4C) the base output and the adapter's two temporaries of its size;
+    inside ff.net.2 (4C -> C) GEGLU's output (its proj output and gelu(gate) are freed when
+    GEGLU.forward returns), the base output and two temporaries of C."""
+    h, w = s.level(0)
+    rows, C = s.B * h * w, s.model.unet_channels[0]
+    peaks = []
+    if "ff.net.0.proj" in targets:
+        p = unet_level0_feed_forward_input(s, "transformer_blocks.0.ff.net.0.proj (unfused LoRA)")
+        p.add("activations", "ff.net.0.proj output (base layer)", s.bytes(rows, 2 * FF_MULT * C))
+        peaks.append(merge(p, lora_linear_temporaries(s, rows, 2 * FF_MULT * C), operation=p.operation))
+    if "ff.net.2" in targets:
+        p = unet_level0_feed_forward_input(s, "transformer_blocks.0.ff.net.2 (unfused LoRA)")
+        p.add("activations", "GEGLU output hidden * gelu(gate)", s.bytes(rows, FF_MULT * C))
+        p.add("activations", "ff.net.2 output (base layer)", s.bytes(rows, C))
+        peaks.append(merge(p, lora_linear_temporaries(s, rows, C), operation=p.operation))
+    return peaks
+
+
 def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
     """CLIPAttention (batch 1, 77 tokens) with unfused LoRA, at its last targeted projection
     (q_proj, k_proj, v_proj, out_proj in the order CLIPAttention.forward calls them): the
@@ -754,12 +784,37 @@ def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
         return []
     last = last[-1]
     t, d = s.model.text_tokens, s.model.text_dim
-    p = Peak(f"text_encoder self_attn.{last} (unfused LoRA)")
-    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
-        p.add("state", "prompt_embeds (repeat)", s.bytes(s.n, t, d))
+    p = _lora_text_held(s, f"text_encoder self_attn.{last} (unfused LoRA)")
     p.add("activations", "residual stream, layer_norm1 output", s.bytes(1, t, d), 2)
     made = order[:order.index(last) + 1]
     p.add("activations", "projections made", s.bytes(1, t, d), min(len(made), 3))
     if last == "out_proj":
         p.add("activations", "attention output, out_proj output (base layer)", s.bytes(1, t, d), 2)
     return [merge(p, lora_linear_temporaries(s, t, d), operation=p.operation)]
+
+
+def lora_text_mlp(s: Shape, targets: frozenset) -> list[Peak]:
+    """CLIPMLP (batch 1, 77 tokens) with unfused LoRA: inside fc1 (d -> mlp) the base output and
+    two temporaries of its size, as many as quick_gelu holds (_clip_layer), so never above it;
+    inside fc2 (mlp -> d) quick_gelu's output, the base output and two temporaries of d."""
+    t, d, mlp = s.model.text_tokens, s.model.text_dim, s.model.text_mlp
+    peaks = []
+    for name, n_in, n_out in (("fc1", None, mlp), ("fc2", mlp, d)):
+        if name not in targets:
+            continue
+        p = _lora_text_held(s, f"text_encoder mlp.{name} (unfused LoRA)")
+        p.add("activations", "residual stream", s.bytes(1, t, d), 2)
+        p.add("activations", "layer_norm2 output", s.bytes(1, t, d))
+        if n_in:
+            p.add("activations", "quick_gelu output", s.bytes(1, t, n_in))
+        p.add("activations", f"{name} output (base layer)", s.bytes(1, t, n_out))
+        peaks.append(merge(p, lora_linear_temporaries(s, t, n_out), operation=p.operation))
+    return peaks
+
+
+def _lora_text_held(s: Shape, operation: str) -> Peak:
+    """What the text encoder stage holds beside a prompt's encoder layer."""
+    p = Peak(operation)
+    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
+        p.add("state", "prompt_embeds (repeat)", s.bytes(s.n, s.model.text_tokens, s.model.text_dim))
+    return p

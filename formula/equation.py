@@ -137,9 +137,10 @@ def _stage_candidates(s: act.Shape, o: Options, profile, ws=None) -> dict[str, l
         "unet": [act.merge(prompt, in_unet, p) for p in act.unet(s, be["unet"], o.attention_slicing, ws)],
     }
     if o.adapters and not o.lora_fused:   # fused: the base layers alone run (peft: merged)
-        stages["text_encoder"] += act.lora_text_attention(s, o.adapters.targets("text_encoder"))
-        stages["unet"] += [act.merge(prompt, latents, p)
-                           for p in act.lora_unet_attention(s, o.adapters.targets("unet"))]
+        text, unet = o.adapters.targets("text_encoder"), o.adapters.targets("unet")
+        stages["text_encoder"] += act.lora_text_attention(s, text) + act.lora_text_mlp(s, text)
+        stages["unet"] += [act.merge(prompt, in_unet, p)
+                           for p in act.lora_unet_attention(s, unet) + act.lora_unet_feed_forward(s, unet)]
     if o.decodes:
         stages["vae_decode"] = [act.merge(prompt, latents, p)
                                 for p in act.vae_decode(s, be["vae"], o.vae_slicing, o.vae_tiling, ws)]

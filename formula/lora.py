@@ -5,11 +5,14 @@ Pure Python: a .safetensors header is read with the file format's own rule (8-by
 little-endian header length, then a JSON header giving each tensor's dtype and shape); no
 tensor is loaded.
 
-Which targets are modelled: the attention projections, where diffusers' own LoRA trainers
-put adapters (examples/text_to_image/train_text_to_image_lora.py: UNet LoraConfig
-target_modules ["to_k", "to_q", "to_v", "to_out.0"]; examples/dreambooth/train_dreambooth_lora.py
-with --train_text_encoder: text encoder ["q_proj", "k_proj", "v_proj", "out_proj"]). Every other
-target is refused: its unfused working memory at the peak operations is not derived.
+Which targets are modelled: the nn.Linear layers of the UNet's transformers and of the text
+encoder's layers. The attention projections are where diffusers' own LoRA trainers put
+adapters (examples/text_to_image/train_text_to_image_lora.py: UNet LoraConfig target_modules
+["to_k", "to_q", "to_v", "to_out.0"]; examples/dreambooth/train_dreambooth_lora.py with
+--train_text_encoder: text encoder ["q_proj", "k_proj", "v_proj", "out_proj"]); the
+feed-forward's (ff.net.0.proj, ff.net.2) and CLIP's MLP (fc1, fc2) are what kohya-style
+trainers add. Every other target (proj_in/proj_out, SD1.5's 1x1 convolutions; the resnets'
+convolutions and time projections) is refused: its unfused working memory is not derived.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from functools import lru_cache
 from . import architecture as arch
 from .options import InputError
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")        # UNet Attention (attn1, attn2)
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPAttention
-DEFAULT_TARGETS = UNET_TARGETS                             # train_text_to_image_lora.py's default
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")      # UNet Attention (attn1, attn2)
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")          # FeedForward: GEGLU's proj, the output Linear
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPAttention
+TEXT_MLP = ("fc1", "fc2")                                  # CLIPMLP
+UNET_TARGETS = UNET_ATTENTION + UNET_FEED_FORWARD
+TEXT_TARGETS = TEXT_ATTENTION + TEXT_MLP
+DEFAULT_TARGETS = UNET_ATTENTION                           # train_text_to_image_lora.py's default
 TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
 # load_lora_weights puts the UNet's adapters on the GPU first (load_lora_into_unet, then
 # load_lora_into_text_encoder); the state dict's prefixes, and the module-path prefix of the
@@ -94,8 +101,15 @@ def linear_modules(model: str) -> tuple[tuple[str, int, int], ...]:
     """(module, in_features, out_features) of each nn.Linear of `model` in named_modules()
     order (a leaf's weight comes in architecture.py's order: the same depth-first walk)."""
     return tuple((name.removesuffix(".weight"), shape[1], shape[0]) for name, shape, _ in arch.MODELS[model]()
-                 if name.endswith(".weight") and len(shape) == 2 and "embedding" not in name
-                 and not name.startswith("embeddings."))
+                 if name.endswith(".weight") and len(shape) == 2
+                 and not name.startswith("embeddings."))   # CLIP's token and position nn.Embedding
+
+
+@lru_cache(maxsize=None)
+def conv_modules(model: str) -> frozenset[str]:
+    """The nn.Conv2d modules of `model` (SD1.5's proj_in/proj_out among them: 1x1 convolutions)."""
+    return frozenset(name.removesuffix(".weight") for name, shape, _ in arch.MODELS[model]()
+                     if name.endswith(".weight") and len(shape) == 4)
 
 
 def _matches(module: str, target: str) -> bool:
@@ -197,6 +211,9 @@ def from_file(path: str) -> Lora:
             adapters.append(Adapter(model, mod, n_in, n_out, a[0]))
     if shapes:
         (model, mod), _ = next(iter(shapes.items()))
+        if mod in conv_modules(model):
+            raise InputError(f"LoRA file {path}: an adapter on {model}.{mod}, a convolution, is not modelled "
+                             f"(modelled: the Linear layers {', '.join(TARGETS[model])})")
         raise InputError(f"LoRA file {path}: no module {mod} in the SD1.5 {model} for its adapter")
     if not adapters:
         raise InputError(f"LoRA file {path}: no LoRA tensors in it")

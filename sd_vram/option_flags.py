@@ -155,8 +155,9 @@ def option_flags() -> tuple[OptionFlag, ...]:
                    "a GPU", {"choices": DTYPES}),
         OptionFlag("lora", "--lora",
                    "pipe.load_lora_weights(...) before the call: RANK[:TARGETS] (TARGETS a comma list of "
-                   "to_q,to_k,to_v,to_out.0 (UNet, the default) and q_proj,k_proj,v_proj,out_proj (text "
-                   "encoder)) or a .safetensors LoRA file (its header: peft or diffusers keys); derived from "
+                   "to_q,to_k,to_v,to_out.0 (UNet attention, the default), ff.net.0.proj,ff.net.2 (UNet "
+                   "feed-forward), q_proj,k_proj,v_proj,out_proj,fc1,fc2 (text encoder)) or a .safetensors "
+                   "LoRA file (its header: peft or diffusers keys); derived from "
                    "diffusers and peft, not yet measured on a GPU", {"metavar": "RANK[:TARGETS]|FILE"}),
         OptionFlag("lora_fused", "--lora-fused", "then pipe.fuse_lora() (needs --lora)", switch=True),
         OptionFlag("channels_last", "--channels-last",

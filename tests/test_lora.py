@@ -15,7 +15,7 @@ from sd_vram.formula import estimate
 from sd_vram.formula import lora as lora_mod
 from sd_vram.formula.options import InputError, Options
 
-ALL_TARGETS = "to_q,to_k,to_v,to_out.0,q_proj,k_proj,v_proj,out_proj"
+ALL_TARGETS = ",".join(lora_mod.UNET_TARGETS + lora_mod.TEXT_TARGETS)
 
 
 def _write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata=None):
@@ -57,9 +57,29 @@ def test_adapters_are_what_peft_injects():
                 for n, shape, _ in a.tensors()]
         assert got == want
         assert all(p.dtype == getattr(pipe, model).dtype for n, p in m.named_parameters() if "lora_" in n)
-    # rank 8 on the UNet's attention projections: 8 x (in + out) per projection
-    unet_bytes = sum(2 * a.rank * (a.in_features + a.out_features) for a in spec.adapters if a.model == "unet")
-    assert unet_bytes == 2 * 8 * 199_296
+    # rank 8: 8 x (in + out) per wrapped Linear. Per transformer of C channels the feed-forward's
+    # ff.net.0.proj (C -> 8C) and ff.net.2 (4C -> C) give 14 C; the 16 transformers' C sum to
+    # 2 (320 + 640 + 1280) down + 1280 mid + 3 (1280 + 640 + 320) up
+    def unet_bytes(targets):
+        return sum(2 * a.rank * (a.in_features + a.out_features) for a in spec.adapters
+                   if a.model == "unet" and a.target in targets)
+
+    assert unet_bytes(lora_mod.UNET_ATTENTION) == 2 * 8 * 199_296
+    assert unet_bytes(lora_mod.UNET_FEED_FORWARD) == 2 * 8 * 14 * (2 * (320 + 640 + 1280) + 1280 + 3 * (1280 + 640 + 320))
+
+
+def test_linear_modules_are_the_models_nn_linear_layers():
+    """lora.linear_modules reads the Linear layers off architecture.py's weights; the built models'."""
+    torch = pytest.importorskip("torch")
+    from sd_vram.simulation.resident import meta_pipeline
+
+    pipe = meta_pipeline(False)
+    for model in ("unet", "text_encoder"):
+        built = [(n.removeprefix("text_model."), m.in_features, m.out_features)
+                 for n, m in getattr(pipe, model).named_modules() if isinstance(m, torch.nn.Linear)]
+        assert list(lora_mod.linear_modules(model)) == built
+        convs = {n for n, m in getattr(pipe, model).named_modules() if isinstance(m, torch.nn.Conv2d)}
+        assert lora_mod.conv_modules(model) == convs
 
 
 def test_rank_scales_the_adapter_bytes():
@@ -68,8 +88,8 @@ def test_rank_scales_the_adapter_bytes():
 
     assert numel("32") == 2 * numel("16") == 4 * numel("8")
     assert numel("16:to_q,to_k,to_v,to_out.0") == numel("16")      # the default targets
-    both = numel(f"16:{ALL_TARGETS}")
-    assert both == numel("16") + numel("16:q_proj,k_proj,v_proj,out_proj")
+    groups = (lora_mod.UNET_ATTENTION, lora_mod.UNET_FEED_FORWARD, lora_mod.TEXT_ATTENTION, lora_mod.TEXT_MLP)
+    assert numel(f"16:{ALL_TARGETS}") == sum(numel("16:" + ",".join(g)) for g in groups)
 
 
 def test_resident_weights_are_the_adapters_blocks():
@@ -93,6 +113,15 @@ def test_unfused_temporaries_only_inside_the_projections():
         for p in act.lora_unet_attention(s, targets):
             assert 0 < p.total < ff
     assert act.lora_unet_attention(s, frozenset()) == []
+    # inside GEGLU's proj: its base output and two temporaries of (B*N, 8C) where GEGLU holds one of
+    # 8C and two of 4C, so one (B*N, 8C) more; inside ff.net.2 less than GEGLU
+    proj, out = act.lora_unet_feed_forward(s, frozenset(lora_mod.UNET_FEED_FORWARD))
+    assert proj.total - ff == act.nbytes(2 * 64 * 64, 8 * 320)
+    assert 0 < out.total < ff
+    # the text encoder's fc1: as much as quick_gelu holds; fc2 less
+    clip = max(p.total for p in act.text_encoder(s, "efficient"))
+    fc1, fc2 = act.lora_text_mlp(s, frozenset(lora_mod.TEXT_MLP))
+    assert fc2.total < fc1.total <= clip
     t = act.lora_linear_temporaries(s, 4096, 320)
     assert t.total == 2 * act.nbytes(4096, 320)
 
@@ -133,7 +162,7 @@ def test_file_diffusers_keys_and_mixed_ranks(tmp_path):
 
 @pytest.mark.parametrize("value,words", [
     ("0", "positive integer"), ("-4", "positive integer"), ("16:to_x", "unknown LoRA target"),
-    ("16:ff.net.2", "modelled targets"), ("", "RANK[:TARGETS]"), ("no/such/file.safetensors", "cannot read"),
+    ("16:proj_in", "modelled targets"), ("", "RANK[:TARGETS]"), ("no/such/file.safetensors", "cannot read"),
 ])
 def test_bad_lora_values_give_one_line(value, words):
     with pytest.raises(InputError) as e:
@@ -144,9 +173,12 @@ def test_bad_lora_values_give_one_line(value, words):
 def test_bad_lora_files_give_one_line(tmp_path):
     kohya = _write_safetensors(tmp_path / "kohya.safetensors", {
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": ("F16", (4, 320))})
-    ff = _write_safetensors(tmp_path / "ff.safetensors", {
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_A.weight": ("F16", (4, 1280)),
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_B.weight": ("F16", (320, 4))})
+    linear = _write_safetensors(tmp_path / "linear.safetensors", {
+        "unet.time_embedding.linear_1.lora_A.weight": ("F16", (4, 320)),
+        "unet.time_embedding.linear_1.lora_B.weight": ("F16", (1280, 4))})
+    conv = _write_safetensors(tmp_path / "conv.safetensors", {
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": ("F16", (4, 320, 1, 1)),
+        "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": ("F16", (320, 4, 1, 1))})
     shape = _write_safetensors(tmp_path / "shape.safetensors", {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": ("F16", (4, 640)),
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": ("F16", (320, 4))})
@@ -154,7 +186,7 @@ def test_bad_lora_files_give_one_line(tmp_path):
     garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x02")
-    for path, words in ((kohya, "kohya keys"), (ff, "not modelled"), (shape, "not (r, 320)"),
+    for path, words in ((kohya, "kohya keys"), (linear, "not modelled"), (conv, "a convolution, is not modelled"), (shape, "not (r, 320)"),
                         (garbage, "not safetensors JSON"), (short, "too short"), (tmp_path, "cannot read")):
         with pytest.raises(InputError) as e:
             Options(lora=str(path))
@@ -176,7 +208,9 @@ def test_lora_fused_needs_a_lora_and_the_cli_says_so_in_one_line(capsys):
 @pytest.mark.parametrize("height,width,options", [
     (96, 64, {"lora": f"16:{ALL_TARGETS}"}),
     (160, 128, {"lora": "8", "lora_fused": True}),
-], ids=["unfused-96x64-unet+text", "fused-160x128"])
+    # no VAE: the UNet's level-0 feed-forward is the call's peak, inside the adapter of GEGLU's proj
+    (384, 512, {"lora": "16:ff.net.0.proj", "pipeline": "txt2img", "output_type": "latent"}),
+], ids=["unfused-96x64-unet+text", "fused-160x128", "unfused-ff-peak-txt2img-512x384"])
 def test_equation_matches_simulation_with_lora(height, width, options):
     pytest.importorskip("peft")
     from sd_vram.formula.equation import _resident_of
@@ -194,13 +228,15 @@ def test_equation_matches_simulation_with_lora(height, width, options):
     assert abs(e.peak_allocated - sim.peak_allocated) / sim.peak_allocated <= 0.01, msg
     assert abs(e.peak_reserved - sim.peak_reserved) / sim.peak_reserved <= 0.03, msg
     assert e.peak_stage == sim.peak_stage, msg
-    if not opts.get("lora_fused"):
+    if opts["lora"].endswith(ALL_TARGETS):
         _check_unfused_candidates(sim, Options(**opts), height, width, sum(parts.values()))
+    if opts.get("pipeline") == "txt2img":
+        assert "ff.net.0.proj (unfused LoRA)" in e.stages["unet"].operation, msg
 
 
 def _check_unfused_candidates(sim, o, height, width, resident):
     """Each unfused-LoRA candidate live set against the simulation's highest allocated level in
-    the first run of that attention module's events (peft's lora_A/lora_B modules are unnamed:
+    the first run of that module's events (peft's lora_A/lora_B modules are unnamed:
     "Linear"), within 1 % of the candidate's working set."""
     from sd_vram.formula import activations as act
     from sd_vram.formula.equation import _stage_candidates
@@ -210,20 +246,23 @@ def _check_unfused_candidates(sim, o, height, width, resident):
     s = act.Shape(H=height, W=width, n=o.num_images_per_prompt, B=o.unet_batch, cfg=o.cfg)
     cands = _stage_candidates(s, o, get("h200"))
     block = "unet.up_blocks.3.attentions.0.transformer_blocks.0"
+    layer = "text_encoder.encoder.layers.1"
     checked = 0
-    for stage, module in (("unet", f"{block}.attn1"), ("unet", f"{block}.attn2"),
-                          ("text_encoder", "text_encoder.encoder.layers.1.self_attn")):
+    for stage, module, operation in (
+            ("unet", f"{block}.attn1", "attn1."), ("unet", f"{block}.attn2", "attn2."),
+            ("unet", f"{block}.ff.net.0.proj", "ff.net.0.proj (unfused"), ("unet", f"{block}.ff.net.2", "ff.net.2 (unfused"),
+            ("text_encoder", f"{layer}.self_attn", "self_attn."), ("text_encoder", f"{layer}.mlp.fc1", "mlp.fc1 "),
+            ("text_encoder", f"{layer}.mlp.fc2", "mlp.fc2 ")):
         first = next(i for i, e in enumerate(ev) if i >= sim.call_start and e.module.startswith(module))
         last = first
         while ev[last + 1].module.startswith(module) or ev[last + 1].module == "Linear":
             last += 1
-        name = module.rsplit(".", 1)[-1]
         for p in cands[stage]:
-            if "unfused LoRA" in p.operation and f"{name}." in p.operation:
+            if "unfused LoRA" in p.operation and operation in p.operation:
                 simulated = max(level[first:last + 1]) - resident
                 assert abs(p.total - simulated) <= 0.01 * simulated, (p.operation, p.total, simulated)
                 checked += 1
-    assert checked == 3
+    assert checked == 7
 
 
 # --- the GPU backend ---------------------------------------------------------------------------
