@@ -607,12 +607,18 @@ def _clip_layer(s: Shape, batch: int, tokens: int, d: int, mlp: int, heads: int,
     return [mlp_peak, att]
 
 
+def first_prompt_held(s: Shape, operation: str) -> Peak:
+    """What the text encoder stage holds beside a prompt's encoder layer."""
+    p = Peak(operation)
+    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
+        p.add("state", "prompt_embeds (repeat)", s.bytes(s.n, s.model.text_tokens, s.model.text_dim))
+    return p
+
+
 def text_encoder(s: Shape, backend: str) -> list[Peak]:
     """Prompt, then negative prompt, each batch 1 x 77 tokens (padding="max_length"); then,
     before the VAE encoder starts (so in this stage), prepare_latents uploads the image."""
-    held, m = Peak("first prompt's embeddings"), s.model
-    if s.cfg:
-        held.add("state", "prompt_embeds (repeat)", s.bytes(s.n, m.text_tokens, m.text_dim))
+    held, m = first_prompt_held(s, "first prompt's embeddings"), s.model
     clip = dict(tokens=m.text_tokens, d=m.text_dim, mlp=m.text_mlp, heads=m.text_heads)
     return [merge(held, p) for p in _clip_layer(s, 1, backend=backend, where="text_encoder", **clip)] + [
         merge(prompt_state(s), image_upload(s))]
@@ -784,7 +790,7 @@ def lora_text_attention(s: Shape, targets: frozenset) -> list[Peak]:
         return []
     last = last[-1]
     t, d = s.model.text_tokens, s.model.text_dim
-    p = _lora_text_held(s, f"text_encoder self_attn.{last} (unfused LoRA)")
+    p = first_prompt_held(s, f"text_encoder self_attn.{last} (unfused LoRA)")
     p.add("activations", "residual stream, layer_norm1 output", s.bytes(1, t, d), 2)
     made = order[:order.index(last) + 1]
     p.add("activations", "projections made", s.bytes(1, t, d), min(len(made), 3))
@@ -802,7 +808,7 @@ def lora_text_mlp(s: Shape, targets: frozenset) -> list[Peak]:
     for name, n_in, n_out in (("fc1", None, mlp), ("fc2", mlp, d)):
         if name not in targets:
             continue
-        p = _lora_text_held(s, f"text_encoder mlp.{name} (unfused LoRA)")
+        p = first_prompt_held(s, f"text_encoder mlp.{name} (unfused LoRA)")
         p.add("activations", "residual stream", s.bytes(1, t, d), 2)
         p.add("activations", "layer_norm2 output", s.bytes(1, t, d))
         if n_in:
@@ -810,11 +816,3 @@ def lora_text_mlp(s: Shape, targets: frozenset) -> list[Peak]:
         p.add("activations", f"{name} output (base layer)", s.bytes(1, t, n_out))
         peaks.append(merge(p, lora_linear_temporaries(s, t, n_out), operation=p.operation))
     return peaks
-
-
-def _lora_text_held(s: Shape, operation: str) -> Peak:
-    """What the text encoder stage holds beside a prompt's encoder layer."""
-    p = Peak(operation)
-    if s.cfg:   # the first prompt's embeddings wait for the negative prompt's (text_encoder())
-        p.add("state", "prompt_embeds (repeat)", s.bytes(s.n, s.model.text_tokens, s.model.text_dim))
-    return p

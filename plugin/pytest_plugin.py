@@ -75,15 +75,21 @@ def _is_xdist_controller(config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not os.environ.get("PYTEST_XDIST_WORKER")
 
 
+def _xdist_workers(config) -> int:
+    """The workers xdist starts from this process (0 in a worker, or when it does not distribute):
+    its gateway specs (-n N becomes min(N, --maxprocesses) x "popen"; "N*popen" counts N)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "dist", "no") == "no":
+        return 0
+    return sum(int(spec.split("*", 1)[0]) if "*" in spec else 1 for spec in getattr(config.option, "tx", None) or [])
+
+
 def _one_worker_per_gpu(config) -> None:
     """`pytest --gpu -n N` pins worker gwN to GPU N mod count: more workers than GPUs would
     put two processes on one GPU, each distorting the other's NVML readings and peaks."""
-    if not _is_xdist_controller(config):
-        return
-    workers, gpus = int(config.option.numprocesses), len(visible_gpus())
+    workers, gpus = _xdist_workers(config), len(visible_gpus())
     if gpus and workers > gpus:
-        raise pytest.UsageError(f"--gpu with -n {workers}: {gpus} GPU(s) visible, and two workers on one GPU "
-                                f"distort each other's measurements; use -n {gpus} or run without -n")
+        raise pytest.UsageError(f"--gpu with {workers} xdist workers: {gpus} GPU(s) visible, and two workers on one "
+                                f"GPU distort each other's measurements; use -n {gpus} or run without -n")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -103,8 +103,8 @@ def test_resident_weights_are_the_adapters_blocks():
 
 
 def test_unfused_temporaries_only_inside_the_projections():
-    """Unfused, each wrapped projection holds two output-sized temporaries while it runs; the
-    UNet's candidates gain them at attention, which never passes the feed-forward's live set."""
+    """Unfused, each wrapped projection holds two output-sized temporaries while it runs: at
+    attention they never pass the feed-forward's live set; inside GEGLU's proj they do."""
     from sd_vram.formula import activations as act
 
     s = act.Shape(H=512, W=512, n=1, B=2, cfg=True)
@@ -228,8 +228,9 @@ def test_equation_matches_simulation_with_lora(height, width, options):
     assert abs(e.peak_allocated - sim.peak_allocated) / sim.peak_allocated <= 0.01, msg
     assert abs(e.peak_reserved - sim.peak_reserved) / sim.peak_reserved <= 0.03, msg
     assert e.peak_stage == sim.peak_stage, msg
-    if opts["lora"].endswith(ALL_TARGETS):
-        _check_unfused_candidates(sim, Options(**opts), height, width, sum(parts.values()))
+    if not opts.get("lora_fused"):
+        checked = _check_unfused_candidates(sim, Options(**opts), height, width, sum(parts.values()))
+        assert checked == (7 if opts["lora"].endswith(ALL_TARGETS) else 1)
     if opts.get("pipeline") == "txt2img":
         assert "ff.net.0.proj (unfused LoRA)" in e.stages["unet"].operation, msg
 
@@ -237,7 +238,7 @@ def test_equation_matches_simulation_with_lora(height, width, options):
 def _check_unfused_candidates(sim, o, height, width, resident):
     """Each unfused-LoRA candidate live set against the simulation's highest allocated level in
     the first run of that module's events (peft's lora_A/lora_B modules are unnamed:
-    "Linear"), within 1 % of the candidate's working set."""
+    "Linear"), within 1 % of the candidate's working set. Returns how many were checked."""
     from sd_vram.formula import activations as act
     from sd_vram.formula.equation import _stage_candidates
     from sd_vram.formula.gpu_profiles import get
@@ -262,7 +263,7 @@ def _check_unfused_candidates(sim, o, height, width, resident):
                 simulated = max(level[first:last + 1]) - resident
                 assert abs(p.total - simulated) <= 0.01 * simulated, (p.operation, p.total, simulated)
                 checked += 1
-    assert checked == 7
+    return checked
 
 
 # --- the GPU backend ---------------------------------------------------------------------------

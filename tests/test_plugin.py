@@ -93,6 +93,8 @@ def calls(monkeypatch):
 def suite(pytester, monkeypatch):
     # Other plugins re-import heavy modules in every inner session (pytester restores sys.modules).
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest -p no:benchmark -p no:anyio")
+    # under `pytest -n` this process is an xdist worker; the inner session is none
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     pytester.makepyfile(test_suite="from sd_vram.plugin.suite import *\n")
     pytester.path.joinpath("catalogue.toml").write_text(CATALOGUE)
     return pytester
@@ -473,11 +475,17 @@ def test_gpu_runs_refuse_two_workers_on_one_gpu(monkeypatch, workers, visible, r
     from sd_vram.plugin.pytest_plugin import _one_worker_per_gpu
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    config = SimpleNamespace(option=SimpleNamespace(numprocesses=workers))
+    def config(tx, dist="load"):      # as xdist leaves it: -n N --maxprocesses M gives min(N, M) x popen
+        return SimpleNamespace(option=SimpleNamespace(dist=dist, tx=tx))
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     if refused:
-        with pytest.raises(pytest.UsageError, match=r"-n 2: 1 GPU\(s\) visible.*use -n 1"):
-            _one_worker_per_gpu(config)
+        with pytest.raises(pytest.UsageError, match=r"2 xdist workers: 1 GPU\(s\) visible.*-n 1"):
+            _one_worker_per_gpu(config(["popen"] * workers))
+        with pytest.raises(pytest.UsageError, match="2 xdist workers"):
+            _one_worker_per_gpu(config(["2*popen"]))
     else:
-        _one_worker_per_gpu(config)
+        _one_worker_per_gpu(config(["popen"] * workers))
+    _one_worker_per_gpu(config(["popen"] * 8, dist="no"))    # not distributed
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")      # a worker: its controller decided
-    _one_worker_per_gpu(SimpleNamespace(option=SimpleNamespace(numprocesses=8)))
+    _one_worker_per_gpu(config(["popen"] * 8))
