@@ -86,7 +86,8 @@ def _xdist_workers(config) -> int:
 def _one_worker_per_gpu(config) -> None:
     """`pytest --gpu -n N` pins worker gwN to GPU N mod count: more workers than GPUs would
     put two processes on one GPU, each distorting the other's NVML readings and peaks."""
-    workers, gpus = _xdist_workers(config), len(visible_gpus())
+    workers = _xdist_workers(config)
+    gpus = len(visible_gpus()) if workers > 1 else 0
     if gpus and workers > gpus:
         raise pytest.UsageError(f"--gpu with {workers} xdist workers: {gpus} GPU(s) visible, and two workers on one "
                                 f"GPU distort each other's measurements; use -n {gpus} or run without -n")
