@@ -74,10 +74,11 @@ def fake_environment() -> dict:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if it is set, otherwise
-    NVML's device UUIDs (CUDA's device order need not be NVML's); [] where neither answers."""
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if it is set (set and empty:
+    none, as CUDA reads it), otherwise NVML's device UUIDs (CUDA's device order need not be
+    NVML's); [] where neither answers."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
+    if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip()]
     try:
         import pynvml

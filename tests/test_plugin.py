@@ -7,6 +7,7 @@ spec file (MEAS), so every expected number below is written here, not taken from
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -462,8 +463,6 @@ def test_xdist_worker_pinned_to_a_gpu(monkeypatch, worker, visible, expect):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.delenv("SD_VRAM_PINNED_GPU", raising=False)
     assert pin_xdist_worker() == expect
-    import os
-
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expect
     assert pin_xdist_worker() == expect            # idempotent: pinned once per process
 
@@ -489,3 +488,13 @@ def test_gpu_runs_refuse_two_workers_on_one_gpu(monkeypatch, workers, visible, r
     _one_worker_per_gpu(config(["popen"] * 8, dist="no"))    # not distributed
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")      # a worker: its controller decided
     _one_worker_per_gpu(config(["popen"] * 8))
+
+
+def test_an_empty_cuda_visible_devices_hides_every_gpu(monkeypatch):
+    from sd_vram.plugin.environment import pin_xdist_worker, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    monkeypatch.delenv("SD_VRAM_PINNED_GPU", raising=False)
+    assert pin_xdist_worker() is None and os.environ["CUDA_VISIBLE_DEVICES"] == ""
