@@ -142,7 +142,9 @@ def parse(spec: str) -> Lora:
     known = UNET_TARGETS + TEXT_TARGETS
     for t in targets:
         if t not in known:
-            raise InputError(f"unknown LoRA target {t!r}: the modelled targets are {', '.join(UNET_TARGETS)} (UNet) "
+            modules = [m for model in MODELS for m in [n for n, _, _ in linear_modules(model)] + sorted(conv_modules(model))]
+            what = "is not modelled" if any(_matches(m, t) for m in modules) else "is no module of SD1.5's UNet or text encoder"
+            raise InputError(f"LoRA target {t!r} {what}: the modelled targets are {', '.join(UNET_TARGETS)} (UNet) "
                              f"and {', '.join(TEXT_TARGETS)} (text encoder)")
     return from_rank(rank, tuple(dict.fromkeys(targets)))
 

@@ -161,8 +161,8 @@ def test_file_diffusers_keys_and_mixed_ranks(tmp_path):
 # --- bad values --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value,words", [
-    ("0", "positive integer"), ("-4", "positive integer"), ("16:to_x", "unknown LoRA target"),
-    ("16:proj_in", "modelled targets"), ("", "RANK[:TARGETS]"), ("no/such/file.safetensors", "cannot read"),
+    ("0", "positive integer"), ("-4", "positive integer"), ("16:to_x", "'to_x' is no module of SD1.5"),
+    ("16:proj_in", "'proj_in' is not modelled"), ("", "RANK[:TARGETS]"), ("no/such/file.safetensors", "cannot read"),
 ])
 def test_bad_lora_values_give_one_line(value, words):
     with pytest.raises(InputError) as e:
