@@ -56,6 +56,29 @@ def files_in(out: Path) -> list[str]:
     return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
 
 
+def test_budget_step_alone_writes_the_budget_runs(repo, tmp_path):
+    """Issue 10's GPU run: step M alone (SKIP=P,A,B,D), each case under its four budgets, largest
+    first, each run recording its verdict's measured side (ok/oom, OOMs, retries, peak)."""
+    p, log = run_script(repo, tmp_path, BUDGET_CASES="balloon-396x380", SKIP="P,A,B,D",
+                        SD_VRAM_BUDGET_S="540", M_AT="520")
+    assert p.returncode == 0, log[-3000:]
+    assert "step M: start (until +520s" in log
+    assert re.search(r"steps: M:0 P:skipped A:skipped B:skipped D:skipped$", log, re.M), log[-3000:]
+    out = tmp_path / "out"
+    files = [f for f in files_in(out) if f.endswith("_budgets.json")]
+    assert len(files) == 1, files_in(out)
+    doc = json.loads((out / files[0]).read_text())
+    assert doc["schema"] == "sd-vram/budgets/1"
+    runs = doc["runs"]
+    assert [r["budget"] for r in runs] == ["above-full-speed", "above-allocated", "between-floor-and-full", "below-floor"]
+    capacities = [r["capacity_bytes"] for r in runs]
+    assert capacities == sorted(capacities, reverse=True) and len(set(capacities)) == 4
+    for r in runs:
+        m = r["measurement"]
+        assert r["case"] == "balloon-396x380" and r["predicted"]["verdict"] in ("fits", "fits-with-fallback", "oom")
+        assert m["status"] in ("ok", "oom") and {"num_ooms", "num_alloc_retries", "peak_allocated_bytes", "error"} <= set(m)
+
+
 def test_dry_run_makes_every_output(repo, tmp_path):
     p, log = run_script(repo, tmp_path)
     assert p.returncode == 0, log[-3000:]
