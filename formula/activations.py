@@ -590,13 +590,19 @@ def vae_encode(s: Shape, backend: str, tiling: bool, ws_rule=None) -> list[Peak]
             + [merge(state, _vae_mid_attention(s, 1, s.h, s.w, backend, "encoder"))])
 
 
+def clip_mlp_input(s: Shape, batch: int, tokens: int, d: int, p: Peak) -> Peak:
+    """`p` with what a CLIP encoder layer after the first holds as its MLP runs: the residual
+    stream and the layer input held by the caller, layer_norm2's output."""
+    p.add("activations", "residual stream", s.bytes(batch, tokens, d), 2)
+    p.add("activations", "layer_norm2 output", s.bytes(batch, tokens, d))
+    return p
+
+
 def _clip_layer(s: Shape, batch: int, tokens: int, d: int, mlp: int, heads: int, backend: str, where: str) -> list[Peak]:
     """A CLIP encoder layer after the first: the residual stream and the layer input held by
     the caller; quick_gelu(x) = x * sigmoid(1.702 x) holds fc1's output, the sigmoid and the
     product; attention holds q, k, v and the kernel's own."""
-    mlp_peak = Peak(f"{where} mlp: x * sigmoid(1.702 x)")
-    mlp_peak.add("activations", "residual stream", s.bytes(batch, tokens, d), 2)
-    mlp_peak.add("activations", "layer_norm2 output", s.bytes(batch, tokens, d))
+    mlp_peak = clip_mlp_input(s, batch, tokens, d, Peak(f"{where} mlp: x * sigmoid(1.702 x)"))
     mlp_peak.add("activations", "fc1 output, sigmoid, product", s.bytes(batch, tokens, mlp), 3)
     att = Peak(f"{where} self_attn")
     att.add("activations", "residual stream, layer_norm1 output", s.bytes(batch, tokens, d), 2)
@@ -808,9 +814,7 @@ def lora_text_mlp(s: Shape, targets: frozenset) -> list[Peak]:
     for name, n_in, n_out in (("fc1", None, mlp), ("fc2", mlp, d)):
         if name not in targets:
             continue
-        p = first_prompt_held(s, f"text_encoder mlp.{name} (unfused LoRA)")
-        p.add("activations", "residual stream", s.bytes(1, t, d), 2)
-        p.add("activations", "layer_norm2 output", s.bytes(1, t, d))
+        p = clip_mlp_input(s, 1, t, d, first_prompt_held(s, f"text_encoder mlp.{name} (unfused LoRA)"))
         if n_in:
             p.add("activations", "quick_gelu output", s.bytes(1, t, n_in))
         p.add("activations", f"{name} output (base layer)", s.bytes(1, t, n_out))

@@ -71,16 +71,16 @@ def pytest_addoption(parser):
 
 # --- configuration -----------------------------------------------------------------------------
 
-def _is_xdist_controller(config) -> bool:
-    return bool(getattr(config.option, "numprocesses", None)) and not os.environ.get("PYTEST_XDIST_WORKER")
-
-
 def _xdist_workers(config) -> int:
     """The workers xdist starts from this process (0 in a worker, or when it does not distribute):
     its gateway specs (-n N becomes min(N, --maxprocesses) x "popen"; "N*popen" counts N)."""
     if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "dist", "no") == "no":
         return 0
     return sum(int(spec.split("*", 1)[0]) if "*" in spec else 1 for spec in getattr(config.option, "tx", None) or [])
+
+
+def _is_xdist_controller(config) -> bool:
+    return _xdist_workers(config) > 0
 
 
 def _one_worker_per_gpu(config) -> None:

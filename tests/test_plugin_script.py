@@ -35,15 +35,16 @@ def repo(tmp_path_factory):
     return dst
 
 
-def run_script(repo: Path, tmp: Path, script: str = "gpu_validate.sh", *args: str, **env):
+def run_script(repo: Path, tmp: Path, script: str = "gpu_validate.sh", *args: str, timeout: int = 300, **env):
+    """A GPU script rehearsed (DRY=1) in `tmp`, in an environment of its own: none of this shell's
+    pytest options, xdist worker, allocator settings or user profile folder."""
     full = {**os.environ, "DRY": "1", "OUT": str(tmp / "out"), "SITE": str(tmp / "site"),
             "RESULTS_DIR": str(tmp / "results"), **env}
-    full.pop("PYTEST_ADDOPTS", None)
-    full.pop("PYTEST_XDIST_WORKER", None)
-    for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    for k in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+              "SD_VRAM_PROFILES"):
         full.pop(k, None)
     p = subprocess.run(["bash", str(repo / "scripts" / script), *args], cwd="/", env=full,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=timeout)
     return p, (tmp / "out" / "log.txt").read_text()
 
 

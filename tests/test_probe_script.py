@@ -4,11 +4,10 @@ checkout that is not installed, as on the GPU machine."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 
-from test_plugin_script import files_in, repo  # noqa: F401  (the fixture)
+from test_plugin_script import files_in, repo, run_script  # noqa: F401  (the fixture)
 
 
 def test_script_parses():
@@ -18,13 +17,7 @@ def test_script_parses():
 
 
 def test_dry_run_predicts_with_both_probed_profiles(repo, tmp_path):  # noqa: F811
-    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "SITE": str(tmp_path / "site"),
-           "RESULTS_DIR": str(tmp_path / "results"), "CASES": "balloon-396x380,square-768x768"}
-    env.pop("PYTEST_ADDOPTS", None)
-    env.pop("SD_VRAM_PROFILES", None)
-    p = subprocess.run(["bash", str(repo / "scripts" / "gpu_probe_validate.sh")], cwd="/", env=env,
-                       capture_output=True, text=True, timeout=600)
-    log = (tmp_path / "out" / "log.txt").read_text()
+    p, log = run_script(repo, tmp_path, "gpu_probe_validate.sh", timeout=600, CASES="balloon-396x380,square-768x768")
     assert p.returncode == 0, log[-3000:]
     assert re.search(r"steps: P1:0 A1:[01] P2:0 A2:[01] B:0$", log, re.M), log[-3000:]
     out = tmp_path / "out"
